@@ -1,0 +1,127 @@
+"""``hkd`` command line. Every user mistake ends as one ``hkd: error: ...`` line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from hkd.errors import HkdError
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    overrides = []
+    for arg in extra:
+        if not (arg.startswith("--") and "=" in arg):
+            raise HkdError(f"unrecognised argument {arg!r}; config overrides look like --optim.lr=3e-4")
+        overrides.append(arg)
+    return overrides
+
+
+def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.config import load_config
+    from hkd.loop import distill
+
+    overrides = _split_overrides(extra)
+    config = load_config(args.config, overrides)
+    config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
+    if args.no_progress:
+        config.train.progress = False
+    run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    result = distill(config, run_dir, resume=args.resume)
+    print(f"done: {result.steps} steps; final student in {result.final_dir}")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(result.final_dir)!r})")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.manager import build_manager
+
+    rows = [(i.name, i.module, i.distribution, ", ".join(i.stages) or "-") for i in build_manager(args.disable or []).infos()]
+    _table(["name", "module", "distribution", "stages"], rows)
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.manager import build_manager
+    from hkd.stage import available_stages
+
+    specs = available_stages(build_manager(args.disable or []))
+    _table(["stage", "level", "config", "description"],
+           [(s.name, s.level, s.config_cls.__name__, s.description) for s in specs.values()])
+    return 0
+
+
+def cmd_kernels(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd import kernels
+    from hkd.manager import build_manager
+
+    build_manager(args.disable or [])  # plugin backends register themselves here
+    rows = []
+    for op in kernels.OPS:
+        for b in kernels.backends(op):
+            rows.append((op, b["name"], "yes" if b["available"] else f"no ({b['reason']})", "<- auto" if b["auto"] else ""))
+    _table(["op", "backend", "available", "auto"], rows)
+    return 0
+
+
+def cmd_init_model(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.config import parse_override
+    from hkd.models import write_preset
+
+    overrides = {}
+    for text in _split_overrides(extra):
+        keys, value = parse_override(text)
+        overrides[".".join(keys)] = value
+    out = write_preset(args.preset, args.out, overrides, args.seed)
+    print(f"wrote {args.preset} to {out}")
+    return 0
+
+
+def _table(header: list[str], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hkd", description="Progressive hierarchical knowledge distillation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace, list[str]], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--disable", action="append", metavar="PLUGIN", help="disable a plugin by name (repeatable)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("distill", cmd_distill, "distil a teacher into a student (overrides: --key.path=value)")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--out", help="run directory (default runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add("plugins", cmd_plugins, "list installed plugins: name, module, distribution, stages")
+    add("stages", cmd_stages, "list available distillation stages")
+    add("kernels", cmd_kernels, "list kernel ops, backends and what auto picks here")
+    p = add("init-model", cmd_init_model, "write a tiny preset model + tokenizer (overrides: --num_hidden_layers=2)")
+    p.add_argument("preset", help="tiny-llama, tiny-qwen2 or tiny-bert")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args.func(args, extra)
+    except HkdError as exc:
+        print(f"hkd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hkd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Training data: JSONL records or synthetic problems -> deterministic padded batches.
+
+Batches are a pure function of (seed, micro-batch index), so a resumed run sees exactly the
+batches the uninterrupted run would have seen, with no loader state to checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from hkd.arith import make_problems
+from hkd.config import DataConfig
+from hkd.errors import HkdError
+
+Record = dict[str, Any]
+
+
+def read_jsonl(path: str | Path, on_bad_line: str = "fail", required: tuple[str, ...] = ()) -> list[Record]:
+    """Read a JSONL file; a malformed line names the file and line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise HkdError(f"data file {str(p)!r} does not exist")
+    records: list[Record] = []
+    with p.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            problem = None
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    problem = f"expected a JSON object, got {type(record).__name__}"
+                else:
+                    missing = [f for f in required if f not in record]
+                    if missing:
+                        problem = f"missing field(s) {missing}"
+            except json.JSONDecodeError as exc:
+                problem = f"malformed JSON ({exc.msg} at column {exc.colno})"
+            if problem is not None:
+                if on_bad_line == "fail":
+                    raise HkdError(f"{p}:{lineno}: {problem}; set data.on_bad_line: skip to skip such lines")
+                continue
+            records.append(record)
+    if not records:
+        raise HkdError(f"data file {str(p)!r} has no usable records")
+    return records
+
+
+def load_records(config: DataConfig, seed: int) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs; prompt is "" for plain text (every token is a target)."""
+    if config.kind == "synthetic":
+        return [(p.prompt, p.worked_solution()) for p in make_problems(config.num_examples, config.digits, seed)]
+    assert config.path is not None
+    if config.prompt_field is None:
+        records = read_jsonl(config.path, config.on_bad_line, (config.text_field,))
+        return [("", str(r[config.text_field])) for r in records]
+    records = read_jsonl(config.path, config.on_bad_line, (config.prompt_field, config.completion_field))
+    return [(str(r[config.prompt_field]), str(r[config.completion_field])) for r in records]
+
+
+def encode(tokenizer: Any, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels: [bos] prompt completion [eos]; prompt and bos are not targets (-100)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    prompt_ids = bos + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+    ids = (prompt_ids + completion_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
+    return ids, labels
+
+
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, causal: bool = True) -> dict[str, Tensor]:
+    """Right-pad to the longest sequence; ``loss_mask`` marks positions whose prediction counts."""
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch["loss_mask"] = loss_mask(batch, causal)
+    return batch
+
+
+def loss_mask(batch: dict[str, Tensor], causal: bool) -> Tensor:
+    """Positions every stage counts: for a causal LM, position i whose target token i+1 is real."""
+    if not causal:
+        return batch["attention_mask"].bool()
+    labels = batch["labels"]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != -100
+    return mask
+
+
+class Batches:
+    """Deterministic micro-batches: ``batch(i)`` depends only on the seed and ``i``."""
+
+    def __init__(self, encoded: list[tuple[list[int], list[int]]], config: DataConfig, pad_id: int, seed: int, causal: bool = True):
+        if not encoded:
+            raise HkdError("the training set is empty")
+        self.encoded = encoded
+        self.config = config
+        self.pad_id = pad_id
+        self.seed = seed
+        self.causal = causal
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.encoded)))
+            if self.config.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}  # keep one epoch: memory stays O(dataset)
+        return self._orders[epoch]
+
+    def batch(self, index: int) -> dict[str, Tensor]:
+        size, n = self.config.batch_size, len(self.encoded)
+        picks = []
+        for k in range(index * size, (index + 1) * size):
+            picks.append(self.encoded[self._order(k // n)[k % n]])
+        return collate(picks, self.pad_id, self.causal)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        index = 0
+        while True:
+            yield self.batch(index)
+            index += 1

@@ -1,0 +1,65 @@
+"""Which student layer learns from which teacher layer.
+
+Layers are numbered as in ``output_hidden_states``: 0 is the embedding output and ``k`` is
+the output of transformer block ``k`` (1-based). Attention maps exist only for blocks, so
+attention stages use 1..L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from hkd.errors import ConfigError
+
+Strategy = Literal["uniform", "last", "explicit"]
+
+
+def build_layer_map(
+    strategy: Strategy,
+    student_layers: int,
+    teacher_layers: int,
+    *,
+    pairs: list[list[int]] | None = None,
+    include_embeddings: bool = False,
+    where: str = "layer_map",
+) -> list[tuple[int, int]]:
+    """Return ``[(student_layer, teacher_layer), ...]``.
+
+    * ``uniform`` (TinyBERT): student block ``s`` learns from teacher block
+      ``round(s * L_t / L_s)``, so the last blocks always meet.
+    * ``last``: only the two final blocks.
+    * ``explicit``: ``pairs`` as given, each checked against both models.
+    ``include_embeddings`` adds (0, 0) for the feature stage.
+    """
+    if strategy == "uniform":
+        mapping = [(s, round(s * teacher_layers / student_layers)) for s in range(1, student_layers + 1)]
+    elif strategy == "last":
+        mapping = [(student_layers, teacher_layers)]
+    elif strategy == "explicit":
+        if not pairs:
+            raise ConfigError(f"{where}.pairs: explicit mapping needs a list of [student, teacher] pairs")
+        mapping = []
+        for i, pair in enumerate(pairs):
+            if len(pair) != 2:
+                raise ConfigError(f"{where}.pairs[{i}]: expected [student_layer, teacher_layer], got {pair}")
+            mapping.append((int(pair[0]), int(pair[1])))
+    else:
+        raise ConfigError(f"{where}.strategy: unknown strategy {strategy!r}; use uniform, last or explicit")
+    if include_embeddings and (0, 0) not in mapping:
+        mapping.insert(0, (0, 0))
+    lowest = 0 if include_embeddings or strategy == "explicit" else 1
+    for s, t in mapping:
+        if not lowest <= s <= student_layers:
+            raise ConfigError(f"{where}: student layer {s} is out of range {lowest}..{student_layers}")
+        if not lowest <= t <= teacher_layers:
+            raise ConfigError(f"{where}: teacher layer {t} is out of range {lowest}..{teacher_layers}")
+    return mapping
+
+
+@dataclass
+class LayerMapConfig:
+    """Config block shared by the structural and feature stages."""
+
+    strategy: Strategy = "uniform"
+    pairs: list[list[int]] | None = None  # for "explicit": [[student_layer, teacher_layer], ...]

@@ -1,0 +1,220 @@
+"""The distillation loop. Read it top to bottom: set up, then one optimizer step at a time.
+
+    batch ─► teacher (no_grad, only the taps active stages need) ─► TeacherView
+          └► student (taps)                                       ─► StudentView
+    total = Σ weight_i(step) · stage_i.loss(...)  ─► backward ─► clip ─► AdamW step
+    hooks: hkd_after_step (loggers), checkpoints every N steps, final save_pretrained
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from hkd import checkpoint as ckpt
+from hkd.config import Config
+from hkd.data import Batches, encode, load_records
+from hkd.errors import HkdError
+from hkd.manager import HkdPluginManager, build_manager
+from hkd.models import check_compatible, freeze, load_model
+from hkd.schedule import Schedule
+from hkd.stage import StageContext, StepState, build_stages
+from hkd.taps import TapRequest, enable_taps, forward_with_taps
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    last_metrics: dict[str, float]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases and norm gains do not (the usual GPT recipe)."""
+    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in params if p.requires_grad and p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.optim.lr, betas=tuple(config.optim.betas))  # type: ignore[arg-type]
+
+
+@contextmanager
+def stop_requests() -> Iterator[dict[str, bool]]:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and exits cleanly."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["stop"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> RunResult:
+    pm = pm or build_manager(config.plugins.disable)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
+    device = resolve_device(config.train.device)
+
+    # --- models: teacher frozen, both from local directories (presets are written first)
+    teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
+    student, student_tok = load_model(config.student, "student", run_dir)
+    check_compatible(teacher, student, teacher_tok, student_tok)
+    tokenizer = student_tok or teacher_tok
+    if tokenizer is None:
+        raise HkdError("neither the teacher nor the student directory has a tokenizer")
+    freeze(teacher).to(device)
+    student.to(device).train()
+
+    # --- stages named anywhere in the schedule, with their own validated configs
+    schedule = Schedule(config.schedule, config.optim)
+
+    def context(name: str) -> StageContext:
+        return StageContext(name, teacher, student, config.kernels, f"stages.{name}")
+
+    stages = build_stages(pm, schedule.stage_names, config.stages, context).to(device)
+    if any(stage.teacher_request().attention or stage.student_request().attention for stage in stages.values()):
+        enable_taps(teacher)
+        enable_taps(student)
+
+    # --- data, optimizer, resume
+    causal = not config.student.encoder
+    encoded = [encode(tokenizer, p, c, config.data.max_length) for p, c in load_records(config.data, config.train.seed)]
+    batches = Batches(encoded, config.data, tokenizer.pad_token_id or 0, config.train.seed, causal)
+    params = list(student.parameters()) + list(stages.parameters())
+    optimizer = make_optimizer(config, params)
+    start_step = 0
+    if resume:
+        found = ckpt.list_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise HkdError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
+        start_step = ckpt.load_checkpoint(found[-1], student, stages, optimizer)["step"]
+
+    pm.call("hkd_on_train_start", config=config, run_dir=run_dir, student=student, teacher=teacher, start_step=start_step)
+    accum = config.optim.grad_accum
+    metrics: dict[str, float] = {}
+    phase_index = -1
+    nonfinite_in_row = 0
+    bar = tqdm(total=schedule.total_steps, initial=start_step, disable=not config.train.progress, unit="step")
+    with stop_requests() as stop:
+        step = start_step
+        while step < schedule.total_steps and not stop["stop"]:
+            position = schedule.phase_at(step)
+            weights = schedule.weights(step)
+            active = {name: w for name, w in weights.items() if w > 0}
+            if position.index != phase_index:
+                phase_index = position.index
+                pm.call("hkd_on_phase_start", phase_name=position.name, phase_index=position.index,
+                        step=step, active_stages=sorted(active))
+            temperature = schedule.temperature(step)
+            lr = config.optim.lr * schedule.lr_factor(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # teacher forward only for what active stages need; none at all if nothing does
+            teacher_request = TapRequest()
+            student_request = TapRequest()
+            for name in active:
+                teacher_request = teacher_request.merge(stages[name].teacher_request())
+                student_request = student_request.merge(stages[name].student_request())
+
+            started = time.perf_counter()
+            micro_batches = [batches.batch(step * accum + i) for i in range(accum)]
+            tokens = int(sum(int(mb["loss_mask"].sum()) for mb in micro_batches))
+            state = StepState(step=step, temperature=temperature, tokens=tokens)
+            stage_losses = {name: 0.0 for name in active}
+            for micro in micro_batches:
+                micro = {k: v.to(device) for k, v in micro.items()}
+                with torch.no_grad():
+                    teacher_view = None if teacher_request.empty() else forward_with_taps(teacher, micro, teacher_request)
+                student_view = forward_with_taps(student, micro, student_request)
+                total = torch.zeros((), device=device)
+                for name, weight in active.items():
+                    terms = stages[name].loss(micro, teacher_view, student_view, state)
+                    stage_loss = sum(v for k, v in terms.items() if not k.startswith("metric/"))
+                    stage_losses[name] += float(stage_loss.detach())
+                    total = total + weight * stage_loss
+                del teacher_view, student_view  # free activations before backward
+                total.backward()
+
+            bad = [name for name, value in stage_losses.items() if not math.isfinite(value)]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
+            if bad or not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                nonfinite_in_row += 1
+                culprit = f"stage(s) {bad}" if bad else "the gradient"
+                tqdm.write(f"step {step + 1}: non-finite loss from {culprit}; step skipped")
+                if nonfinite_in_row >= config.train.max_nonfinite_steps:
+                    raise HkdError(
+                        f"{nonfinite_in_row} non-finite steps in a row (last from {culprit}) at step {step + 1}; "
+                        "lower optim.lr, check the data, or raise train.max_nonfinite_steps"
+                    )
+            else:
+                nonfinite_in_row = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            elapsed = time.perf_counter() - started
+            seen = int(sum(int(mb["attention_mask"].sum()) for mb in micro_batches))
+            metrics = {
+                "step": step,
+                "phase": position.index,
+                "loss": sum(weights[n] * stage_losses[n] for n in active),
+                **{f"loss/{n}": v for n, v in stage_losses.items()},
+                **{f"weight/{n}": w for n, w in weights.items()},
+                "temperature": temperature,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens,
+                "tokens_per_s": seen / max(elapsed, 1e-9),
+            }
+            pm.call("hkd_after_step", step=step, metrics=metrics, run_dir=run_dir)
+            bar.update(1)
+            bar.set_postfix(phase=position.name, loss=f"{metrics['loss']:.4f}")
+            every = config.train.checkpoint_every
+            if (every and step % every == 0) or stop["stop"]:
+                save(run_dir, step, student, stages, optimizer, config, pm)
+    bar.close()
+    if stop["stop"] and step < schedule.total_steps:
+        raise HkdError(f"stopped by signal after step {step}; resume with --resume")
+    save(run_dir, step, student, stages, optimizer, config, pm)
+    final_dir = run_dir / "final"
+    student.save_pretrained(final_dir, safe_serialization=True)
+    tokenizer.save_pretrained(final_dir)
+    pm.call("hkd_on_train_end", step=step, run_dir=run_dir, final_dir=final_dir, metrics=metrics)
+    return RunResult(run_dir, final_dir, step, metrics)
+
+
+def save(run_dir: Path, step: int, student: torch.nn.Module, stages: torch.nn.Module,
+         optimizer: torch.optim.Optimizer, config: Config, pm: HkdPluginManager) -> None:
+    path = ckpt.save_checkpoint(
+        run_dir / "checkpoints", step, student, stages, optimizer, {"config": config.to_dict()},
+        keep=config.train.keep_checkpoints,
+    )
+    pm.call("hkd_on_checkpoint", step=step, path=path)

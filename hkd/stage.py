@@ -1,0 +1,110 @@
+"""What a distillation stage is.
+
+A stage is an ``nn.Module``: its parameters (projectors) are trained with the student and
+its ``state_dict`` goes into every checkpoint, so a stage needs no extra save/load code.
+It declares what it needs from each model (:class:`hkd.taps.TapRequest`) and turns the two
+:class:`hkd.taps.ModelView` s into named losses.
+
+Normalisation contract: a stage returns losses already divided by ``state.tokens``, the
+number of real (non-ignored) target tokens in the *whole* optimizer step (all gradient
+accumulation micro-batches). Summing per-token terms and dividing by that count makes the
+accumulated gradient equal to the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from hkd.taps import ModelView, TapRequest
+
+
+@dataclass
+class StageContext:
+    """What a stage factory may look at when it builds the stage."""
+
+    name: str
+    teacher: PreTrainedModel | None
+    student: PreTrainedModel
+    kernels: dict[str, str]  # op -> backend, from the run config
+    config_path: str  # dotted path of the stage's config, for error messages
+
+
+@dataclass
+class StepState:
+    """Per-micro-batch facts the loop hands to every stage."""
+
+    step: int
+    temperature: float
+    tokens: int  # real target tokens in the whole optimizer step (for normalisation)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage(nn.Module):
+    """Base class for stages. Subclasses set ``needs_*`` and implement :meth:`loss`."""
+
+    def teacher_request(self) -> TapRequest:
+        """What this stage needs from the teacher's forward; empty means no teacher forward."""
+        return TapRequest()
+
+    def student_request(self) -> TapRequest:
+        return TapRequest()
+
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
+        """Return named loss terms (each already normalised by ``state.tokens``).
+
+        The loop weights their sum by the stage's scheduled weight. Extra keys starting with
+        ``metric/`` are logged but not added to the loss (use detached tensors for them).
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage type a plugin offers (returned from ``hkd_add_stages``)."""
+
+    name: str
+    config_cls: type
+    factory: Callable[[Any, StageContext], Stage]
+    description: str = ""
+    level: str = "custom"  # structural | feature | decision | rl | custom
+
+
+def available_stages(pm: Any) -> dict[str, StageSpec]:
+    """Stage specs from every registered plugin; two plugins claiming one name is an error."""
+    from hkd.errors import HkdError
+
+    specs: dict[str, StageSpec] = {}
+    owners: dict[str, str] = {}
+    for plugin_name, spec in pm.collect("hkd_add_stages"):
+        if spec.name in specs:
+            raise HkdError(f"stage {spec.name!r} is provided by both {owners[spec.name]!r} and {plugin_name!r}")
+        specs[spec.name] = spec
+        owners[spec.name] = plugin_name
+    return specs
+
+
+def build_stages(
+    pm: Any, names: list[str], stage_configs: dict[str, dict[str, Any]], make_context: Callable[[str], StageContext]
+) -> nn.ModuleDict:
+    """Instantiate the named stages, validating each one's config block with its dataclass."""
+    from hkd.config import from_dict
+    from hkd.errors import ConfigError
+
+    specs = available_stages(pm)
+    for name in list(stage_configs):
+        if name not in specs:
+            raise ConfigError(f"stages.{name}: no installed plugin provides this stage; available: {sorted(specs)}")
+    stages = nn.ModuleDict()
+    for name in names:
+        if name not in specs:
+            raise ConfigError(
+                f"schedule: stage {name!r} is not available (disabled or not installed); available: {sorted(specs)}"
+            )
+        spec = specs[name]
+        config = from_dict(spec.config_cls, stage_configs.get(name, {}), f"stages.{name}")
+        stages[name] = spec.factory(config, make_context(name))
+    return stages

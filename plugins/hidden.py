@@ -1,0 +1,85 @@
+"""Feature stage: align mapped hidden states, through learned projectors when widths differ.
+
+Per token: ``mse`` = mean over features of (P h_s - h_t)^2, ``cosine`` = 1 - cos(P h_s, h_t),
+where P is a linear projector student_width -> teacher_width (identity when widths match
+and ``projector: auto``). Projectors are this stage's parameters: they train with the
+student and are saved in checkpoints. Layer 0 (embeddings) can be mapped too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hkd.config import ConfigError
+from hkd.hookspecs import hookimpl
+from hkd.layermap import LayerMapConfig, build_layer_map
+from hkd.stage import Stage, StageContext, StageSpec, StepState
+from hkd.taps import ModelView, TapRequest
+
+
+@dataclass
+class HiddenStageConfig:
+    loss: Literal["mse", "cosine"] = "mse"
+    projector: Literal["auto", "linear", "none"] = "auto"  # auto: linear only when widths differ
+    include_embeddings: bool = False
+    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="uniform"))
+
+
+class HiddenStage(Stage):
+    def __init__(self, config: HiddenStageConfig, context: StageContext) -> None:
+        super().__init__()
+        self.config = config
+        assert context.teacher is not None
+        t_cfg, s_cfg = context.teacher.config, context.student.config
+        self.layer_map = build_layer_map(
+            config.layer_map.strategy,
+            s_cfg.num_hidden_layers,
+            t_cfg.num_hidden_layers,
+            pairs=config.layer_map.pairs,
+            include_embeddings=config.include_embeddings,
+            where=f"{context.config_path}.layer_map",
+        )
+        widths_differ = s_cfg.hidden_size != t_cfg.hidden_size
+        if config.projector == "none" and widths_differ:
+            raise ConfigError(
+                f"{context.config_path}.projector: 'none' needs equal widths, student {s_cfg.hidden_size} vs "
+                f"teacher {t_cfg.hidden_size}"
+            )
+        use_projector = config.projector == "linear" or (config.projector == "auto" and widths_differ)
+        self.projectors = nn.ModuleDict(
+            {f"{s}_{t}": nn.Linear(s_cfg.hidden_size, t_cfg.hidden_size, bias=False) for s, t in self.layer_map}
+            if use_projector
+            else {}
+        )
+
+    def teacher_request(self) -> TapRequest:
+        return TapRequest(hidden={t for _, t in self.layer_map})
+
+    def student_request(self) -> TapRequest:
+        return TapRequest(hidden={s for s, _ in self.layer_map})
+
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
+        assert teacher is not None and teacher.hidden_states is not None and student.hidden_states is not None
+        mask = batch["loss_mask"].float()
+        total = 0.0
+        for s, t in self.layer_map:
+            s_hidden = student.hidden_states[s].float()
+            t_hidden = teacher.hidden_states[t].float()
+            key = f"{s}_{t}"
+            if key in self.projectors:
+                s_hidden = self.projectors[key](s_hidden)
+            if self.config.loss == "mse":
+                per_token = (s_hidden - t_hidden).pow(2).mean(-1)
+            else:
+                per_token = 1 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)
+            total = total + (per_token * mask).sum()
+        return {"hidden": total / (len(self.layer_map) * max(state.tokens, 1))}
+
+
+@hookimpl
+def hkd_add_stages() -> list[StageSpec]:
+    return [StageSpec("hidden", HiddenStageConfig, HiddenStage, "MSE/cosine between mapped hidden states", "feature")]
