@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny preset model directories and a minimal run config."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hkd.models import write_preset
+
+TEACHER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+           "num_key_value_heads": 2}
+STUDENT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 1}
+
+BASE_CONFIG: dict[str, Any] = {
+    "teacher": {"preset": "tiny-llama", "preset_overrides": TEACHER, "seed": 1},
+    "student": {"preset": "tiny-llama", "preset_overrides": STUDENT, "seed": 2},
+    "data": {"kind": "synthetic", "num_examples": 32, "batch_size": 4, "max_length": 48},
+    "schedule": {
+        "ramp_steps": 1,
+        "phases": [
+            {"name": "structure", "steps": 2, "stages": {"attention": 1.0}},
+            {"name": "feature", "steps": 2, "stages": {"attention": 0.5, "hidden": 1.0}},
+            {"name": "decision", "steps": 2, "stages": {"hidden": 0.5, "logits": 1.0}},
+        ],
+    },
+    "stages": {"hidden": {"include_embeddings": True}, "logits": {"alpha": 0.2}},
+    "optim": {"lr": 1e-3, "grad_accum": 2},
+    "train": {"progress": False},
+}
+
+
+@pytest.fixture
+def raw_config() -> dict[str, Any]:
+    """A fresh copy of a tiny 6-step, three-phase config (presets, synthetic data)."""
+    return copy.deepcopy(BASE_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Teacher and student written once per session as real HF directories."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "teacher": write_preset("tiny-llama", root / "teacher", TEACHER, seed=1),
+        "student": write_preset("tiny-llama", root / "student", STUDENT, seed=2),
+    }

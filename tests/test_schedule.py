@@ -1,0 +1,57 @@
+import math
+
+import pytest
+
+from hkd.config import OptimConfig, PhaseConfig, ScheduleConfig, TemperatureConfig
+from hkd.layermap import build_layer_map
+from hkd.errors import ConfigError
+from hkd.schedule import Schedule
+
+
+def make(ramp=2, temperature=None, warmup=0):
+    phases = [PhaseConfig("a", 4, {"attention": 1.0}), PhaseConfig("b", 6, {"attention": 0.5, "logits": 1.0})]
+    return Schedule(ScheduleConfig(phases, ramp, temperature or TemperatureConfig()), OptimConfig(warmup_steps=warmup))
+
+
+def test_phases_and_linear_ramps_between_them():
+    s = make(ramp=2)
+    assert s.total_steps == 10 and s.phase_at(3).name == "a" and s.phase_at(4).name == "b"
+    assert s.weights(0) == {"attention": 1.0, "logits": 0.0}
+    # ramp over 2 steps: fractions 1/3, 2/3, then the target
+    assert s.weights(4) == pytest.approx({"attention": 1.0 - 0.5 / 3, "logits": 1 / 3})
+    assert s.weights(5) == pytest.approx({"attention": 1.0 - 1.0 / 3, "logits": 2 / 3})
+    assert s.weights(6) == {"attention": 0.5, "logits": 1.0}
+
+
+@pytest.mark.parametrize("kind,mid", [("constant", 4.0), ("linear", 2.5), ("cosine", 2.5)])
+def test_temperature_schedules(kind, mid):
+    s = make(temperature=TemperatureConfig(kind, 4.0, 1.0))
+    assert s.temperature(0) == 4.0
+    assert s.temperature(9) == pytest.approx(4.0 if kind == "constant" else 1.0)
+    halfway = s.temperature(4.5)  # progress 0.5
+    assert halfway == pytest.approx(mid)
+    if kind == "cosine":  # cosine anneals slowly at first
+        assert s.temperature(1) > 4.0 - 3.0 * (1 / 9)
+
+
+def test_warmup_then_cosine_lr():
+    s = make(warmup=2)
+    assert s.lr_factor(0) == pytest.approx(1 / 3) and s.lr_factor(1) == pytest.approx(2 / 3)
+    assert s.lr_factor(2) == pytest.approx(1.0)
+    floor = OptimConfig().min_lr_ratio
+    assert s.lr_factor(10) == pytest.approx(floor)
+    assert s.lr_factor(6) == pytest.approx(floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_layer_maps():
+    assert build_layer_map("uniform", 2, 4) == [(1, 2), (2, 4)]
+    assert build_layer_map("uniform", 3, 12, include_embeddings=True) == [(0, 0), (1, 4), (2, 8), (3, 12)]
+    assert build_layer_map("last", 2, 6) == [(2, 6)]
+    assert build_layer_map("explicit", 2, 4, pairs=[[1, 1], [2, 3]]) == [(1, 1), (2, 3)]
+
+
+def test_out_of_range_layer_map_is_named():
+    with pytest.raises(ConfigError, match=r"stages\.hidden\.layer_map: teacher layer 7 is out of range 0\.\.4"):
+        build_layer_map("explicit", 2, 4, pairs=[[1, 7]], where="stages.hidden.layer_map")
+    with pytest.raises(ConfigError, match=r"pairs\[0\]: expected \[student_layer, teacher_layer\]"):
+        build_layer_map("explicit", 2, 4, pairs=[[1]])

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from hkd.models import build_preset
+from hkd.taps import TapRequest, enable_taps, forward_with_taps
+
+
+@pytest.mark.parametrize("preset,kv_heads", [("tiny-llama", 2), ("tiny-qwen2", 1), ("tiny-llama", 4)])
+def test_attention_maps_from_sdpa_taps_match_eager_attention(preset, kv_heads):
+    """Maps computed from captured q/k under SDPA equal the eager implementation's probabilities."""
+    model = build_preset(preset, {"num_key_value_heads": kv_heads, "num_hidden_layers": 2}, seed=0).eval()
+    ids = torch.randint(4, 99, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding in row 1
+    enable_taps(model)
+    assert model.config._attn_implementation == "hkd_tap"
+    view = forward_with_taps(model, {"input_ids": ids, "attention_mask": mask}, TapRequest(attention={1, 2}, hidden={0, 2}))
+    model.set_attn_implementation("eager")
+    eager = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    for layer in (1, 2):
+        probs = view.attention[layer].attention_logprobs().exp()
+        real = mask.bool()
+        torch.testing.assert_close(probs[0], eager.attentions[layer - 1][0], atol=1e-5, rtol=1e-4)
+        # padded query rows differ by convention; compare the real ones
+        torch.testing.assert_close(probs[1][:, real[1]], eager.attentions[layer - 1][1][:, real[1]], atol=1e-5, rtol=1e-4)
+    assert len(view.hidden_states) == 3 and view.logits is None
+
+
+def test_taps_keep_the_model_output_unchanged():
+    model = build_preset("tiny-llama", {"num_hidden_layers": 2}, seed=0).eval()
+    ids = torch.randint(4, 99, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    before = model(**batch).logits
+    enable_taps(model)
+    view = forward_with_taps(model, batch, TapRequest(attention={1}, logits=True))
+    torch.testing.assert_close(view.logits, before)
+    assert set(view.attention) == {1}
+
+
+def test_student_attention_carries_gradients():
+    model = build_preset("tiny-llama", {"num_hidden_layers": 1}, seed=0)
+    enable_taps(model)
+    ids = torch.randint(4, 99, (1, 5))
+    view = forward_with_taps(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, TapRequest(attention={1}))
+    view.attention[1].attention_logprobs().exp()[..., 0].sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
