@@ -176,6 +176,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -275,6 +280,8 @@ def validate(config: Config) -> None:
         raise ConfigError("schedule.ramp_steps: must be >= 0")
     if config.schedule.temperature.start <= 0 or config.schedule.temperature.end <= 0:
         raise ConfigError("schedule.temperature: start and end must be > 0")
+    if not config.optim.lr > 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {config.optim.lr}")
     if config.optim.grad_accum < 1:
         raise ConfigError(f"optim.grad_accum: must be >= 1, got {config.optim.grad_accum}")
     if config.data.batch_size < 1:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from hkd import checkpoint as ckpt
 from hkd.config import Config
 from hkd.data import Batches, encode, load_records
+from hkd.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, sync_gradients
 from hkd.errors import HkdError
 from hkd.manager import HkdPluginManager, build_manager
 from hkd.models import check_compatible, freeze, load_model
@@ -40,9 +41,9 @@ class RunResult:
     last_metrics: dict[str, float]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, info: DistInfo) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
@@ -75,13 +76,18 @@ def stop_requests() -> Iterator[dict[str, bool]]:
 
 def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> RunResult:
     pm = pm or build_manager(config.plugins.disable)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    info = init_distributed()
+    if info.is_main:  # only rank 0 writes; the others wait for presets to exist
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        load_model(config.teacher, "teacher", run_dir)
+        load_model(config.student, "student", run_dir)
+    barrier(info)
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
-    device = resolve_device(config.train.device)
+    device = resolve_device(config.train.device, info)
 
-    # --- models: teacher frozen, both from local directories (presets are written first)
+    # --- models: teacher frozen, both from local directories (presets were written above)
     teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
     student, student_tok = load_model(config.student, "student", run_dir)
     check_compatible(teacher, student, teacher_tok, student_tok)
@@ -115,19 +121,22 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
             raise HkdError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
         start_step = ckpt.load_checkpoint(found[-1], student, stages, optimizer)["step"]
 
-    pm.call("hkd_on_train_start", config=config, run_dir=run_dir, student=student, teacher=teacher, start_step=start_step)
+    if info.is_main:
+        pm.call("hkd_on_train_start", config=config, run_dir=run_dir, student=student, teacher=teacher,
+                start_step=start_step)
     accum = config.optim.grad_accum
     metrics: dict[str, float] = {}
     phase_index = -1
     nonfinite_in_row = 0
-    bar = tqdm(total=schedule.total_steps, initial=start_step, disable=not config.train.progress, unit="step")
+    bar = tqdm(total=schedule.total_steps, initial=start_step, disable=not (config.train.progress and info.is_main),
+               unit="step")
     with stop_requests() as stop:
         step = start_step
         while step < schedule.total_steps and not stop["stop"]:
             position = schedule.phase_at(step)
             weights = schedule.weights(step)
             active = {name: w for name, w in weights.items() if w > 0}
-            if position.index != phase_index:
+            if position.index != phase_index and info.is_main:
                 phase_index = position.index
                 pm.call("hkd_on_phase_start", phase_name=position.name, phase_index=position.index,
                         step=step, active_stages=sorted(active))
@@ -144,11 +153,15 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                 student_request = student_request.merge(stages[name].student_request())
 
             started = time.perf_counter()
-            micro_batches = [batches.batch(step * accum + i) for i in range(accum)]
-            tokens = int(sum(int(mb["loss_mask"].sum()) for mb in micro_batches))
+            # rank r takes micro-batches [r*A, (r+1)*A) of the step's world*A: the same data as one process
+            first = (step * info.world_size + info.rank) * accum
+            micro_batches = [batches.batch(first + i) for i in range(accum)]
+            local_tokens = sum(int(mb["loss_mask"].sum()) for mb in micro_batches)
+            local_seen = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+            tokens, seen = (int(x) for x in all_reduce_sum([local_tokens, local_seen], info, device))
             state = StepState(step=step, temperature=temperature, tokens=tokens)
             stage_losses = {name: 0.0 for name in active}
-            for micro in micro_batches:
+            for micro in micro_batches if active else []:  # a phase may pause every stage
                 micro = {k: v.to(device) for k, v in micro.items()}
                 with torch.no_grad():
                     teacher_view = None if teacher_request.empty() else forward_with_taps(teacher, micro, teacher_request)
@@ -161,6 +174,8 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                     total = total + weight * stage_loss
                 del teacher_view, student_view  # free activations before backward
                 total.backward()
+            sync_gradients(params, info)
+            stage_losses = dict(zip(stage_losses, all_reduce_sum(list(stage_losses.values()), info, device)))
 
             bad = [name for name, value in stage_losses.items() if not math.isfinite(value)]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
@@ -181,7 +196,6 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
             step += 1
 
             elapsed = time.perf_counter() - started
-            seen = int(sum(int(mb["attention_mask"].sum()) for mb in micro_batches))
             metrics = {
                 "step": step,
                 "phase": position.index,
@@ -194,27 +208,33 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                 "tokens": tokens,
                 "tokens_per_s": seen / max(elapsed, 1e-9),
             }
-            pm.call("hkd_after_step", step=step, metrics=metrics, run_dir=run_dir)
+            if info.is_main:
+                pm.call("hkd_after_step", step=step, metrics=metrics, run_dir=run_dir)
             bar.update(1)
             bar.set_postfix(phase=position.name, loss=f"{metrics['loss']:.4f}")
             every = config.train.checkpoint_every
             if (every and step % every == 0) or stop["stop"]:
-                save(run_dir, step, student, stages, optimizer, config, pm)
+                save(run_dir, step, student, stages, optimizer, config, pm, info)
     bar.close()
     if stop["stop"] and step < schedule.total_steps:
         raise HkdError(f"stopped by signal after step {step}; resume with --resume")
-    save(run_dir, step, student, stages, optimizer, config, pm)
+    save(run_dir, step, student, stages, optimizer, config, pm, info)
     final_dir = run_dir / "final"
-    student.save_pretrained(final_dir, safe_serialization=True)
-    tokenizer.save_pretrained(final_dir)
-    pm.call("hkd_on_train_end", step=step, run_dir=run_dir, final_dir=final_dir, metrics=metrics)
+    if info.is_main:
+        student.save_pretrained(final_dir, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+        pm.call("hkd_on_train_end", step=step, run_dir=run_dir, final_dir=final_dir, metrics=metrics)
+    barrier(info)
     return RunResult(run_dir, final_dir, step, metrics)
 
 
 def save(run_dir: Path, step: int, student: torch.nn.Module, stages: torch.nn.Module,
-         optimizer: torch.optim.Optimizer, config: Config, pm: HkdPluginManager) -> None:
-    path = ckpt.save_checkpoint(
-        run_dir / "checkpoints", step, student, stages, optimizer, {"config": config.to_dict()},
-        keep=config.train.keep_checkpoints,
-    )
-    pm.call("hkd_on_checkpoint", step=step, path=path)
+         optimizer: torch.optim.Optimizer, config: Config, pm: HkdPluginManager, info: DistInfo) -> None:
+    """Rank 0 writes (every rank holds identical weights and optimizer state); the others wait."""
+    if info.is_main:
+        path = ckpt.save_checkpoint(
+            run_dir / "checkpoints", step, student, stages, optimizer, {"config": config.to_dict()},
+            keep=config.train.keep_checkpoints,
+        )
+        pm.call("hkd_on_checkpoint", step=step, path=path)
+    barrier(info)

@@ -47,3 +47,13 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "teacher": write_preset("tiny-llama", root / "teacher", TEACHER, seed=1),
         "student": write_preset("tiny-llama", root / "student", STUDENT, seed=2),
     }
+
+
+@pytest.fixture
+def subprocess_env():
+    """Environment for subprocesses that run hkd (inherits this interpreter's path)."""
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", "")] if p)
+    return env
