@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from hkd.errors import HkdError
+from hkd.errors import HkdError, StoppedEarly
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         return args.func(args, extra)
+    except StoppedEarly as exc:
+        print(f"hkd: {exc}", file=sys.stderr)
+        return 130
     except HkdError as exc:
         print(f"hkd: error: {exc}", file=sys.stderr)
         return 2

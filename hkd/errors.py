@@ -7,3 +7,7 @@ class HkdError(Exception):
 
 class ConfigError(HkdError):
     """A config key, value or schedule is invalid; the message names its dotted path."""
+
+
+class StoppedEarly(HkdError):
+    """SIGINT/SIGTERM: the run finished its step, saved a checkpoint and stopped (exit code 130)."""

@@ -25,7 +25,7 @@ from hkd import checkpoint as ckpt
 from hkd.config import Config
 from hkd.data import Batches, encode, load_records
 from hkd.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, sync_gradients
-from hkd.errors import HkdError
+from hkd.errors import HkdError, StoppedEarly
 from hkd.manager import HkdPluginManager, build_manager
 from hkd.models import check_compatible, freeze, load_model
 from hkd.schedule import Schedule
@@ -72,6 +72,20 @@ def stop_requests() -> Iterator[dict[str, bool]]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextmanager
+def out_of_memory_hint(config: Config) -> Iterator[None]:
+    """Turn an OOM into advice that names the batch and the knobs that shrink it."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise HkdError(
+            f"out of memory on a micro-batch of {config.data.batch_size} sequences x {config.data.max_length} "
+            f"tokens (optim.grad_accum={config.optim.grad_accum}): lower data.batch_size and raise "
+            "optim.grad_accum to keep the global batch, set stages.logits.fused: true or kernels.distill_loss: "
+            "chunked to avoid full logits, or train from an offline teacher cache"
+        ) from exc
 
 
 def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> RunResult:
@@ -163,17 +177,18 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
             stage_losses = {name: 0.0 for name in active}
             for micro in micro_batches if active else []:  # a phase may pause every stage
                 micro = {k: v.to(device) for k, v in micro.items()}
-                with torch.no_grad():
-                    teacher_view = None if teacher_request.empty() else forward_with_taps(teacher, micro, teacher_request)
-                student_view = forward_with_taps(student, micro, student_request)
-                total = torch.zeros((), device=device)
-                for name, weight in active.items():
-                    terms = stages[name].loss(micro, teacher_view, student_view, state)
-                    stage_loss = sum(v for k, v in terms.items() if not k.startswith("metric/"))
-                    stage_losses[name] += float(stage_loss.detach())
-                    total = total + weight * stage_loss
-                del teacher_view, student_view  # free activations before backward
-                total.backward()
+                with out_of_memory_hint(config):
+                    with torch.no_grad():
+                        teacher_view = None if teacher_request.empty() else forward_with_taps(teacher, micro, teacher_request)
+                    student_view = forward_with_taps(student, micro, student_request)
+                    total = torch.zeros((), device=device)
+                    for name, weight in active.items():
+                        terms = stages[name].loss(micro, teacher_view, student_view, state)
+                        stage_loss = sum(v for k, v in terms.items() if not k.startswith("metric/"))
+                        stage_losses[name] += float(stage_loss.detach())
+                        total = total + weight * stage_loss
+                    del teacher_view, student_view  # free activations before backward
+                    total.backward()
             sync_gradients(params, info)
             stage_losses = dict(zip(stage_losses, all_reduce_sum(list(stage_losses.values()), info, device)))
 
@@ -217,7 +232,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                 save(run_dir, step, student, stages, optimizer, config, pm, info)
     bar.close()
     if stop["stop"] and step < schedule.total_steps:
-        raise HkdError(f"stopped by signal after step {step}; resume with --resume")
+        raise StoppedEarly(f"stopped by signal after step {step}; checkpoint saved, continue with --resume")
     save(run_dir, step, student, stages, optimizer, config, pm, info)
     final_dir = run_dir / "final"
     if info.is_main:
