@@ -31,7 +31,8 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     result = distill(config, run_dir, resume=args.resume)
     print(f"done: {result.steps} steps; final student in {result.final_dir}")
-    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(result.final_dir)!r})")
+    loader = "AutoModel" if config.student.encoder else "AutoModelForCausalLM"
+    print(f"load it with: {loader}.from_pretrained({str(result.final_dir)!r})")
     return 0
 
 

@@ -136,3 +136,16 @@ def test_non_finite_losses_skip_steps_then_abort(raw_config, tmp_path):
         run(raw_config, tmp_path / "nan", pm=pm)
     lines = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["loss"] > 0  # step 1 trained and was logged, step 2 was skipped
+
+
+def test_encoder_models_use_structural_and_feature_stages(raw_config, tmp_path):
+    bert = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    raw_config["teacher"] = {"preset": "tiny-bert", "encoder": True}
+    raw_config["student"] = {"preset": "tiny-bert", "encoder": True, "preset_overrides": bert}
+    raw_config["schedule"] = {"phases": [{"name": "p", "steps": 2, "stages": {"attention": 1.0, "hidden": 1.0}}]}
+    raw_config["stages"] = {"attention": {"mode": "relations", "relation_heads": 2}}
+    result = run(raw_config, tmp_path / "bert")
+    assert result.last_metrics["loss/attention"] > 0 and result.last_metrics["loss/hidden"] > 0
+    raw_config["schedule"]["phases"][0]["stages"] = {"logits": 1.0}
+    with pytest.raises(HkdError, match=r"stages\.logits: the teacher has no LM head"):
+        run(raw_config, tmp_path / "bert2")
