@@ -2,9 +2,14 @@
 
 A checkpoint is a directory ``checkpoints/step-00000100/`` holding:
 
-* ``student.safetensors`` and ``stages.safetensors`` (stage projectors and state),
-* ``optimizer.safetensors`` (AdamW moments) and ``rng.safetensors`` (torch RNG states),
+* ``student.safetensors`` (loadable as the model's own weights) and ``stages.safetensors``
+  (stage projectors and state),
+* ``optimizer.safetensors`` (AdamW moments by parameter name) and ``rng.safetensors``,
 * ``trainer.json`` (step, optimizer param groups, Python RNG state, config).
+
+State dicts are taken with ``torch.distributed.checkpoint.state_dict`` as *full* state dicts,
+so the same code serves one process, data-parallel ranks and FSDP2-sharded models: every
+rank takes part in gathering, rank 0 writes, and every rank loads the full files back.
 
 It is written into ``step-00000100.tmp`` and renamed into place only when complete, so a
 crash leaves either the old set of checkpoints or the new one, never a half-written one.
@@ -22,7 +27,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from hkd.errors import HkdError
 
@@ -30,26 +42,51 @@ PREFIX = "step-"
 FILES = ("student.safetensors", "stages.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer.json")
 
 
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+LOAD = StateDictOptions(full_state_dict=True)
+# parameters whose stage has not been active yet have no AdamW state: that is expected
+LOAD_OPTIMIZER = StateDictOptions(full_state_dict=True, strict=False)
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state keyed by parameter name -> ``{"<param>:<key>": tensor}`` + JSON rest."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for index, entry in state["state"].items():
+    for name, entry in state["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{name}:{key}"] = value.detach().cpu().contiguous()
             else:
-                scalars.setdefault(str(index), {})[key] = value
+                scalars.setdefault(name, {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        index, key = name.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    for index, entries in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(entries)
+    state: dict[str, dict[str, Any]] = {}
+    for flat_name, value in tensors.items():
+        name, key = flat_name.rsplit(":", 1)
+        state.setdefault(name, {})[key] = value
+    for name, entries in meta["scalars"].items():
+        state.setdefault(name, {}).update(entries)
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries under ``prefix.``, prefix removed; tied weights become separate copies for safetensors."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state.items():
+        if key.startswith(prefix + "."):
+            tensor = value.detach().contiguous()
+            pointer = tensor.data_ptr()
+            out[key[len(prefix) + 1:]] = tensor.clone() if pointer in seen else tensor
+            seen.add(pointer)
+    return out
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The complete state dict on rank 0 (empty elsewhere); a collective under FSDP."""
+    return get_model_state_dict(module, options=FULL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,21 +100,29 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     ckpt_root: Path,
     step: int,
-    student: torch.nn.Module,
-    stages: torch.nn.Module,
+    trainable: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     extra: dict[str, Any],
     keep: int = 2,
+    write: bool = True,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
+
+    ``trainable`` has children ``student`` and ``stages``. Every rank must call this (the
+    gather is collective); only the one with ``write=True`` touches the disk.
+    """
+    model_state = get_model_state_dict(trainable, options=FULL)
+    optim_state = get_optimizer_state_dict(trainable, optimizer, options=FULL)
     final = ckpt_root / f"{PREFIX}{step:08d}"
+    if not write:
+        return final
+    ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f"{PREFIX}{step:08d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(student, str(tmp / "student.safetensors"))
-    save_model(stages, str(tmp / "stages.safetensors"))
-    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(_split(model_state, "student"), str(tmp / "student.safetensors"))
+    save_file(_split(model_state, "stages"), str(tmp / "stages.safetensors"))
+    opt_tensors, opt_meta = _flatten_optimizer(optim_state)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -114,23 +159,32 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
-def load_checkpoint(
-    path: Path, student: torch.nn.Module, stages: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict[str, Any]:
+def load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore everything ``save_checkpoint`` wrote; returns the trainer metadata (with ``step``)."""
     missing = [name for name in FILES if not (path / name).is_file()]
     if missing:
         raise HkdError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
     try:
         trainer = json.loads((path / "trainer.json").read_text())
-        _load_strict(student, path / "student.safetensors")
-        _load_strict(stages, path / "stages.safetensors")
-        optimizer.load_state_dict(
-            _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"])
-        )
+        state = {f"student.{k}": v for k, v in load_file(str(path / "student.safetensors")).items()}
+        state.update({f"stages.{k}": v for k, v in load_file(str(path / "stages.safetensors")).items()})
+        optim_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"])
         rng = load_file(str(path / "rng.safetensors"))
     except (SafetensorError, json.JSONDecodeError, KeyError, ValueError, OSError) as exc:
         raise HkdError(f"checkpoint {str(path)!r} is corrupted or from another setup: {exc}") from exc
+    expected = set(trainable.state_dict())  # names only; FSDP2 keeps the original names
+    if set(state) != expected:
+        raise HkdError(
+            f"checkpoint {str(path)!r} does not match this setup: missing {sorted(expected - set(state))[:3]}, "
+            f"unexpected {sorted(set(state) - expected)[:3]} (written for a different student or stages?)"
+        )
+    set_model_state_dict(trainable, state, options=LOAD)
+    set_optimizer_state_dict(trainable, optimizer, optim_state, options=LOAD_OPTIMIZER)
+    # loading initialises state for every parameter; parameters that had none (stage not yet
+    # active) must have none again, or AdamW's bias correction would differ from the first run
+    for name, param in trainable.named_parameters():
+        if name not in optim_state["state"]:
+            optimizer.state.pop(param, None)
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
@@ -138,12 +192,3 @@ def load_checkpoint(
             torch.cuda.set_rng_state_all(cuda)
     random.setstate(_tupled(trainer["python_rng"]))
     return trainer
-
-
-def _load_strict(module: torch.nn.Module, file: Path) -> None:
-    missing, unexpected = load_model(module, str(file), strict=False)
-    if missing or unexpected:
-        raise HkdError(
-            f"checkpoint file {str(file)!r} does not match the model: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]} (was it written for a different student or stage setup?)"
-        )

@@ -91,6 +91,7 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" -> cuda if available else cpu
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate models, or shard them (FSDP2)
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 3  # abort after this many skipped (NaN/inf) steps in a row

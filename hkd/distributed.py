@@ -1,10 +1,15 @@
 """Data-parallel training over ``torch.distributed`` (launched by torchrun or accelerate).
 
-Each rank runs the whole teacher and student on its own share of the micro-batches. After
-backward the gradients are summed across ranks with one all-reduce over a flat buffer
-(what DDP does, minus the compute/communication overlap — hkd's forward goes through the
-model body and taps, which DDP's wrapper would not see). Losses are normalised by the
-*global* token count, so N ranks x A micro-batches equal one process with N*A micro-batches.
+Each rank works on its own share of the micro-batches; losses are normalised by the
+*global* token count and multiplied by the world size, and gradients are *averaged* over
+ranks, so N ranks x A micro-batches equal one process with N*A micro-batches.
+
+* ``ddp``: every rank holds whole models; after backward one all-reduce over a flat buffer
+  averages the gradients (what DDP does, minus the compute/communication overlap: hkd's
+  forward goes through the model body and taps, which DDP's wrapper would not see).
+* ``fsdp``: teacher and student are sharded with FSDP2 ``fully_shard`` (each transformer
+  block, the body, the LM head), so a teacher larger than one device fits; FSDP averages
+  their gradients itself and only the stages' own parameters go through the all-reduce.
 """
 
 from __future__ import annotations
@@ -14,6 +19,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+try:  # private, but the only way to keep output_hidden_states working on FSDP-wrapped classes
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # pragma: no cover - older/newer transformers
+    _CAN_RECORD_REGISTRY = None
 
 
 @dataclass(frozen=True)
@@ -52,19 +64,53 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return buffer.tolist()
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, DTensor)
+
+
+def shard_model(model: torch.nn.Module, reshard_after_forward: bool) -> None:
+    """FSDP2: shard every transformer block, then the body, then the LM head (if any).
+
+    hkd calls the body and the LM head separately, so each is its own FSDP unit. The student
+    keeps its gathered parameters from forward to backward (``reshard_after_forward=False``,
+    ZeRO-2-like) because stages take tensors from *inside* blocks (q/k/v taps) whose backward
+    bypasses FSDP's hooks on block outputs; the frozen teacher never runs backward and is
+    resharded right after each block, which is what lets it exceed one device.
+    """
+    from hkd.models import decoder_body
+
+    body = decoder_body(model)
+    blocks = next(
+        (m for m in body.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == model.config.num_hidden_layers),
+        None,
+    )
+    for block in blocks if blocks is not None else []:
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    recordable = _CAN_RECORD_REGISTRY.get(body) if _CAN_RECORD_REGISTRY is not None else None
+    fully_shard(body, reshard_after_forward=reshard_after_forward)
+    if recordable:
+        # transformers finds what output_hidden_states records by the model's class name, and
+        # fully_shard swaps the class for an FSDP subclass: register the same recipe for it
+        _CAN_RECORD_REGISTRY[body] = recordable
+    lm_head = getattr(model, "lm_head", None)
+    if lm_head is not None:
+        fully_shard(lm_head, reshard_after_forward=reshard_after_forward)
+
+
 def sync_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
-    """Sum gradients over ranks (each rank's loss is already divided by the global token count).
+    """Average gradients over ranks, except FSDP-sharded ones (FSDP already reduced those).
 
     Parameters without a gradient (stages inactive this phase) are left without one on every
     rank alike, so AdamW skips them exactly as it would in a single process.
     """
     if not info.enabled:
         return
-    with_grad = [p for p in params if p.grad is not None]
+    with_grad = [p for p in params if p.grad is not None and not is_sharded(p)]
     if not with_grad:
         return
     flat = torch.cat([p.grad.reshape(-1) for p in with_grad])  # type: ignore[union-attr]
     dist.all_reduce(flat)
+    flat /= info.world_size
     offset = 0
     for p in with_grad:
         n = p.numel()
@@ -75,3 +121,18 @@ def sync_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global-norm clipping over plain and FSDP-sharded gradients together; returns the norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    squares = [(n.full_tensor() if is_sharded(n) else n).float().pow(2) for n in norms]
+    total = torch.stack(squares).sum().sqrt()
+    if max_norm > 0 and torch.isfinite(total):
+        scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.device) if not is_sharded(g) else scale.item())
+    return total

@@ -24,8 +24,10 @@ from tqdm.auto import tqdm
 from hkd import checkpoint as ckpt
 from hkd.config import Config
 from hkd.data import Batches, encode, load_records
-from hkd.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, sync_gradients
-from hkd.errors import HkdError, StoppedEarly
+from hkd.distributed import (
+    DistInfo, all_reduce_sum, barrier, clip_gradients, init_distributed, shard_model, sync_gradients,
+)
+from hkd.errors import ConfigError, HkdError, StoppedEarly
 from hkd.manager import HkdPluginManager, build_manager
 from hkd.models import check_compatible, freeze, load_model
 from hkd.schedule import Schedule
@@ -121,19 +123,25 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
     if any(stage.teacher_request().attention or stage.student_request().attention for stage in stages.values()):
         enable_taps(teacher)
         enable_taps(student)
+    if info.enabled and config.train.parallel == "fsdp":
+        if any(getattr(stage.config, "fused", False) for stage in stages.values()):
+            raise ConfigError("train.parallel: fsdp cannot be combined with stages.logits.fused yet; use ddp")
+        shard_model(teacher, reshard_after_forward=True)
+        shard_model(student, reshard_after_forward=False)
+    trainable = torch.nn.ModuleDict({"student": student, "stages": stages})  # what checkpoints hold
 
     # --- data, optimizer, resume
     causal = not config.student.encoder
     encoded = [encode(tokenizer, p, c, config.data.max_length) for p, c in load_records(config.data, config.train.seed)]
     batches = Batches(encoded, config.data, tokenizer.pad_token_id or 0, config.train.seed, causal)
-    params = list(student.parameters()) + list(stages.parameters())
+    params = list(trainable.parameters())
     optimizer = make_optimizer(config, params)
     start_step = 0
     if resume:
         found = ckpt.list_checkpoints(run_dir / "checkpoints")
         if not found:
             raise HkdError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
-        start_step = ckpt.load_checkpoint(found[-1], student, stages, optimizer)["step"]
+        start_step = ckpt.load_checkpoint(found[-1], trainable, optimizer)["step"]
 
     if info.is_main:
         pm.call("hkd_on_train_start", config=config, run_dir=run_dir, student=student, teacher=teacher,
@@ -188,12 +196,12 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                         stage_losses[name] += float(stage_loss.detach())
                         total = total + weight * stage_loss
                     del teacher_view, student_view  # free activations before backward
-                    total.backward()
+                    (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
             sync_gradients(params, info)
             stage_losses = dict(zip(stage_losses, all_reduce_sum(list(stage_losses.values()), info, device)))
 
             bad = [name for name, value in stage_losses.items() if not math.isfinite(value)]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip or float("inf"))
+            grad_norm = clip_gradients(params, config.optim.grad_clip)
             if bad or not torch.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite_in_row += 1
@@ -229,27 +237,28 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
             bar.set_postfix(phase=position.name, loss=f"{metrics['loss']:.4f}")
             every = config.train.checkpoint_every
             if (every and step % every == 0) or stop["stop"]:
-                save(run_dir, step, student, stages, optimizer, config, pm, info)
+                save(run_dir, step, trainable, optimizer, config, pm, info)
     bar.close()
     if stop["stop"] and step < schedule.total_steps:
         raise StoppedEarly(f"stopped by signal after step {step}; checkpoint saved, continue with --resume")
-    save(run_dir, step, student, stages, optimizer, config, pm, info)
+    save(run_dir, step, trainable, optimizer, config, pm, info)
     final_dir = run_dir / "final"
+    student_state = ckpt.full_model_state(student)  # gathered from all shards under FSDP
     if info.is_main:
-        student.save_pretrained(final_dir, safe_serialization=True)
+        student.save_pretrained(final_dir, state_dict=student_state, safe_serialization=True)
         tokenizer.save_pretrained(final_dir)
         pm.call("hkd_on_train_end", step=step, run_dir=run_dir, final_dir=final_dir, metrics=metrics)
     barrier(info)
     return RunResult(run_dir, final_dir, step, metrics)
 
 
-def save(run_dir: Path, step: int, student: torch.nn.Module, stages: torch.nn.Module,
-         optimizer: torch.optim.Optimizer, config: Config, pm: HkdPluginManager, info: DistInfo) -> None:
-    """Rank 0 writes (every rank holds identical weights and optimizer state); the others wait."""
+def save(run_dir: Path, step: int, trainable: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         config: Config, pm: HkdPluginManager, info: DistInfo) -> None:
+    """Every rank helps gather the full state; rank 0 writes it while the others wait."""
+    path = ckpt.save_checkpoint(
+        run_dir / "checkpoints", step, trainable, optimizer, {"config": config.to_dict()},
+        keep=config.train.keep_checkpoints, write=info.is_main,
+    )
     if info.is_main:
-        path = ckpt.save_checkpoint(
-            run_dir / "checkpoints", step, student, stages, optimizer, {"config": config.to_dict()},
-            keep=config.train.keep_checkpoints,
-        )
         pm.call("hkd_on_checkpoint", step=step, path=path)
     barrier(info)

@@ -1,4 +1,7 @@
-"""Two ranks under torchrun (gloo, CPU) equal one process with the same global batch."""
+"""Two ranks under torchrun (gloo, CPU) equal one process with the same global batch.
+
+``ddp`` replicates both models; ``fsdp`` shards teacher and student with FSDP2.
+"""
 
 import json
 import subprocess
@@ -14,7 +17,9 @@ from hkd.loop import distill
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_match_single_process(raw_config, tmp_path, subprocess_env):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_match_single_process(parallel, raw_config, tmp_path, subprocess_env):
+    raw_config["train"]["parallel"] = parallel
     raw_config["schedule"]["phases"][2]["steps"] = 3
     raw_config["train"]["checkpoint_every"] = 3
     raw_config["optim"]["grad_accum"] = 1  # per rank: 2 ranks x 1 micro-batch
