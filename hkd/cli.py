@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -116,10 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         return args.func(args, extra)
-    except StoppedEarly as exc:
-        print(f"hkd: {exc}", file=sys.stderr)
-        return 130
     except HkdError as exc:
+        if os.environ.get("HKD_DEBUG"):  # developers: the full chain, not the one-line summary
+            raise
+        if isinstance(exc, StoppedEarly):
+            print(f"hkd: {exc}", file=sys.stderr)
+            return 130
         print(f"hkd: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

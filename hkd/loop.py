@@ -76,6 +76,16 @@ def stop_requests() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
+def stage_loss_terms(stages: torch.nn.ModuleDict, name: str, *args: Any) -> dict[str, torch.Tensor]:
+    """Call a stage's loss; a failure inside a plugin's stage names the stage."""
+    try:
+        return stages[name].loss(*args)
+    except (HkdError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise HkdError(f"stage {name!r} failed computing its loss: {exc!r}") from exc
+
+
 @contextmanager
 def out_of_memory_hint(config: Config) -> Iterator[None]:
     """Turn an OOM into advice that names the batch and the knobs that shrink it."""
@@ -191,7 +201,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                     student_view = forward_with_taps(student, micro, student_request)
                     total = torch.zeros((), device=device)
                     for name, weight in active.items():
-                        terms = stages[name].loss(micro, teacher_view, student_view, state)
+                        terms = stage_loss_terms(stages, name, micro, teacher_view, student_view, state)
                         stage_loss = sum(v for k, v in terms.items() if not k.startswith("metric/"))
                         stage_losses[name] += float(stage_loss.detach())
                         total = total + weight * stage_loss

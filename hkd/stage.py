@@ -92,9 +92,10 @@ def build_stages(
 ) -> nn.ModuleDict:
     """Instantiate the named stages, validating each one's config block with its dataclass."""
     from hkd.config import from_dict
-    from hkd.errors import ConfigError
+    from hkd.errors import ConfigError, HkdError
 
     specs = available_stages(pm)
+    owners = {spec.name: plugin for plugin, spec in pm.collect("hkd_add_stages")}
     for name in list(stage_configs):
         if name not in specs:
             raise ConfigError(f"stages.{name}: no installed plugin provides this stage; available: {sorted(specs)}")
@@ -106,5 +107,10 @@ def build_stages(
             )
         spec = specs[name]
         config = from_dict(spec.config_cls, stage_configs.get(name, {}), f"stages.{name}")
-        stages[name] = spec.factory(config, make_context(name))
+        try:
+            stages[name] = spec.factory(config, make_context(name))
+        except HkdError:
+            raise
+        except Exception as exc:  # a plugin's bug must name the plugin, not end in a bare traceback
+            raise HkdError(f"stage {name!r} (plugin {owners[name]!r}) failed to build: {exc!r}") from exc
     return stages

@@ -98,3 +98,34 @@ def test_duplicate_stage_names_name_both_plugins():
 
     with pytest.raises(HkdError, match=r"stage 'logits' is provided by both 'logits' and 'clash'"):
         available_stages(build_manager(extra_plugins=[("clash", Clash())]))
+
+
+def test_a_stage_that_raises_is_named(raw_config, tmp_path):
+    from dataclasses import dataclass
+
+    from hkd.stage import Stage, StageSpec
+    from hkd.taps import TapRequest
+
+    @dataclass
+    class Empty:
+        pass
+
+    class Broken(Stage):
+        def __init__(self, config, context):
+            super().__init__()
+
+        def student_request(self):
+            return TapRequest(final_hidden=True)
+
+        def loss(self, batch, teacher, student, state):
+            raise ValueError("shapes do not line up")
+
+    class Plugin:
+        @hookimpl
+        def hkd_add_stages(self):
+            return [StageSpec("broken", Empty, Broken)]
+
+    raw_config["schedule"] = {"phases": [{"name": "p", "steps": 1, "stages": {"broken": 1.0}}]}
+    pm = build_manager(extra_plugins=[("brokenplugin", Plugin())])
+    with pytest.raises(HkdError, match=r"stage 'broken' failed computing its loss: ValueError\('shapes do not line up'\)"):
+        distill(from_dict(Config, raw_config), tmp_path / "run", pm=pm)
