@@ -49,7 +49,7 @@ def make_problems(n: int, digits: int, seed: int, exclude: set[tuple[int, int]] 
     if (high - low + 1) ** 2 - len(exclude or ()) < n:
         raise ValueError(f"only {(high - low + 1) ** 2} distinct {digits}-digit problems exist; asked for {n}")
     seen = set(exclude or ())
-    out = []
+    out: list[Problem] = []
     while len(out) < n:
         pair = (rng.randint(low, high), rng.randint(low, high))
         if pair not in seen:

@@ -71,7 +71,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def _split(state: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
     """Entries under ``prefix.``, prefix removed; tied weights become separate copies for safetensors."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -84,7 +84,7 @@ def _split(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
     return out
 
 
-def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_model_state(module: torch.nn.Module) -> dict[str, Any]:
     """The complete state dict on rank 0 (empty elsewhere); a collective under FSDP."""
     return get_model_state_dict(module, options=FULL)
 
@@ -166,7 +166,7 @@ def load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.opt
         raise HkdError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
     try:
         trainer = json.loads((path / "trainer.json").read_text())
-        state = {f"student.{k}": v for k, v in load_file(str(path / "student.safetensors")).items()}
+        state: dict[str, Any] = {f"student.{k}": v for k, v in load_file(str(path / "student.safetensors")).items()}
         state.update({f"stages.{k}": v for k, v in load_file(str(path / "stages.safetensors")).items()})
         optim_state = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), trainer["optimizer"])
         rng = load_file(str(path / "rng.safetensors"))

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from hkd.errors import HkdError, StoppedEarly
 
@@ -81,7 +81,7 @@ def cmd_init_model(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _table(header: list[str], rows: list[tuple[str, ...]]) -> None:
+def _table(header: list[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())

@@ -173,7 +173,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
         return {_convert(args[0], k, path): _convert(args[1], v, _join(path, str(k))) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
+        return from_dict(tp, value, path)  # type: ignore[arg-type]
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)

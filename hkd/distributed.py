@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 try:  # private, but the only way to keep output_hidden_states working on FSDP-wrapped classes
-    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY as _registry
+
+    _CAN_RECORD_REGISTRY: Any = _registry
 except ImportError:  # pragma: no cover - older/newer transformers
     _CAN_RECORD_REGISTRY = None
 
@@ -68,7 +71,7 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, DTensor)
 
 
-def shard_model(model: torch.nn.Module, reshard_after_forward: bool) -> None:
+def shard_model(model: Any, reshard_after_forward: bool) -> None:
     """FSDP2: shard every transformer block, then the body, then the LM head (if any).
 
     hkd calls the body and the LM head separately, so each is its own FSDP unit. The student

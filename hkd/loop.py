@@ -79,7 +79,8 @@ def stop_requests() -> Iterator[dict[str, bool]]:
 def stage_loss_terms(stages: torch.nn.ModuleDict, name: str, *args: Any) -> dict[str, torch.Tensor]:
     """Call a stage's loss; a failure inside a plugin's stage names the stage."""
     try:
-        return stages[name].loss(*args)
+        stage: Any = stages[name]
+        return stage.loss(*args)
     except (HkdError, torch.OutOfMemoryError):
         raise
     except Exception as exc:
@@ -120,8 +121,8 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
     tokenizer = student_tok or teacher_tok
     if tokenizer is None:
         raise HkdError("neither the teacher nor the student directory has a tokenizer")
-    freeze(teacher).to(device)
-    student.to(device).train()
+    freeze(teacher).to(device)  # type: ignore[arg-type]
+    student.to(device).train()  # type: ignore[arg-type]
 
     # --- stages named anywhere in the schedule, with their own validated configs
     schedule = Schedule(config.schedule, config.optim)
@@ -129,7 +130,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
     def context(name: str) -> StageContext:
         return StageContext(name, teacher, student, config.kernels, f"stages.{name}")
 
-    stages = build_stages(pm, schedule.stage_names, config.stages, context).to(device)
+    stages: Any = build_stages(pm, schedule.stage_names, config.stages, context).to(device)
     if any(stage.teacher_request().attention or stage.student_request().attention for stage in stages.values()):
         enable_taps(teacher)
         enable_taps(student)
@@ -202,7 +203,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                     total = torch.zeros((), device=device)
                     for name, weight in active.items():
                         terms = stage_loss_terms(stages, name, micro, teacher_view, student_view, state)
-                        stage_loss = sum(v for k, v in terms.items() if not k.startswith("metric/"))
+                        stage_loss: Any = sum(v for k, v in terms.items() if not k.startswith("metric/"))
                         stage_losses[name] += float(stage_loss.detach())
                         total = total + weight * stage_loss
                     del teacher_view, student_view  # free activations before backward

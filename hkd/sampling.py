@@ -61,7 +61,7 @@ def sample(
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     greedy = temperature <= 0
-    out = model.generate(
+    out = model.generate(  # type: ignore[operator]
         input_ids=ids,
         attention_mask=mask,
         max_new_tokens=max_new_tokens,

@@ -106,7 +106,7 @@ def build_stages(
                 f"schedule: stage {name!r} is not available (disabled or not installed); available: {sorted(specs)}"
             )
         spec = specs[name]
-        config = from_dict(spec.config_cls, stage_configs.get(name, {}), f"stages.{name}")
+        config: Any = from_dict(spec.config_cls, stage_configs.get(name, {}), f"stages.{name}")
         try:
             stages[name] = spec.factory(config, make_context(name))
         except HkdError:

@@ -59,11 +59,11 @@ class QKV:
 def _tap_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any):
     store = getattr(module, "_hkd_tap_store", None)
     if store is not None:
-        store[module.layer_idx + 1] = QKV(
+        store[int(module.layer_idx) + 1] = QKV(  # type: ignore[arg-type]
             query, key, value, attention_mask, float(kwargs.get("scaling") or query.shape[-1] ** -0.5),
             bool(getattr(module, "is_causal", True)),
         )
-    inner = AttentionInterface._global_mapping[getattr(module, "_hkd_inner_attention", "sdpa")]
+    inner: Any = AttentionInterface._global_mapping[getattr(module, "_hkd_inner_attention", "sdpa")]
     return inner(module, query, key, value, attention_mask, **kwargs)
 
 
