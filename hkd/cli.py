@@ -81,6 +81,52 @@ def cmd_init_model(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.generate import generate, load_generate_config
+
+    config = load_generate_config(args.config, _split_overrides(extra))
+    config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
+    if args.out:
+        config.output = str(Path(args.out).resolve())
+    if args.no_progress:
+        config.progress = False
+    summary = generate(config)
+    print(f"{summary.prompts} prompts, {summary.samples} samples: kept {summary.kept}, "
+          f"rejected {summary.samples - summary.kept}; written to {summary.output}")
+    if summary.rejected:
+        _table(["rejected because", "count"], sorted(summary.rejected.items()))
+    return 0
+
+
+def cmd_cache_teacher(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.cache import build_cache
+    from hkd.config import load_config
+
+    config = load_config(args.config, _split_overrides(extra))
+    config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
+    out = args.out or config.teacher_cache
+    if not out:
+        raise HkdError("cache-teacher: give --out DIR or set teacher_cache in the config")
+    index = build_cache(config, Path(out), top_k=args.top_k, hidden=not args.no_hidden,
+                        examples_per_shard=args.examples_per_shard, progress=not args.no_progress)
+    print(f"teacher cache written: {index}; train from it with --teacher_cache={Path(out)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.evaluate import load_eval_config, result_rows, run_eval
+
+    config = load_eval_config(args.config, _split_overrides(extra))
+    config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
+    if args.out:
+        config.output = str(Path(args.out).resolve())
+    if args.no_progress:
+        config.progress = False
+    _table(["metric", "value"], result_rows(run_eval(config)))
+    print(f"results written to {config.output}")
+    return 0
+
+
 def _table(header: list[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
@@ -92,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace, list[str]], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        # no abbreviations: an override such as --n=1 must not be taken for --no-progress
+        p = sub.add_parser(name, help=help, description=help, allow_abbrev=False)
         p.add_argument("--disable", action="append", metavar="PLUGIN", help="disable a plugin by name (repeatable)")
         p.set_defaults(func=func)
         return p
@@ -109,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("preset", help="tiny-llama, tiny-qwen2 or tiny-bert")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--seed", type=int, default=0)
+    p = add("generate", cmd_generate, "teacher writes solutions; verifiers keep the correct ones (resumable)")
+    p.add_argument("config", help="YAML generate config")
+    p.add_argument("--out", help="output JSONL (default: output in the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = add("cache-teacher", cmd_cache_teacher, "store the teacher's top-k logits and hidden states for a distill config")
+    p.add_argument("config", help="YAML distill config")
+    p.add_argument("--out", help="cache directory (default: teacher_cache in the config)")
+    p.add_argument("--top-k", type=int, default=64, help="teacher logits kept per position (default 64)")
+    p.add_argument("--no-hidden", action="store_true", help="do not store hidden states")
+    p.add_argument("--examples-per-shard", type=int, default=1024)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = add("eval", cmd_eval, "pass@k with verifiers, teacher-student agreement and perplexity")
+    p.add_argument("config", help="YAML eval config")
+    p.add_argument("--out", help="results JSON (default: output in the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

@@ -20,6 +20,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "hidden": "hkd.plugins.hidden",
     "logits": "hkd.plugins.logits",
     "jsonl": "hkd.plugins.loggers",
+    "verifiers": "hkd.plugins.verifiers",
 }
 
 

@@ -1,0 +1,285 @@
+"""Data distillation: the teacher writes worked solutions, verifiers keep the correct ones.
+
+``hkd generate CONFIG`` reads prompt records (JSONL), samples ``n`` completions per prompt
+from the teacher (batched, KV cache: :func:`hkd.sampling.sample`), and keeps a completion
+only if it passes the filters (length, has an answer, not a duplicate, per-prompt cap) and
+every configured verifier (rejection sampling). Kept completions are written as JSONL lines
+that ``data.kind: jsonl`` with ``prompt_field``/``completion_field`` trains on directly; each
+line carries its provenance (prompt id, sample index, verdicts, teacher, sampling settings,
+seed).
+
+Crash safety: prompts are processed in fixed batches (``batch_size`` consecutive records of
+the prompt file). After a batch, its kept lines are appended to the output and then one line
+recording every decision of the batch is appended to the ledger ``OUTPUT.ledger.jsonl``,
+each flushed to disk. The ledger is the truth: on restart, a torn last line is dropped,
+output lines of batches the ledger does not record are removed, and only unrecorded batches
+are sampled again. Each batch samples with a seed derived from the base seed and the ids of
+its prompts, so the resumed run writes exactly the lines the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from hkd.config import ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
+from hkd.data import read_jsonl
+from hkd.errors import ConfigError, HkdError
+from hkd.manager import build_manager
+from hkd.models import freeze, load_model
+from hkd.plugins.verifiers import answer_extractor
+from hkd.sampling import sample
+from hkd.verify import Verdict, Verifier, build_verifier
+
+
+@dataclass
+class VerifierConfig:
+    name: str  # a verifier some plugin registers (``exact_answer``, ``regex_format``, ...)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
+
+
+@dataclass
+class FilterConfig:
+    max_chars: int = 0  # drop completions longer than this (0: no limit)
+    require_answer: bool = True  # drop completions with no extractable final answer
+    answer_pattern: str | None = None  # regex for require_answer; default: the text after "=> "
+    dedupe: bool = True  # drop a completion identical to one already kept for the same prompt
+    max_kept_per_prompt: int = 0  # keep at most this many per prompt (0: all)
+
+
+@dataclass
+class GenerateConfig:
+    teacher: ModelConfig
+    prompts: str  # JSONL file of prompt records
+    output: str  # JSONL file of kept completions (its ledger sits next to it)
+    id_field: str | None = "id"  # unique prompt id; None: the record's position in the file
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"  # reference answer, copied to the output (verifiers see the whole record)
+    completion_field: str = "completion"  # key of the completion in output lines
+    on_bad_line: Literal["fail", "skip"] = "fail"
+    n: int = 4  # samples per prompt
+    temperature: float = 0.8  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 8  # prompts per sampling call (n rows each) and per ledger line
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available else cpu
+    verifiers: list[VerifierConfig] = field(default_factory=list)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    progress: bool = True
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+
+    def validate(self, path: str = "") -> None:
+        for name in ("n", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0, got {self.temperature}")
+        if (self.teacher.path is None) == (self.teacher.preset is None):
+            raise ConfigError("teacher: set exactly one of teacher.path or teacher.preset")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the lines: a resumed run must use the same."""
+        keys = ("n", "temperature", "top_p", "max_new_tokens", "batch_size", "seed")
+        return {k: getattr(self, k) for k in keys} | {"filters": asdict(self.filters),
+                                                         "verifiers": [asdict(v) for v in self.verifiers]}
+
+
+def load_generate_config(path: str | Path, overrides: list[str] = ()) -> GenerateConfig:  # type: ignore[assignment]
+    """Read YAML + ``--a.b=value`` overrides; paths in the file are relative to the file."""
+    config = from_dict(GenerateConfig, apply_overrides(read_yaml(path), list(overrides)))
+    base = Path(path).resolve().parent
+    config.prompts = str(base / config.prompts)
+    config.output = str(base / config.output)
+    if config.teacher.path is not None:
+        config.teacher.path = str(base / config.teacher.path)
+    return config
+
+
+@dataclass
+class GenerateSummary:
+    prompts: int
+    samples: int
+    kept: int
+    rejected: dict[str, int]  # reason -> count
+    output: Path
+
+
+def derive_seed(base: int, key: str) -> int:
+    """A 63-bit seed that depends only on the base seed and ``key`` (stable across runs and machines)."""
+    return int.from_bytes(hashlib.sha256(f"{base}:{key}".encode()).digest()[:8], "big") >> 1
+
+
+def ledger_path(output: Path) -> Path:
+    return output.with_name(output.name + ".ledger.jsonl")
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """JSON lines of a file hkd appends to; a torn last line (a crash mid-write) is cut off the file."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+    rows = []
+    for lineno, line in enumerate(data[:end].splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise HkdError(f"{path}:{lineno}: corrupted line ({exc.msg}); move the file away to start over") from exc
+    return rows
+
+
+def recover(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ledger entries of finished batches; output lines of unfinished batches are removed."""
+    ledger = ledger_path(output)
+    if output.is_file() and output.stat().st_size and not ledger.is_file():
+        raise HkdError(f"{output} exists but has no ledger {ledger.name}; refusing to append to a file hkd did not write")
+    entries = read_lines(ledger)
+    for entry in entries[:1]:
+        if entry["settings"] != settings:
+            changed = sorted(k for k in settings if entry["settings"].get(k) != settings[k])
+            raise ConfigError(f"{output} was written with different settings ({', '.join(changed)}); "
+                              "use another output path or the original settings")
+    done = {pid for entry in entries for pid in entry["ids"]}
+    lines = read_lines(output)
+    kept = [line for line in lines if line["id"] in done]
+    if len(kept) < len(lines):
+        tmp = output.with_name(output.name + ".tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        os.replace(tmp, output)  # atomic: a crash here leaves either the old or the trimmed file
+    return entries
+
+
+def append_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@dataclass
+class Decision:
+    sample: int
+    completion: str
+    verdicts: dict[str, Verdict]
+    reason: str | None  # None: kept
+
+
+def judge(record: dict[str, Any], completions: list[str], verifiers: list[tuple[str, Verifier]],
+          filters: FilterConfig) -> list[Decision]:
+    """Filters first (length, answer), then every verifier, then dedupe and the per-prompt cap."""
+    extract = answer_extractor(filters.answer_pattern)
+    kept: list[str] = []
+    decisions = []
+    for index, text in enumerate(completions):
+        verdicts = {name: verify(record, text) for name, verify in verifiers}
+        failed = [f"{name}:{v.reason or 'rejected'}" for name, v in verdicts.items() if not v.passed]
+        reason = None
+        if filters.max_chars and len(text) > filters.max_chars:
+            reason = "too_long"
+        elif filters.require_answer and extract(text) is None:
+            reason = "no_answer"
+        elif failed:
+            reason = failed[0]
+        elif filters.dedupe and text in kept:
+            reason = "duplicate"
+        elif filters.max_kept_per_prompt and len(kept) >= filters.max_kept_per_prompt:
+            reason = "over_cap"
+        if reason is None:
+            kept.append(text)
+        decisions.append(Decision(index, text, verdicts, reason))
+    return decisions
+
+
+def prompt_records(config: GenerateConfig) -> list[tuple[str, dict[str, Any]]]:
+    """(prompt id, record) in file order; ids must be unique because resume keys on them."""
+    required = (config.prompt_field,) + ((config.id_field,) if config.id_field else ())
+    records = read_jsonl(config.prompts, config.on_bad_line, required)
+    out: list[tuple[str, dict[str, Any]]] = []
+    seen: set[str] = set()
+    for position, record in enumerate(records):
+        pid = str(record[config.id_field]) if config.id_field else str(position)
+        if pid in seen:
+            raise HkdError(f"{config.prompts}: prompt id {pid!r} appears twice; ids ({config.id_field}) must be unique")
+        seen.add(pid)
+        out.append((pid, record))
+    return out
+
+
+def generate(config: GenerateConfig) -> GenerateSummary:
+    """Sample, verify, filter and append; resumes where an interrupted run stopped."""
+    pm = build_manager(config.plugins.disable)
+    verifiers = [(v.name, build_verifier(pm, v.name, v.options, f"verifiers[{i}]"))
+                 for i, v in enumerate(config.verifiers)]
+    prompts = prompt_records(config)
+    output = Path(config.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    settings = config.settings()
+    entries = recover(output, settings)
+    done = {pid for entry in entries for pid in entry["ids"]}
+
+    model, tokenizer = load_model(config.teacher, "teacher", output.parent)
+    if tokenizer is None:
+        raise HkdError("teacher: the model directory has no tokenizer")
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if config.device == "auto" else config.device)
+    freeze(model).to(device)  # type: ignore[arg-type]
+    teacher = {"path": config.teacher.path, "preset": config.teacher.preset,
+               "name": str(getattr(model.config, "name_or_path", "")), "model_type": model.config.model_type}
+
+    batches = [prompts[i: i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+    todo = [(i, b) for i, b in enumerate(batches) if not all(pid in done for pid, _ in b)]
+    bar = tqdm(total=len(batches), initial=len(batches) - len(todo), disable=not config.progress, unit="batch")
+    for index, batch in todo:
+        ids = [pid for pid, _ in batch]
+        seed = derive_seed(config.seed, "\x1f".join(ids))
+        samples = sample(model, tokenizer, [str(r[config.prompt_field]) for _, r in batch], n=config.n,
+                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                         top_p=config.top_p, seed=seed)
+        kept_lines, decisions = [], {}
+        for p, (pid, record) in enumerate(batch):
+            judged = judge(record, samples.texts[p * config.n: (p + 1) * config.n], verifiers, config.filters)
+            decisions[pid] = [{"sample": d.sample, "kept": d.reason is None, "reason": d.reason} for d in judged]
+            kept_lines += [{
+                "id": pid,
+                "sample": d.sample,
+                config.prompt_field: record[config.prompt_field],
+                config.completion_field: d.completion,
+                config.answer_field: record.get(config.answer_field),
+                "verdicts": {name: asdict(v) for name, v in d.verdicts.items()},
+                "teacher": teacher,
+                "sampling": settings,
+                "seed": seed,
+            } for d in judged if d.reason is None]
+        append_lines(output, kept_lines)  # output first: the ledger line below marks the batch finished
+        entry = {"batch": index, "ids": ids, "seed": seed, "settings": settings, "decisions": decisions}
+        append_lines(ledger_path(output), [entry])
+        entries.append(entry)
+        bar.update(1)
+    bar.close()
+    return summarize(entries, output)
+
+
+def summarize(entries: list[dict[str, Any]], output: Path) -> GenerateSummary:
+    decisions = [d for entry in entries for per_prompt in entry["decisions"].values() for d in per_prompt]
+    rejected = Counter(d["reason"] for d in decisions if not d["kept"])
+    return GenerateSummary(
+        prompts=sum(len(entry["ids"]) for entry in entries),
+        samples=len(decisions),
+        kept=sum(d["kept"] for d in decisions),
+        rejected=dict(sorted(rejected.items())),
+        output=output,
+    )

@@ -1,0 +1,195 @@
+"""hkd generate: rejection sampling with verifiers and filters, provenance, crash-safe resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import hkd.generate as gen
+from hkd.arith import Problem, make_problems
+from hkd.cli import main
+from hkd.config import DataConfig, from_dict
+from hkd.data import load_records
+from hkd.errors import ConfigError, HkdError
+from hkd.generate import GenerateConfig, generate, ledger_path
+from hkd.manager import build_manager
+from hkd.sampling import Samples
+from hkd.verify import build_verifier
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PROBLEMS = make_problems(10, 2, seed=3)
+
+
+def write_prompts(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for i, p in enumerate(PROBLEMS):
+            handle.write(json.dumps({"id": f"q{i}", "prompt": p.prompt, "answer": p.answer}) + "\n")
+    return path
+
+
+def solution(prompt: str) -> str:
+    a, b = prompt.rstrip("=").split("+")
+    return Problem(int(a), int(b)).worked_solution()
+
+
+def scripted(make_texts):
+    """A stand-in for hkd.sampling.sample returning ``make_texts(prompt, n, seed)`` per prompt."""
+    calls = []
+
+    def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
+        calls.append(seed)
+        texts = [t for p in prompts for t in make_texts(p, n, seed)]
+        empty = torch.zeros(len(texts), 0, dtype=torch.long)
+        return Samples(empty, empty, empty, empty, texts)
+
+    fake_sample.calls = calls
+    return fake_sample
+
+
+def config(tmp_path: Path, model_dirs, **changes) -> GenerateConfig:
+    raw = {
+        "teacher": {"path": str(model_dirs["teacher"])},
+        "prompts": str(write_prompts(tmp_path / "prompts.jsonl")),
+        "output": str(tmp_path / "out" / "kept.jsonl"),
+        "n": 5, "batch_size": 3, "seed": 11, "progress": False,
+        "verifiers": [{"name": "exact_answer"},
+                      {"name": "regex_format", "options": {"pattern": r"(\d\+\d\+\d=\d+ c\d; )+=> \d+"}}],
+        "filters": {"max_chars": 60},
+    }
+    raw.update(changes)
+    return from_dict(GenerateConfig, raw)
+
+
+def five_kinds(prompt, n, seed):
+    right = solution(prompt)
+    return [right, right.rsplit("=> ", 1)[0] + "=> 999", "I think it is big", right, "1+1+0=2 c0; " * 6 + "=> 2"]
+
+
+def test_rejection_sampling_keeps_exactly_the_verified_completions(tmp_path, model_dirs, monkeypatch):
+    monkeypatch.setattr(gen, "sample", scripted(five_kinds))
+    summary = generate(config(tmp_path, model_dirs))
+    assert (summary.prompts, summary.samples, summary.kept) == (10, 50, 10)
+    assert summary.rejected == {"duplicate": 10, "exact_answer:wrong_answer": 10, "no_answer": 10, "too_long": 10}
+    lines = [json.loads(line) for line in summary.output.read_text().splitlines()]
+    assert [(line["id"], line["sample"]) for line in lines] == [(f"q{i}", 0) for i in range(10)]
+    first = lines[0]
+    assert first["verdicts"]["exact_answer"] == {"passed": True, "score": 1.0, "reason": ""}
+    assert first["teacher"]["path"] == str(model_dirs["teacher"]) and first["teacher"]["model_type"] == "llama"
+    assert first["sampling"]["n"] == 5 and first["sampling"]["temperature"] == 0.8
+    assert first["seed"] == gen.derive_seed(11, "q0\x1fq1\x1fq2") and first["answer"] == PROBLEMS[0].answer
+    # the output is training data as it stands
+    pairs = load_records(DataConfig(kind="jsonl", path=str(summary.output), prompt_field="prompt"), seed=0)
+    assert pairs == [(p.prompt, p.worked_solution()) for p in PROBLEMS]
+
+
+def test_cap_per_prompt_and_disabled_dedupe(tmp_path, model_dirs, monkeypatch):
+    monkeypatch.setattr(gen, "sample", scripted(lambda p, n, seed: [solution(p)] * n))
+    summary = generate(config(tmp_path, model_dirs, filters={"dedupe": False, "max_kept_per_prompt": 2}))
+    assert summary.kept == 20 and summary.rejected == {"over_cap": 30}
+
+
+def random_texts(prompt, n, seed):
+    """Depends on the seed like real sampling: a resumed run must pass the same seeds."""
+    rng = random.Random(f"{seed}:{prompt}")
+    right = solution(prompt)
+    return [right if rng.random() < 0.5 else right.rsplit("=> ", 1)[0] + f"=> {rng.randint(0, 99)}" for _ in range(n)]
+
+
+def test_resume_after_crashes_gives_the_uninterrupted_file(tmp_path, model_dirs, monkeypatch):
+    monkeypatch.setattr(gen, "sample", scripted(random_texts))
+    reference = generate(config(tmp_path / "a", model_dirs, filters={"dedupe": False})).output.read_text()
+    assert reference.count("\n") > 5
+
+    cfg = config(tmp_path / "b", model_dirs, filters={"dedupe": False})
+    fake = scripted(random_texts)
+
+    def crash_on_third_batch(*args, **kwargs):
+        if len(fake.calls) == 2:
+            raise RuntimeError("killed")
+        return fake(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "sample", crash_on_third_batch)
+    with pytest.raises(RuntimeError):
+        generate(cfg)
+    out = Path(cfg.output)
+    assert len(ledger_path(out).read_text().splitlines()) == 2
+    # and a crash between writing a batch's lines and its ledger line, with a torn tail
+    real_append = gen.append_lines
+
+    def die_before_ledger(path, rows):
+        if path.name.endswith(".ledger.jsonl"):
+            with path.open("a") as handle:
+                handle.write('{"batch": 2, "ids": ["q6"')  # torn mid-line
+            raise RuntimeError("killed")
+        real_append(path, rows)
+
+    monkeypatch.setattr(gen, "sample", scripted(random_texts))
+    monkeypatch.setattr(gen, "append_lines", die_before_ledger)
+    with pytest.raises(RuntimeError):
+        generate(cfg)
+    written = {json.loads(line)["id"] for line in out.read_text().splitlines()}
+    assert written & {"q6", "q7", "q8"}  # batch 2's lines are in the output, but the ledger never finished it
+
+    monkeypatch.setattr(gen, "append_lines", real_append)
+    resumed_sampler = scripted(random_texts)
+    monkeypatch.setattr(gen, "sample", resumed_sampler)
+    summary = generate(cfg)
+    assert out.read_text() == reference  # no duplicates, no losses, same lines
+    assert len(resumed_sampler.calls) == 2  # only the unfinished batches (4 batches of 3, 2 done)
+    assert summary.prompts == 10 and summary.samples == 50
+
+    monkeypatch.setattr(gen, "sample", scripted(random_texts))
+    assert generate(cfg).kept == summary.kept and out.read_text() == reference  # a finished run is a no-op
+
+
+def test_resume_refuses_changed_settings_and_foreign_files(tmp_path, model_dirs, monkeypatch):
+    monkeypatch.setattr(gen, "sample", scripted(five_kinds))
+    generate(config(tmp_path, model_dirs))
+    with pytest.raises(ConfigError, match="different settings.*temperature"):
+        generate(config(tmp_path, model_dirs, temperature=0.5))
+    foreign = tmp_path / "mine.jsonl"
+    foreign.write_text('{"keep": "me"}\n')
+    with pytest.raises(HkdError, match="no ledger"):
+        generate(config(tmp_path, model_dirs, output=str(foreign)))
+
+
+def test_duplicate_prompt_ids_and_bad_config_are_named(tmp_path, model_dirs):
+    cfg = config(tmp_path, model_dirs)
+    Path(cfg.prompts).write_text('{"id": 1, "prompt": "1+1="}\n{"id": 1, "prompt": "2+2="}\n')
+    with pytest.raises(HkdError, match="prompt id '1' appears twice"):
+        generate(cfg)
+    with pytest.raises(ConfigError, match="filters.max_char: unknown key"):
+        config(tmp_path, model_dirs, filters={"max_char": 3})
+    with pytest.raises(ConfigError, match=r"verifiers\[0\]: unknown verifier 'exact'"):
+        generate(config(tmp_path, model_dirs, verifiers=[{"name": "exact"}]))
+
+
+def test_builtin_verifiers():
+    pm = build_manager()
+    exact = build_verifier(pm, "exact_answer", {"pattern": r"answer: (\d+)", "answer_field": "gold"})
+    assert exact({"gold": "42"}, "answer: 7\nanswer: 42 ").passed  # the last match counts
+    assert exact({"gold": "42"}, "answer: 41").reason == "wrong_answer"
+    assert exact({"gold": "42"}, "forty-two").reason == "no_answer"
+    assert exact({}, "answer: 42").reason == "no_reference"
+    default = build_verifier(pm, "exact_answer")
+    assert default({"answer": "12"}, "5+7+0=12 c1; => 12\n").passed
+    search = build_verifier(pm, "regex_format", {"pattern": r"=> \d+", "mode": "search"})
+    full = build_verifier(pm, "regex_format", {"pattern": r"=> \d+"})
+    assert search({}, "x => 3").passed and full({}, "x => 3").reason == "bad_format"
+    with pytest.raises(ConfigError, match=r"invalid regex '\('"):
+        build_verifier(pm, "regex_format", {"pattern": "("})
+
+
+def test_cli_runs_the_example_config(tmp_path, capsys):
+    out = tmp_path / "gen.jsonl"
+    code = main(["generate", str(EXAMPLES / "generate.yaml"), "--out", str(out), "--no-progress",
+                 "--n=1", "--max_new_tokens=8", "--batch_size=12"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "24 prompts, 24 samples" in printed and out.is_file()
+    assert len(ledger_path(out).read_text().splitlines()) == 2
