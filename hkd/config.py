@@ -46,6 +46,7 @@ class DataConfig:
     prompt_field: str | None = None  # if set, text = prompt + completion, loss only on completion
     completion_field: str = "completion"
     on_bad_line: Literal["fail", "skip"] = "fail"
+    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (prompt_field only)
     max_length: int = 64
     batch_size: int = 8  # sequences per micro-batch
     num_examples: int = 512  # synthetic only
@@ -114,6 +115,7 @@ class Config:
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     kernels: dict[str, str] = field(default_factory=dict)  # op -> backend name ("auto" default)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    teacher_cache: str | None = None  # offline teacher targets (``hkd cache-teacher``): no live teacher
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -259,6 +261,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
                 model.path = str(base / model.path)
         if config.data.path is not None and not Path(config.data.path).is_absolute():
             config.data.path = str(base / config.data.path)
+        if config.teacher_cache is not None and not Path(config.teacher_cache).is_absolute():
+            config.teacher_cache = str(base / config.teacher_cache)
     validate(config)
     return config
 
@@ -287,6 +291,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.grad_accum: must be >= 1, got {config.optim.grad_accum}")
     if config.data.batch_size < 1:
         raise ConfigError(f"data.batch_size: must be >= 1, got {config.data.batch_size}")
+    if config.data.chat_template and config.data.kind == "jsonl" and config.data.prompt_field is None:
+        raise ConfigError("data.chat_template: needs data.prompt_field (the template wraps the prompt)")
     if config.data.kind == "jsonl" and not config.data.path:
         raise ConfigError("data.path: required when data.kind is 'jsonl'")
     if len(config.optim.betas) != 2:

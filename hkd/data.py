@@ -1,7 +1,9 @@
 """Training data: JSONL records or synthetic problems -> deterministic padded batches.
 
 Batches are a pure function of (seed, micro-batch index), so a resumed run sees exactly the
-batches the uninterrupted run would have seen, with no loader state to checkpoint.
+batches the uninterrupted run would have seen, with no loader state to checkpoint. Each batch
+carries ``example_index`` (positions in the encoded dataset) so per-example data stored
+elsewhere, such as the offline teacher cache, can be looked up for it.
 """
 
 from __future__ import annotations
@@ -64,15 +66,38 @@ def load_records(config: DataConfig, seed: int) -> list[tuple[str, str]]:
     return [(str(r[config.prompt_field]), str(r[config.completion_field])) for r in records]
 
 
-def encode(tokenizer: Any, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels: [bos] prompt completion [eos]; prompt and bos are not targets (-100)."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as one user turn in the tokenizer's chat template, ready for the assistant's reply."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise HkdError("data.chat_template: the tokenizer has no chat template; set data.chat_template: false")
+    messages = [{"role": "user", "content": prompt}]
+    return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+
+
+def encode(
+    tokenizer: Any, prompt: str, completion: str, max_length: int, chat_template: bool = False
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels: [bos] prompt completion [eos]; prompt and bos are not targets (-100).
+
+    With ``chat_template`` the prompt is rendered by the tokenizer's template, which writes its
+    own special tokens (bos included), so none is added here.
+    """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    prompt_ids = bos + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+    if chat_template and prompt:
+        prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        prompt_ids = bos + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
     ids = (prompt_ids + completion_ids)[:max_length]
     labels = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
     return ids, labels
+
+
+def encode_dataset(tokenizer: Any, config: DataConfig, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Every record of the configured data set, encoded; what training and the teacher cache share."""
+    records = load_records(config, seed)
+    return [encode(tokenizer, p, c, config.max_length, config.chat_template) for p, c in records]
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, causal: bool = True) -> dict[str, Tensor]:
@@ -105,7 +130,7 @@ class Batches:
 
     def __init__(self, encoded: list[tuple[list[int], list[int]]], config: DataConfig, pad_id: int, seed: int, causal: bool = True):
         if not encoded:
-            raise HkdError("the training set is empty")
+            raise HkdError("the training set is empty (data.num_examples is 0 or the data file has no records)")
         self.encoded = encoded
         self.config = config
         self.pad_id = pad_id
@@ -123,10 +148,10 @@ class Batches:
 
     def batch(self, index: int) -> dict[str, Tensor]:
         size, n = self.config.batch_size, len(self.encoded)
-        picks = []
-        for k in range(index * size, (index + 1) * size):
-            picks.append(self.encoded[self._order(k // n)[k % n]])
-        return collate(picks, self.pad_id, self.causal)
+        indices = [self._order(k // n)[k % n] for k in range(index * size, (index + 1) * size)]
+        batch = collate([self.encoded[i] for i in indices], self.pad_id, self.causal)
+        batch["example_index"] = torch.tensor(indices, dtype=torch.long)
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
         index = 0

@@ -4,6 +4,9 @@
           └► student (taps)                                       ─► StudentView
     total = Σ weight_i(step) · stage_i.loss(...)  ─► backward ─► clip ─► AdamW step
     hooks: hkd_after_step (loggers), checkpoints every N steps, final save_pretrained
+
+With ``teacher_cache`` set, the teacher is never loaded (only its config, on the meta device)
+and its side of each micro-batch comes from the offline cache (:mod:`hkd.cache`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from tqdm.auto import tqdm
 
 from hkd import checkpoint as ckpt
 from hkd.config import Config
-from hkd.data import Batches, encode, load_records
+from hkd.cache import TeacherCache, fingerprint, needed_request, teacher_dir, teacher_skeleton
+from hkd.data import Batches, encode_dataset
 from hkd.distributed import (
     DistInfo, all_reduce_sum, barrier, clip_gradients, init_distributed, shard_model, sync_gradients,
 )
@@ -32,7 +36,7 @@ from hkd.manager import HkdPluginManager, build_manager
 from hkd.models import check_compatible, freeze, load_model
 from hkd.schedule import Schedule
 from hkd.stage import StageContext, StepState, build_stages
-from hkd.taps import TapRequest, enable_taps, forward_with_taps
+from hkd.taps import ModelView, TapRequest, enable_taps, forward_with_taps
 
 
 @dataclass
@@ -104,24 +108,31 @@ def out_of_memory_hint(config: Config) -> Iterator[None]:
 def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> RunResult:
     pm = pm or build_manager(config.plugins.disable)
     info = init_distributed()
+    cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
     if info.is_main:  # only rank 0 writes; the others wait for presets to exist
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        load_model(config.teacher, "teacher", run_dir)
+        teacher_dir(config.teacher, run_dir)
         load_model(config.student, "student", run_dir)
     barrier(info)
     torch.manual_seed(config.train.seed)
     random.seed(config.train.seed)
     device = resolve_device(config.train.device, info)
 
-    # --- models: teacher frozen, both from local directories (presets were written above)
-    teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
+    # --- models: teacher frozen, both from local directories (presets were written above);
+    # with an offline cache the teacher is only its architecture, without weights
+    if cache is None:
+        teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
+    else:
+        teacher, teacher_tok = teacher_skeleton(config.teacher, run_dir)
     student, student_tok = load_model(config.student, "student", run_dir)
     check_compatible(teacher, student, teacher_tok, student_tok)
     tokenizer = student_tok or teacher_tok
     if tokenizer is None:
         raise HkdError("neither the teacher nor the student directory has a tokenizer")
-    freeze(teacher).to(device)  # type: ignore[arg-type]
+    freeze(teacher)
+    if cache is None:
+        teacher.to(device)  # type: ignore[arg-type]
     student.to(device).train()  # type: ignore[arg-type]
 
     # --- stages named anywhere in the schedule, with their own validated configs
@@ -137,13 +148,16 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
     if info.enabled and config.train.parallel == "fsdp":
         if any(getattr(stage.config, "fused", False) for stage in stages.values()):
             raise ConfigError("train.parallel: fsdp cannot be combined with stages.logits.fused yet; use ddp")
-        shard_model(teacher, reshard_after_forward=True)
+        if cache is None:
+            shard_model(teacher, reshard_after_forward=True)
         shard_model(student, reshard_after_forward=False)
     trainable = torch.nn.ModuleDict({"student": student, "stages": stages})  # what checkpoints hold
 
     # --- data, optimizer, resume
     causal = not config.student.encoder
-    encoded = [encode(tokenizer, p, c, config.data.max_length) for p, c in load_records(config.data, config.train.seed)]
+    encoded = encode_dataset(tokenizer, config.data, config.train.seed)
+    if cache is not None:  # refuse targets computed for another teacher, tokenizer, data or layer map
+        cache.check(fingerprint(teacher_dir(config.teacher, run_dir), tokenizer, encoded), needed_request(stages))
     batches = Batches(encoded, config.data, tokenizer.pad_token_id or 0, config.train.seed, causal)
     params = list(trainable.parameters())
     optimizer = make_optimizer(config, params)
@@ -157,6 +171,15 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
     if info.is_main:
         pm.call("hkd_on_train_start", config=config, run_dir=run_dir, student=student, teacher=teacher,
                 start_step=start_step)
+
+    def teacher_side(micro: dict[str, torch.Tensor], request: TapRequest) -> ModelView:
+        """A live teacher forward, or the offline cache (which also adds top-k targets to ``micro``)."""
+        if cache is None:
+            return forward_with_taps(teacher, micro, request)
+        view, sparse_targets = cache.view(micro, request)
+        micro.update(sparse_targets)
+        return view
+
     accum = config.optim.grad_accum
     metrics: dict[str, float] = {}
     phase_index = -1
@@ -198,7 +221,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                 micro = {k: v.to(device) for k, v in micro.items()}
                 with out_of_memory_hint(config):
                     with torch.no_grad():
-                        teacher_view = None if teacher_request.empty() else forward_with_taps(teacher, micro, teacher_request)
+                        teacher_view = None if teacher_request.empty() else teacher_side(micro, teacher_request)
                     student_view = forward_with_taps(student, micro, student_request)
                     total = torch.zeros((), device=device)
                     for name, weight in active.items():

@@ -8,6 +8,16 @@ is divided by the step's token count across all accumulation micro-batches.
 
 ``fused: true`` hands the kernels the final hidden states and the LM-head weights instead
 of logits, so neither model ever holds a ``[tokens, vocab]`` logits tensor.
+
+From an offline teacher cache (``teacher_cache``) the batch carries the teacher's top-k logits
+(``teacher_topk_values``/``teacher_topk_ids``) instead of full logits. The teacher
+distribution is then **renormalised within the top-k** — ``p_t = softmax(topk_values / T)``
+over those k tokens, zero elsewhere — and the soft loss is the forward KL
+``sum_k p_t (log p_t - log q_s)`` with the student's full-vocabulary ``log q_s`` gathered at
+the k ids. Renormalising (rather than a tail-mass bucket) works for any temperature
+schedule: the tail mass at temperature T would need the teacher's full log-normaliser at
+every T. With k = vocabulary size it equals the dense loss exactly. Only ``forward_kl`` is
+defined on sparse targets (reverse KL and JSD need teacher probabilities outside the top-k).
 """
 
 from __future__ import annotations
@@ -15,10 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from hkd import kernels
 from hkd.config import ConfigError
+from hkd.errors import HkdError
 from hkd.hookspecs import hookimpl
 from hkd.stage import Stage, StageContext, StageSpec, StepState
 from hkd.taps import ModelView, TapRequest
@@ -67,7 +79,14 @@ class LogitsStage(Stage):
             reduction="sum",
             backend=self.backend,
         )
-        if self.config.fused:
+        if "teacher_topk_ids" in batch:  # offline teacher cache: sparse top-k targets
+            logits = student.logits
+            if logits is None:  # fused mode asked for the final hidden state only
+                assert student.final_hidden is not None and student.lm_head is not None
+                logits = student.lm_head(student.final_hidden)
+            total = self.sparse_loss(logits[:, :-1], batch["teacher_topk_values"][:, :-1],
+                                     batch["teacher_topk_ids"][:, :-1], labels, state.temperature)
+        elif self.config.fused:
             assert student.final_hidden is not None and teacher.final_hidden is not None
             assert student.lm_head is not None and teacher.lm_head is not None
             total = kernels.fused_linear_distill_loss(
@@ -83,6 +102,24 @@ class LogitsStage(Stage):
             assert student.logits is not None and teacher.logits is not None
             total = kernels.distill_loss(student.logits[:, :-1], teacher.logits[:, :-1], **options)
         return {"logits": total / max(state.tokens, 1)}
+
+    def sparse_loss(self, student_logits: Tensor, topk_values: Tensor, topk_ids: Tensor, labels: Tensor,
+                    temperature: float) -> Tensor:
+        """Summed loss against top-k teacher targets ``[B, S, k]``; student logits ``[B, S, V]``."""
+        if self.config.divergence != "forward_kl":
+            raise HkdError(f"stages.logits.divergence: {self.config.divergence} needs the teacher's full distribution; "
+                           "a teacher_cache holds top-k logits only, so use forward_kl")
+        keep = labels != -100
+        student_logits = student_logits[keep].float()  # [N, V]
+        teacher_logp = (topk_values[keep].float() / temperature).log_softmax(-1)  # renormalised within top-k
+        student_logp = (student_logits / temperature).log_softmax(-1).gather(-1, topk_ids[keep])
+        soft = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+        if self.config.scale_t2:
+            soft = soft * temperature**2
+        if self.config.alpha == 0:
+            return soft
+        hard = F.cross_entropy(student_logits, labels[keep], reduction="sum")
+        return (1 - self.config.alpha) * soft + self.config.alpha * hard
 
 
 @hookimpl
