@@ -1,0 +1,129 @@
+"""The public loss ops: validation, backend dispatch and reduction (re-exported by hkd.kernels).
+
+Public API (stable)::
+
+    distill_loss(student_logits, teacher_logits, *, labels=None, ignore_index=-100,
+                 divergence="forward_kl", beta=0.5, temperature=1.0, scale_t2=True, alpha=0.0,
+                 reduction="mean", backend="auto")
+    fused_linear_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
+                              teacher_lm_head_weight, *, student_bias=None, teacher_bias=None,
+                              <same options>)
+    backends(op)
+
+The math is documented in :mod:`hkd.kernels.reference`. Backends compute per-row losses
+``[N]``; this module validates inputs, flattens leading dims and applies the reduction, so
+every backend shares one definition of ``mean`` (divide by non-ignored rows; 0 rows -> 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hkd.kernels import registry
+from hkd.kernels.reference import distill_loss_torch, fused_linear_distill_loss_torch
+from hkd.kernels.registry import KernelBackend, register_backend
+
+OPS = ("distill_loss", "fused_linear_distill_loss")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+REDUCTIONS = ("mean", "sum", "none")
+
+register_backend(KernelBackend("distill_loss", "torch", distill_loss_torch, priority=0))
+register_backend(KernelBackend("fused_linear_distill_loss", "torch", fused_linear_distill_loss_torch, priority=0))
+
+
+def backends(op: str) -> list[dict[str, Any]]:
+    """Backends of ``op``: name, available (and why not), priority, and which one ``auto`` picks here."""
+    return registry.backends(op)
+
+
+def _check_options(divergence: str, beta: float, temperature: float, alpha: float, reduction: str, labels: Tensor | None) -> None:
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; use one of {list(DIVERGENCES)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; use one of {list(REDUCTIONS)}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if alpha > 0 and labels is None:
+        raise ValueError("alpha > 0 mixes in cross-entropy on labels, so labels are required")
+
+
+def _reduce(rows: Tensor, labels: Tensor | None, ignore_index: int, reduction: str, lead_shape: torch.Size) -> Tensor:
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = rows.numel() if labels is None else int((labels != ignore_index).sum())
+    return total / max(count, 1)  # no real token: 0 with zero gradient, never NaN
+
+
+def _flat_labels(labels: Tensor | None, lead_shape: torch.Size) -> Tensor | None:
+    if labels is None:
+        return None
+    if labels.shape != lead_shape:
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits' leading shape is {tuple(lead_shape)}")
+    return labels.reshape(-1)
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tensor | None = None,
+                 ignore_index: int = -100, divergence: str = "forward_kl", beta: float = 0.5,
+                 temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
+                 reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Distillation loss between ``[..., V]`` logits; gradients flow to ``student_logits`` only."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
+            + (f" (vocab sizes {student_logits.shape[-1]} vs {teacher_logits.shape[-1]})"
+               if student_logits.shape[-1] != teacher_logits.shape[-1] else "")
+        )
+    _check_options(divergence, beta, temperature, alpha, reduction, labels)
+    lead = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    flat_labels = _flat_labels(labels, lead)
+    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    chosen = registry.resolve("distill_loss", backend, student, teacher)
+    rows = chosen.fn(student, teacher, flat_labels, ignore_index=ignore_index, divergence=divergence, beta=beta,
+                     temperature=temperature, scale_t2=scale_t2, alpha=alpha)
+    return _reduce(rows, flat_labels, ignore_index, reduction, lead)
+
+
+def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
+                              teacher_lm_head_weight: Tensor, *, student_bias: Tensor | None = None,
+                              teacher_bias: Tensor | None = None, labels: Tensor | None = None,
+                              ignore_index: int = -100, divergence: str = "forward_kl", beta: float = 0.5,
+                              temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
+                              reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Same loss as :func:`distill_loss` on ``hidden @ W.T (+ b)`` without building ``[N, V]`` logits."""
+    if student_lm_head_weight.shape[0] != teacher_lm_head_weight.shape[0]:
+        raise ValueError(
+            f"vocab sizes differ: student LM head has {student_lm_head_weight.shape[0]} rows, "
+            f"teacher {teacher_lm_head_weight.shape[0]}"
+        )
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+                         f"{tuple(teacher_hidden.shape)} have different leading shapes")
+    for name, hidden, weight in (("student", student_hidden, student_lm_head_weight),
+                                 ("teacher", teacher_hidden, teacher_lm_head_weight)):
+        if hidden.shape[-1] != weight.shape[1]:
+            raise ValueError(f"{name} hidden size {hidden.shape[-1]} does not match its LM head {tuple(weight.shape)}")
+    _check_options(divergence, beta, temperature, alpha, reduction, labels)
+    lead = student_hidden.shape[:-1]
+    flat_labels = _flat_labels(labels, lead)
+    s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
+    t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    chosen = registry.resolve("fused_linear_distill_loss", backend, s_hidden, student_lm_head_weight, t_hidden,
+                              teacher_lm_head_weight)
+    rows = chosen.fn(s_hidden, student_lm_head_weight, t_hidden, teacher_lm_head_weight, flat_labels,
+                     student_bias=student_bias, teacher_bias=teacher_bias, ignore_index=ignore_index,
+                     divergence=divergence, beta=beta, temperature=temperature, scale_t2=scale_t2, alpha=alpha)
+    return _reduce(rows, flat_labels, ignore_index, reduction, lead)
+
+
+__all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "register_backend"]
