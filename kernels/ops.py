@@ -17,6 +17,10 @@ every backend shares one definition of ``mean`` (divide by non-ignored rows; 0 r
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,8 +34,39 @@ OPS = ("distill_loss", "fused_linear_distill_loss")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 
-register_backend(KernelBackend("distill_loss", "torch", distill_loss_torch, priority=0))
-register_backend(KernelBackend("fused_linear_distill_loss", "torch", fused_linear_distill_loss_torch, priority=0))
+
+
+def _lazy(module: str, attr: str) -> Callable[..., Tensor]:
+    """Import ``hkd.kernels.<module>`` on first call: keeps ``import hkd.kernels`` light and lets
+    tests set ``TRITON_INTERPRET`` before triton is imported."""
+    def call(*args: Any, **kwargs: Any) -> Tensor:
+        return getattr(importlib.import_module(f"hkd.kernels.{module}"), attr)(*args, **kwargs)
+
+    call.__qualname__ = call.__name__ = f"{module}.{attr}"
+    return call
+
+
+def triton_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "no CUDA device (on CPU set TRITON_INTERPRET=1 before importing triton; slow, for tests)"
+    return True, ""
+
+
+def _all_cuda(*tensors: Tensor) -> bool:
+    return all(t.is_cuda for t in tensors)
+
+
+for _op, _reference, _chunked, _triton in (
+    ("distill_loss", distill_loss_torch, ("chunked", "chunked_row_losses"), ("softmax_kl", "triton_row_losses")),
+    ("fused_linear_distill_loss", fused_linear_distill_loss_torch, ("chunked", "chunked_fused_row_losses"),
+     ("fused_linear_kl", "triton_fused_row_losses")),
+):
+    register_backend(KernelBackend(_op, "torch", _reference, priority=0), replace=True)
+    register_backend(KernelBackend(_op, "chunked", _lazy(*_chunked), priority=10), replace=True)
+    register_backend(KernelBackend(_op, "triton", _lazy(*_triton), priority=20, is_available=triton_available,
+                                   supports=_all_cuda), replace=True)
 
 
 def backends(op: str) -> list[dict[str, Any]]:

@@ -23,9 +23,9 @@ from torch import Tensor
 
 
 def _xlogy_diff(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Σ p (log p - log q) with 0 where p == 0 (also when log q is -inf there)."""
-    terms = p * (log_p - log_q)
-    return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(-1)
+    """Σ p (log p - log q) with 0 where p == 0 (also when log q is -inf there). The mask goes
+    inside the product: masking after it would still send 0 * inf = NaN into the gradient."""
+    return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
 
 
 def soft_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence: str, beta: float, temperature: float) -> Tensor:
@@ -52,6 +52,9 @@ def row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | 
     acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     student = student_logits.to(acc)
     teacher = teacher_logits.detach().to(acc)
+    if labels is not None:  # ignored rows may hold anything (NaN padding): keep it out of loss and grad
+        keep = (labels != ignore_index)[:, None]
+        student, teacher = torch.where(keep, student, 0.0), torch.where(keep, teacher, 0.0)
     loss = soft_divergence(student, teacher, divergence, beta, temperature)
     if scale_t2:
         loss = loss * temperature**2

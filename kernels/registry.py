@@ -1,8 +1,11 @@
 """One registry of loss-kernel backends, keyed by op and backend name.
 
-``auto`` picks the highest-priority backend that is available here and supports the given
-tensors (e.g. Triton only for CUDA tensors) and falls back quietly; a backend requested by
-name that cannot run raises a clear error. Plugins add backends through the
+``auto`` picks the highest-priority backend that is available here and whose ``supports``
+accepts the given tensors (e.g. Triton only for CUDA tensors) and falls back quietly. A backend
+requested by name must be available (else ``RuntimeError`` naming it and why); ``supports`` is
+not consulted then, so the backend itself raises for inputs it cannot run (this lets
+``backend="triton"`` run CPU tensors under ``TRITON_INTERPRET=1`` while ``auto`` never picks
+the slow interpreter). Plugins add backends through the
 ``hkd_add_kernel_backends`` hook; the plugin manager calls :func:`register_backend`.
 """
 
@@ -25,7 +28,7 @@ class KernelBackend:
     fn: Callable[..., torch.Tensor]  # the op's signature without ``backend``
     priority: int = 0  # auto prefers higher
     is_available: Callable[[], tuple[bool, str]] = always  # (ok, reason when not)
-    supports: Callable[..., bool] | None = None  # per-call check on the input tensors
+    supports: Callable[..., bool] | None = None  # auto's per-call check on the input tensors
 
 
 _BACKENDS: dict[str, dict[str, KernelBackend]] = {}
@@ -58,10 +61,7 @@ def resolve(op: str, name: str, *tensors: Any) -> KernelBackend:
         ok, reason = backend.is_available()
         if not ok:
             raise RuntimeError(f"kernel backend {name!r} for {op} cannot run here: {reason}")
-        if backend.supports is not None and not backend.supports(*tensors):
-            devices = sorted({str(t.device) for t in tensors if isinstance(t, torch.Tensor)})
-            raise RuntimeError(f"kernel backend {name!r} for {op} does not support these inputs (devices {devices})")
-        return backend
+        return backend  # ``supports`` is auto's preference; a named backend raises its own clear error
     for backend in sorted(_table(op).values(), key=lambda b: -b.priority):
         if backend.is_available()[0] and (backend.supports is None or backend.supports(*tensors)):
             return backend

@@ -1,0 +1,222 @@
+r"""Chunked torch backend: stream over row blocks, write the gradient during the forward.
+
+Eager ``log_softmax`` + ``kl_div`` keeps several fp32 ``[N, V]`` tensors alive for autograd
+(tempered log-probs of student and teacher, probabilities, the loss terms, the gradient). Here
+one row block of ``R`` rows (``R * V`` about 2M elements) is in flight at a time, its
+closed-form gradient is written into one ``[N, V]`` buffer (student dtype), and ``backward``
+only scales that buffer by ``grad_output``: extra memory is that buffer plus ``O(R * V)``.
+
+Closed-form gradients w.r.t. the tempered student logits :math:`s = z_s / T` (rows of the
+block; :math:`p = P_s`, :math:`q = P_t`):
+
+* forward KL, :math:`\sum q (\log q - \log p)`: :math:`p - q`
+* reverse KL, :math:`D = \sum p (\log p - \log q)`: :math:`p\,(\log p - \log q - D)`
+* JSD, :math:`\beta\,\mathrm{KL}(q\|m) + (1-\beta)\,\mathrm{KL}(p\|m)` with
+  :math:`m = \beta q + (1-\beta) p`: :math:`(1-\beta)\,p\,(\log p - \log m - \mathrm{KL}(p\|m))`
+  (the terms through :math:`m` cancel)
+
+and the chain rule adds :math:`(1-\alpha)\,c / T` (:math:`c = T^2` or 1); the cross-entropy
+term adds :math:`\alpha(\mathrm{softmax}(z_s) - \mathrm{onehot}(y))`.
+
+The fused-linear variant does the same per row block of hidden states: it builds that
+block's logits ``h @ W.T + b`` only, and accumulates ``grad_h = G @ W_s`` and
+``grad_W = G.T @ h_s`` (fp32) from the block's logit gradient ``G``.
+
+``backward`` consumes the stored gradient (scaled in place, no second ``[N, V]`` copy), so it
+can run once per forward; a second backward (``retain_graph=True``) raises.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BLOCK_ELEMENTS = 1 << 21  # elements of one row block's [R, V] fp32 temporaries
+
+
+class Options(NamedTuple):
+    ignore_index: int
+    divergence: str
+    beta: float
+    temperature: float
+    scale_t2: bool
+    alpha: float
+
+    @property
+    def kind(self) -> str:
+        """jsd at beta 0 / 1 is forward / reverse KL (TRL's convention; see reference)."""
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
+            return "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        return self.divergence
+
+    @property
+    def soft_weight(self) -> float:
+        return (1.0 - self.alpha) * (self.temperature**2 if self.scale_t2 else 1.0)
+
+
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (tests compare against fp64)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _plogq(p: Tensor, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """(log p - log q with 0 where p == 0, and sum p * that): 0 log 0 = 0."""
+    diff = torch.where(p > 0, log_p - log_q, 0.0)
+    return diff, (p * diff).sum(-1)
+
+
+def block_loss_and_grad(student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options,
+                        need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Row losses ``[R]`` and their gradient w.r.t. the student logits ``[R, V]`` (fp32)."""
+    acc = accumulation_dtype(student)
+    s, t = student.to(acc), teacher.to(acc)
+    keep = None if labels is None else labels != o.ignore_index
+    if keep is not None:  # ignored rows may hold NaN padding: compute on zeros, then zero them
+        s = torch.where(keep[:, None], s, 0.0)
+        t = torch.where(keep[:, None], t, 0.0)
+    log_p = F.log_softmax(s / o.temperature, dim=-1)
+    log_q = F.log_softmax(t / o.temperature, dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    kind, grad = o.kind, None
+    if kind == "forward_kl":
+        loss = _plogq(q, log_q, log_p)[1]
+        if need_grad:
+            grad = p.sub_(q)
+    elif kind == "reverse_kl":
+        diff, loss = _plogq(p, log_p, log_q)
+        if need_grad:
+            grad = p.mul_(diff.sub_(loss[:, None]))
+    else:
+        b = o.beta
+        log_m = torch.logaddexp(log_q + math.log(b), log_p + math.log(1.0 - b))
+        kl_t = _plogq(q, log_q, log_m)[1]
+        diff, kl_s = _plogq(p, log_p, log_m)
+        loss = b * kl_t + (1.0 - b) * kl_s
+        if need_grad:
+            grad = p.mul_(diff.sub_(kl_s[:, None])).mul_(1.0 - b)
+    loss = loss * o.soft_weight
+    if grad is not None:
+        grad.mul_(o.soft_weight / o.temperature)
+    if o.alpha > 0:
+        assert labels is not None and keep is not None
+        target = torch.where(keep, labels, 0)[:, None]
+        log_p1 = F.log_softmax(s, dim=-1)
+        loss = loss - o.alpha * log_p1.gather(-1, target).squeeze(-1)
+        if grad is not None:
+            grad.add_(log_p1.exp_().scatter_add_(-1, target, torch.full_like(log_p1[:, :1], -1.0)), alpha=o.alpha)
+    if keep is not None:
+        loss = torch.where(keep, loss, 0.0)
+        if grad is not None:
+            grad.masked_fill_(~keep[:, None], 0.0)
+    return loss, grad
+
+
+def _rows_per_block(vocab: int, minimum: int = 1) -> int:
+    return max(minimum, BLOCK_ELEMENTS // max(vocab, 1))
+
+
+def _take(ctx: Any) -> tuple[Tensor | None, ...]:
+    if ctx.grads is None:
+        raise RuntimeError("chunked distill loss: backward ran twice; the stored gradient is consumed by the "
+                           "first backward (use backend='torch' with retain_graph=True)")
+    grads, ctx.grads = ctx.grads, None
+    return grads
+
+
+class ChunkedDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options) -> Tensor:
+        n, vocab = student.shape
+        need_grad = ctx.needs_input_grad[0]
+        rows = torch.empty(n, dtype=accumulation_dtype(student), device=student.device)
+        grad = torch.empty_like(student) if need_grad else None
+        step = _rows_per_block(vocab)
+        for i in range(0, n, step):
+            j = min(i + step, n)
+            loss, g = block_loss_and_grad(student[i:j], teacher[i:j], None if labels is None else labels[i:j],
+                                          o, need_grad)
+            rows[i:j] = loss
+            if grad is not None and g is not None:
+                grad[i:j] = g
+        ctx.grads = (grad,)
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (grad,) = _take(ctx)
+        assert grad is not None
+        return grad.mul_(grad_rows[:, None].to(grad.dtype)), None, None, None
+
+
+def chunked_row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, **options: Any) -> Tensor:
+    """``distill_loss`` backend: per-row losses ``[N]`` (fp32)."""
+    return ChunkedDistill.apply(student_logits, teacher_logits.detach(), labels, Options(**options))
+
+
+def fused_pass(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
+               labels: Tensor | None, o: Options, row_weight: Tensor | None,
+               need_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Row losses and (optionally ``row_weight``-weighted) grads w.r.t. ``hs``, ``ws``, ``bs``."""
+    n, vocab = hs.shape[0], ws.shape[0]
+    rows = torch.empty(n, dtype=accumulation_dtype(hs), device=hs.device)
+    grad_h = torch.empty_like(hs) if need_grad else None
+    grad_w = torch.zeros(ws.shape, dtype=accumulation_dtype(ws), device=ws.device) if need_grad else None
+    grad_b = torch.zeros(vocab, dtype=accumulation_dtype(ws), device=ws.device) if need_grad and bs is not None else None
+    step = _rows_per_block(vocab, minimum=16)  # matmuls want a few rows at least
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        h = hs[i:j]
+        logits_s = F.linear(h, ws, bs)
+        with torch.no_grad():
+            logits_t = F.linear(ht[i:j], wt, bt)
+        loss, g = block_loss_and_grad(logits_s, logits_t, None if labels is None else labels[i:j], o, need_grad)
+        rows[i:j] = loss
+        if g is None:
+            continue
+        assert grad_h is not None and grad_w is not None
+        if row_weight is not None:
+            g.mul_(row_weight[i:j, None])
+        grad_h[i:j] = g.to(ws.dtype) @ ws
+        grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
+        if grad_b is not None:
+            grad_b.add_(g.sum(0))
+    return rows, grad_h, grad_w, grad_b
+
+
+class ChunkedFusedDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
+                labels: Tensor | None, o: Options) -> Tensor:
+        need_grad = any(ctx.needs_input_grad[:3])
+        rows, *grads = fused_pass(hs, ws, bs, ht, wt, bt, labels, o, None, need_grad)
+        ctx.grads = tuple(grads)
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
+        ctx.o = o
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w, grad_b = _take(ctx)
+        if bool((grad_rows == grad_rows[0]).all()):  # mean / sum: one scale for every row
+            scale = grad_rows[0]
+        else:  # "none" with per-row weights: grad_W mixes rows, so recompute with the weights
+            hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
+            _, grad_h, grad_w, grad_b = fused_pass(hs, ws, bs, ht, wt, bt, labels, ctx.o, grad_rows.float(), True)
+            scale = torch.ones((), device=grad_rows.device)
+        assert grad_h is not None and grad_w is not None
+        hs_dtype, ws_dtype = ctx.saved_tensors[0].dtype, ctx.saved_tensors[1].dtype
+        return (grad_h.mul_(scale.to(hs_dtype)), grad_w.mul_(scale).to(ws_dtype),
+                None if grad_b is None else grad_b.mul_(scale).to(ws_dtype), None, None, None, None, None)
+
+
+def chunked_fused_row_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                             teacher_weight: Tensor, labels: Tensor | None, *, student_bias: Tensor | None,
+                             teacher_bias: Tensor | None, **options: Any) -> Tensor:
+    """``fused_linear_distill_loss`` backend: per-row losses ``[N]`` (fp32), logits one row block at a time."""
+    tb = None if teacher_bias is None else teacher_bias.detach()
+    return ChunkedFusedDistill.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                                     teacher_weight.detach(), tb, labels, Options(**options))
