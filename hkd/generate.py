@@ -241,7 +241,9 @@ def generate(config: GenerateConfig) -> GenerateSummary:
                "name": str(getattr(model.config, "name_or_path", "")), "model_type": model.config.model_type}
 
     batches = [prompts[i: i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
-    todo = [(i, b) for i, b in enumerate(batches) if not all(pid in done for pid, _ in b)]
+    # a batch is finished or not (one ledger line each); prompts added to the file since are new work
+    todo = [(i, [(pid, r) for pid, r in b if pid not in done]) for i, b in enumerate(batches)]
+    todo = [(i, b) for i, b in todo if b]
     bar = tqdm(total=len(batches), initial=len(batches) - len(todo), disable=not config.progress, unit="batch")
     for index, batch in todo:
         ids = [pid for pid, _ in batch]

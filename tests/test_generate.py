@@ -146,6 +146,12 @@ def test_resume_after_crashes_gives_the_uninterrupted_file(tmp_path, model_dirs,
     monkeypatch.setattr(gen, "sample", scripted(random_texts))
     assert generate(cfg).kept == summary.kept and out.read_text() == reference  # a finished run is a no-op
 
+    with open(cfg.prompts, "a") as handle:  # prompts added later are new work; old lines stay unique
+        handle.write(json.dumps({"id": "q10", "prompt": "10+10=", "answer": "20"}) + "\n")
+    assert generate(cfg).prompts == 11
+    ids = [(line["id"], line["sample"]) for line in map(json.loads, out.read_text().splitlines())]
+    assert len(ids) == len(set(ids)) and out.read_text().startswith(reference) and ids[-1][0] == "q10"
+
 
 def test_resume_refuses_changed_settings_and_foreign_files(tmp_path, model_dirs, monkeypatch):
     monkeypatch.setattr(gen, "sample", scripted(five_kinds))
