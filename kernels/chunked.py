@@ -119,7 +119,7 @@ def _rows_per_block(vocab: int, minimum: int = 1) -> int:
     return max(minimum, BLOCK_ELEMENTS // max(vocab, 1))
 
 
-def _take(ctx: Any) -> tuple[Tensor | None, ...]:
+def take_stored_grads(ctx: Any) -> tuple[Tensor | None, ...]:
     if ctx.grads is None:
         raise RuntimeError("chunked distill loss: backward ran twice; the stored gradient is consumed by the "
                            "first backward (use backend='torch' with retain_graph=True)")
@@ -147,7 +147,7 @@ class ChunkedDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, None, None, None]:
-        (grad,) = _take(ctx)
+        (grad,) = take_stored_grads(ctx)
         assert grad is not None
         return grad.mul_(grad_rows[:, None].to(grad.dtype)), None, None, None
 
@@ -200,7 +200,7 @@ class ChunkedFusedDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
-        grad_h, grad_w, grad_b = _take(ctx)
+        grad_h, grad_w, grad_b = take_stored_grads(ctx)
         if bool((grad_rows == grad_rows[0]).all()):  # mean / sum: one scale for every row
             scale = grad_rows[0]
         else:  # "none" with per-row weights: grad_W mixes rows, so recompute with the weights
