@@ -29,6 +29,7 @@ can run once per forward; a second backward (``retain_graph=True``) raises.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -127,34 +128,44 @@ def take_stored_grads(ctx: Any) -> tuple[Tensor | None, ...]:
     return grads
 
 
-class ChunkedDistill(torch.autograd.Function):
+def row_block_pass(student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options,
+                   need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Row losses ``[N]`` and the ``[N, V]`` gradient (student dtype), one row block at a time."""
+    n, vocab = student.shape
+    rows = torch.empty(n, dtype=accumulation_dtype(student), device=student.device)
+    grad = torch.empty_like(student) if need_grad else None
+    step = _rows_per_block(vocab)
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        loss, g = block_loss_and_grad(student[i:j], teacher[i:j], None if labels is None else labels[i:j],
+                                      o, need_grad)
+        rows[i:j] = loss
+        if grad is not None and g is not None:
+            grad[i:j] = g
+    return rows, grad
+
+
+class StoredGradLoss(torch.autograd.Function):
+    """Autograd for a ``compute(student, teacher, labels, opts, need_grad) -> (rows, grad)`` that
+    writes the gradient during the forward (shared by the chunked and Triton backends)."""
+
     @staticmethod
-    def forward(ctx: Any, student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options) -> Tensor:
-        n, vocab = student.shape
-        need_grad = ctx.needs_input_grad[0]
-        rows = torch.empty(n, dtype=accumulation_dtype(student), device=student.device)
-        grad = torch.empty_like(student) if need_grad else None
-        step = _rows_per_block(vocab)
-        for i in range(0, n, step):
-            j = min(i + step, n)
-            loss, g = block_loss_and_grad(student[i:j], teacher[i:j], None if labels is None else labels[i:j],
-                                          o, need_grad)
-            rows[i:j] = loss
-            if grad is not None and g is not None:
-                grad[i:j] = g
+    def forward(ctx: Any, compute: Callable[..., tuple[Tensor, Tensor | None]], student: Tensor, teacher: Tensor,
+                labels: Tensor | None, o: Options) -> Tensor:
+        rows, grad = compute(student, teacher, labels, o, ctx.needs_input_grad[1])
         ctx.grads = (grad,)
         return rows
 
     @staticmethod
-    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = take_stored_grads(ctx)
         assert grad is not None
-        return grad.mul_(grad_rows[:, None].to(grad.dtype)), None, None, None
+        return None, grad.mul_(grad_rows[:, None].to(grad.dtype)), None, None, None
 
 
 def chunked_row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, **options: Any) -> Tensor:
     """``distill_loss`` backend: per-row losses ``[N]`` (fp32)."""
-    return ChunkedDistill.apply(student_logits, teacher_logits.detach(), labels, Options(**options))
+    return StoredGradLoss.apply(row_block_pass, student_logits, teacher_logits.detach(), labels, Options(**options))
 
 
 def fused_pass(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
@@ -187,13 +198,17 @@ def fused_pass(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor
     return rows, grad_h, grad_w, grad_b
 
 
-class ChunkedFusedDistill(torch.autograd.Function):
+class StoredGradFusedLoss(torch.autograd.Function):
+    """Autograd for a fused-linear ``compute(hs, ws, bs, ht, wt, bt, labels, opts, row_weight,
+    need_grad) -> (rows, grad_h, grad_w, grad_b)`` that accumulates the gradients in the forward."""
+
     @staticmethod
-    def forward(ctx: Any, hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
-                labels: Tensor | None, o: Options) -> Tensor:
-        need_grad = any(ctx.needs_input_grad[:3])
-        rows, *grads = fused_pass(hs, ws, bs, ht, wt, bt, labels, o, None, need_grad)
+    def forward(ctx: Any, compute: Callable[..., tuple[Tensor, ...]], hs: Tensor, ws: Tensor, bs: Tensor | None,
+                ht: Tensor, wt: Tensor, bt: Tensor | None, labels: Tensor | None, o: Options) -> Tensor:
+        need_grad = any(ctx.needs_input_grad[1:4])
+        rows, *grads = compute(hs, ws, bs, ht, wt, bt, labels, o, None, need_grad)
         ctx.grads = tuple(grads)
+        ctx.compute = compute
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
         ctx.o = o
         return rows
@@ -201,15 +216,16 @@ class ChunkedFusedDistill(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w, grad_b = take_stored_grads(ctx)
-        if bool((grad_rows == grad_rows[0]).all()):  # mean / sum: one scale for every row
-            scale = grad_rows[0]
+        if grad_rows.numel() == 0 or bool((grad_rows == grad_rows[0]).all()):  # mean / sum: one scale for every row
+            scale = grad_rows[0] if grad_rows.numel() else grad_rows.new_ones(())
         else:  # "none" with per-row weights: grad_W mixes rows, so recompute with the weights
             hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
-            _, grad_h, grad_w, grad_b = fused_pass(hs, ws, bs, ht, wt, bt, labels, ctx.o, grad_rows.float(), True)
+            _, grad_h, grad_w, grad_b = ctx.compute(hs, ws, bs, ht, wt, bt, labels, ctx.o,
+                                                    grad_rows.to(accumulation_dtype(hs)), True)
             scale = torch.ones((), device=grad_rows.device)
         assert grad_h is not None and grad_w is not None
         hs_dtype, ws_dtype = ctx.saved_tensors[0].dtype, ctx.saved_tensors[1].dtype
-        return (grad_h.mul_(scale.to(hs_dtype)), grad_w.mul_(scale).to(ws_dtype),
+        return (None, grad_h.mul_(scale.to(grad_h.dtype)).to(hs_dtype), grad_w.mul_(scale).to(ws_dtype),
                 None if grad_b is None else grad_b.mul_(scale).to(ws_dtype), None, None, None, None, None)
 
 
@@ -218,5 +234,5 @@ def chunked_fused_row_losses(student_hidden: Tensor, student_weight: Tensor, tea
                              teacher_bias: Tensor | None, **options: Any) -> Tensor:
     """``fused_linear_distill_loss`` backend: per-row losses ``[N]`` (fp32), logits one row block at a time."""
     tb = None if teacher_bias is None else teacher_bias.detach()
-    return ChunkedFusedDistill.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+    return StoredGradFusedLoss.apply(fused_pass, student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                                      teacher_weight.detach(), tb, labels, Options(**options))

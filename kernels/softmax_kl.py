@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunked import Options, take_stored_grads
+from .chunked import Options, StoredGradLoss
 
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 NEG_BIG = -3.0e38  # running-max start: finite, so exp(-inf - NEG_BIG) = 0 instead of NaN
@@ -168,21 +168,7 @@ def launch(student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options,
     return rows, grad if need_grad else None
 
 
-class TritonDistill(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options) -> Tensor:
-        rows, grad = launch(student, teacher, labels, o, ctx.needs_input_grad[0])
-        ctx.grads = (grad,)
-        return rows
-
-    @staticmethod
-    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, None, None, None]:
-        (grad,) = take_stored_grads(ctx)
-        assert grad is not None
-        return grad.mul_(grad_rows[:, None].to(grad.dtype)), None, None, None
-
-
 def triton_row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, **options: Any) -> Tensor:
     """``distill_loss`` backend: per-row losses ``[N]`` (fp32)."""
     check_device("triton", student_logits, teacher_logits)
-    return TritonDistill.apply(student_logits, teacher_logits.detach(), labels, Options(**options))
+    return StoredGradLoss.apply(launch, student_logits, teacher_logits.detach(), labels, Options(**options))

@@ -1,0 +1,231 @@
+r"""Triton fused LM-head + distillation loss: logits are tiles in registers, never ``[N, V]`` in memory.
+
+Each program owns ``BLOCK_M`` rows of hidden states and walks the vocabulary in ``BLOCK_V``
+tiles. A logits tile is ``h[BLOCK_M, H] @ W[BLOCK_V, H].T (+ b)``, accumulated over ``H`` in
+``BLOCK_K`` steps with ``tl.dot`` (fp32 accumulator), for the student and the teacher (their
+hidden sizes may differ). The tile is recomputed in each pass instead of being stored:
+
+1. **LSE pass**: running max / rescaled sum per row for :math:`z_s/T`, :math:`z_t/T` and, for the
+   cross-entropy term, :math:`z_s` (the online softmax of :mod:`hkd.kernels.softmax_kl`, with a
+   vector of rows instead of a scalar).
+2. **Loss pass**: the divergence per row and the row total the reverse-KL / JSD gradients need,
+   plus the label's logit for the CE term.
+3. **Gradient pass** (only when a gradient is needed): the logits-gradient tile ``G[BLOCK_M,
+   BLOCK_V]`` (closed forms in :mod:`hkd.kernels.chunked`, optionally scaled by per-row weights),
+   then
+
+   * ``grad_h[rows] += G @ W_s[tile]`` -- these rows belong to this program alone, so a plain
+     read-add-write into an fp32 buffer is race-free;
+   * ``grad_W[tile] += G.T @ h[rows]`` and ``grad_b[tile] += G.sum(0)`` -- every row block
+     touches every vocab tile, so these use fp32 ``tl.atomic_add``. We chose atomics over
+     writing ``G`` out for a separate matmul because writing ``G`` would be the ``[N, V]``
+     tensor this kernel exists to avoid; the price is a non-deterministic summation order
+     on GPU (fp32, so the run-to-run differences are ~1e-7 relative).
+
+Interpreter notes: under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` is wrong, so tiles are upcast to
+fp32 after loading (``UPCAST``); on GPU bf16/fp16 tiles go to the tensor cores as they are and
+fp32 tiles use full-precision ``ieee`` dots (no TF32) to match the reference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .chunked import Options, StoredGradFusedLoss
+from .softmax_kl import KINDS, NEG_BIG, _log_m, check_device
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, H, h_stride, w_stride,
+                 HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``h[rows] @ W[cols].T (+ b[cols])`` as fp32 ``[BLOCK_M, BLOCK_V]``; -inf past the vocab."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_K)
+    for k in range(0, H, BLOCK_K):
+        kmask = k + ks < H
+        h = tl.load(h_ptr + rows[:, None] * h_stride + (k + ks)[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[:, None] * w_stride + (k + ks)[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return tl.where(cmask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def _lse_rows(x, m, d):
+    """Online log-sum-exp step for each row of a tile."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    return m_new, d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+
+
+@triton.jit
+def fused_linear_kl_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, labels_ptr, weight_ptr, loss_ptr, gh_ptr, gw_ptr, gb_ptr,
+    N, V, HS, HT, hs_stride, ws_stride, ht_stride, wt_stride,
+    inv_t, beta, log_beta, log_1mbeta, soft_w, grad_w, alpha, ignore_index,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, NEED_GRAD: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < N
+    vs = tl.arange(0, BLOCK_V)
+    keep = rmask
+    label = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=rmask, other=ignore_index)
+        keep = rmask & (label != ignore_index)
+
+    # pass 1: per-row log-sum-exp of z_s/T, z_t/T and z_s
+    m_s = tl.full((BLOCK_M,), NEG_BIG, tl.float32); d_s = tl.zeros((BLOCK_M,), tl.float32)  # noqa: E702
+    m_t = tl.full((BLOCK_M,), NEG_BIG, tl.float32); d_t = tl.zeros((BLOCK_M,), tl.float32)  # noqa: E702
+    m_1 = tl.full((BLOCK_M,), NEG_BIG, tl.float32); d_1 = tl.zeros((BLOCK_M,), tl.float32)  # noqa: E702
+    for v in range(0, V, BLOCK_V):
+        cols = v + vs
+        cmask = cols < V
+        zs = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows, rmask, cols, cmask, HS, hs_stride, ws_stride,
+                          HAS_BS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, rmask, cols, cmask, HT, ht_stride, wt_stride,
+                          HAS_BT, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        m_s, d_s = _lse_rows(zs * inv_t, m_s, d_s)
+        m_t, d_t = _lse_rows(zt * inv_t, m_t, d_t)
+        if HAS_CE:
+            m_1, d_1 = _lse_rows(zs, m_1, d_1)
+    lse_s = m_s + tl.log(d_s)
+    lse_t = m_t + tl.log(d_t)
+    lse_1 = tl.zeros((BLOCK_M,), tl.float32)
+    if HAS_CE:
+        lse_1 = m_1 + tl.log(d_1)
+
+    # pass 2: divergence, the row total for the gradient, the label's logit
+    soft = tl.zeros((BLOCK_M,), tl.float32)
+    inner = tl.zeros((BLOCK_M,), tl.float32)
+    z_label = tl.zeros((BLOCK_M,), tl.float32)
+    for v in range(0, V, BLOCK_V):
+        cols = v + vs
+        cmask = cols < V
+        zs = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows, rmask, cols, cmask, HS, hs_stride, ws_stride,
+                          HAS_BS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, rmask, cols, cmask, HT, ht_stride, wt_stride,
+                          HAS_BT, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+        log_p = zs * inv_t - lse_s[:, None]
+        log_q = zt * inv_t - lse_t[:, None]
+        p = tl.exp(log_p)
+        q = tl.exp(log_q)
+        if KIND == 0:
+            soft += tl.sum(tl.where(q > 0, q * (log_q - log_p), 0.0), axis=1)
+        elif KIND == 1:
+            inner += tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), axis=1)
+        else:
+            log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+            soft += beta * tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=1)
+            inner += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=1)
+        if HAS_CE:
+            z_label += tl.sum(tl.where(cols[None, :] == label[:, None], zs, 0.0), axis=1)
+    if KIND == 1:
+        soft = inner
+    elif KIND == 2:
+        soft += (1.0 - beta) * inner
+    loss = soft_w * soft
+    if HAS_CE:
+        loss += alpha * (lse_1 - z_label)
+    tl.store(loss_ptr + rows, tl.where(keep, loss, 0.0), mask=rmask)
+
+    # pass 3: logits-gradient tile G, then grad_h (owned rows) and grad_W / grad_b (atomics)
+    if NEED_GRAD:
+        row_w = tl.where(keep, 1.0, 0.0)
+        if HAS_WEIGHT:
+            row_w = tl.where(keep, tl.load(weight_ptr + rows, mask=rmask, other=0.0), 0.0)
+        ks = tl.arange(0, BLOCK_K)
+        for v in range(0, V, BLOCK_V):
+            cols = v + vs
+            cmask = cols < V
+            zs = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows, rmask, cols, cmask, HS, hs_stride, ws_stride,
+                              HAS_BS, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+            zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, rmask, cols, cmask, HT, ht_stride, wt_stride,
+                              HAS_BT, UPCAST, PRECISION, BLOCK_M, BLOCK_V, BLOCK_K)
+            log_p = zs * inv_t - lse_s[:, None]
+            log_q = zt * inv_t - lse_t[:, None]
+            p = tl.exp(log_p)
+            if KIND == 0:
+                g = p - tl.exp(log_q)
+            elif KIND == 1:
+                g = p * (tl.where(p > 0, log_p - log_q, 0.0) - inner[:, None])
+            else:
+                log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+                g = (1.0 - beta) * p * (tl.where(p > 0, log_p - log_m, 0.0) - inner[:, None])
+            g = g * grad_w
+            if HAS_CE:
+                g += alpha * (tl.exp(zs - lse_1[:, None]) - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
+            # rows that are ignored or past N, and columns past V, contribute nothing (and no NaN)
+            g = tl.where(keep[:, None] & cmask[None, :], g * row_w[:, None], 0.0)
+            if HAS_BS:
+                tl.atomic_add(gb_ptr + cols, tl.sum(g, axis=0), mask=cmask)
+            for k in range(0, HS, BLOCK_K):
+                kk = k + ks
+                kmask = kk < HS
+                w = tl.load(ws_ptr + cols[:, None] * ws_stride + kk[None, :], mask=cmask[:, None] & kmask[None, :],
+                            other=0.0).to(tl.float32)
+                h = tl.load(hs_ptr + rows[:, None] * hs_stride + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0.0).to(tl.float32)
+                gh_tile = gh_ptr + rows[:, None] * HS + kk[None, :]
+                hmask = rmask[:, None] & kmask[None, :]
+                tl.store(gh_tile, tl.load(gh_tile, mask=hmask, other=0.0) + tl.dot(g, w, input_precision="ieee"),
+                         mask=hmask)
+                tl.atomic_add(gw_ptr + cols[:, None] * HS + kk[None, :], tl.dot(tl.trans(g), h, input_precision="ieee"),
+                              mask=cmask[:, None] & kmask[None, :])
+
+
+def launch(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
+           labels: Tensor | None, o: Options, row_weight: Tensor | None,
+           need_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Row losses ``[N]`` and (if ``need_grad``) fp32 grads w.r.t. ``hs``, ``ws`` and ``bs``."""
+    hs, ws, ht, wt = (x.contiguous() for x in (hs, ws, ht, wt))
+    n, vocab = hs.shape[0], ws.shape[0]
+    dev = hs.device
+    rows = torch.empty(n, dtype=torch.float32, device=dev)
+    grad_h = torch.zeros(hs.shape, dtype=torch.float32, device=dev) if need_grad else None
+    grad_w = torch.zeros(ws.shape, dtype=torch.float32, device=dev) if need_grad else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_grad and bs is not None else None
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    low_precision = hs.dtype in (torch.bfloat16, torch.float16) and ws.dtype == hs.dtype and ht.dtype == wt.dtype
+    upcast = interpreting or not low_precision
+    block_m, block_v, block_k = (16, 64, 32) if interpreting else (32, 128, 64)
+    beta = o.beta if o.kind == "jsd" else 0.5
+    dummy = rows  # stands in for absent optional pointers; never read
+    if n:
+        fused_linear_kl_kernel[(triton.cdiv(n, block_m),)](
+            hs, ws, dummy if bs is None else bs.contiguous(), ht, wt, dummy if bt is None else bt.contiguous(),
+            dummy if labels is None else labels.contiguous(), dummy if row_weight is None else row_weight.float().contiguous(),
+            rows, dummy if grad_h is None else grad_h, dummy if grad_w is None else grad_w,
+            dummy if grad_b is None else grad_b,
+            n, vocab, hs.shape[1], ht.shape[1], hs.stride(0), ws.stride(0), ht.stride(0), wt.stride(0),
+            1.0 / o.temperature, beta, math.log(beta), math.log(1.0 - beta), o.soft_weight,
+            o.soft_weight / o.temperature, o.alpha, o.ignore_index,
+            KIND=KINDS[o.kind], HAS_LABELS=labels is not None, HAS_CE=o.alpha > 0, HAS_WEIGHT=row_weight is not None,
+            HAS_BS=bs is not None, HAS_BT=bt is not None, NEED_GRAD=need_grad, UPCAST=upcast,
+            PRECISION="ieee" if upcast else "tf32", BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
+            num_warps=1 if interpreting else 8,
+        )
+    return rows, grad_h, grad_w, grad_b
+
+
+def triton_fused_row_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
+                            teacher_weight: Tensor, labels: Tensor | None, *, student_bias: Tensor | None,
+                            teacher_bias: Tensor | None, **options: Any) -> Tensor:
+    """``fused_linear_distill_loss`` backend: per-row losses ``[N]`` (fp32)."""
+    check_device("triton", student_hidden, student_weight, teacher_hidden, teacher_weight)
+    tb = None if teacher_bias is None else teacher_bias.detach()
+    return StoredGradFusedLoss.apply(launch, student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                                     teacher_weight.detach(), tb, labels, Options(**options))
