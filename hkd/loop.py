@@ -139,7 +139,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
     schedule = Schedule(config.schedule, config.optim)
 
     def context(name: str) -> StageContext:
-        return StageContext(name, teacher, student, config.kernels, f"stages.{name}")
+        return StageContext(name, teacher, student, config.kernels, f"stages.{name}", pm, tokenizer)
 
     stages: Any = build_stages(pm, schedule.stage_names, config.stages, context).to(device)
     if any(stage.teacher_request().attention or stage.student_request().attention for stage in stages.values()):
@@ -217,6 +217,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
             tokens, seen = (int(x) for x in all_reduce_sum([local_tokens, local_seen], info, device))
             state = StepState(step=step, temperature=temperature, tokens=tokens)
             stage_losses = {name: 0.0 for name in active}
+            stage_metrics: dict[str, float] = {}  # a stage's "metric/..." terms, logged as given
             for micro in micro_batches if active else []:  # a phase may pause every stage
                 micro = {k: v.to(device) for k, v in micro.items()}
                 with out_of_memory_hint(config):
@@ -228,6 +229,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                         terms = stage_loss_terms(stages, name, micro, teacher_view, student_view, state)
                         stage_loss: Any = sum(v for k, v in terms.items() if not k.startswith("metric/"))
                         stage_losses[name] += float(stage_loss.detach())
+                        stage_metrics.update({k: float(v) for k, v in terms.items() if k.startswith("metric/")})
                         total = total + weight * stage_loss
                     del teacher_view, student_view  # free activations before backward
                     (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
@@ -264,6 +266,7 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                 "grad_norm": float(grad_norm),
                 "tokens": tokens,
                 "tokens_per_s": seen / max(elapsed, 1e-9),
+                **stage_metrics,
             }
             if info.is_main:
                 pm.call("hkd_after_step", step=step, metrics=metrics, run_dir=run_dir)

@@ -21,6 +21,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "logits": "hkd.plugins.logits",
     "jsonl": "hkd.plugins.loggers",
     "verifiers": "hkd.plugins.verifiers",
+    "sft": "hkd.plugins.sft",
+    "rl": "hkd.plugins.rl",
 }
 
 

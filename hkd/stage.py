@@ -31,6 +31,8 @@ class StageContext:
     student: PreTrainedModel
     kernels: dict[str, str]  # op -> backend, from the run config
     config_path: str  # dotted path of the stage's config, for error messages
+    plugins: Any = None  # the run's plugin manager (to build verifiers); None outside the loop
+    tokenizer: Any = None  # the student's tokenizer, for stages that sample text (RL)
 
 
 @dataclass

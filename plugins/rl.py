@@ -1,0 +1,200 @@
+"""RL correction stage: the student samples, verifiers reward, a policy gradient corrects it.
+
+Once per optimizer step the stage picks ``prompts_per_step`` prompts (with reference answers),
+lets the student sample ``samples_per_prompt`` completions for each (on-policy, batched, KV
+cache: :func:`hkd.sampling.sample`), scores every completion with a verifier (the reward is
+the verdict's ``score``) and returns
+
+    rl    = - sum_{i,t} A_i * log pi(y_{i,t} | x_i, y_{i,<t})  /  N
+    rl_kl = kl_weight * sum_{i,t} KL(pi(. | ...) || teacher(. | ...))  /  N
+
+where ``A_i = r_i - mean(r_group)`` (divided by the group's std with ``normalize_std``) is
+the group-relative advantage of sample ``i`` among the samples of its prompt (GRPO), ``pi``
+is the student's distribution at the sampling temperature, and ``N`` is the number of
+completion tokens sampled in the step (token-level normalisation, so long and short
+completions weigh per token). The KL term is the per-token reverse KL from the student to
+the teacher over the full vocabulary, on the student's own samples: on-policy distillation
+that keeps RL from drifting away from what the teacher would say.
+
+Normalisation: the RL loss ignores the loop's batch (and ``state.tokens``); it is a mean over
+its own sampled tokens, computed on the first micro-batch of each step. Later micro-batches
+of the same step (``optim.grad_accum > 1``) contribute zero, so the number of samples per
+step does not depend on gradient accumulation. Under data parallelism each rank samples its
+own prompts and the loss is divided by the world size, so the averaged gradient is the mean
+over ranks.
+
+No PPO ratio clipping: every batch of samples is used for exactly one gradient step, so the
+ratio ``pi / pi_old`` is 1 at that step and a clip would never bind. Prompts for a step are a
+pure function of (seed, step), like the loop's batches, so a resumed run samples the same
+prompts; the stage holds no state to checkpoint.
+
+Prompts come from ``prompts`` (a JSONL file with ``prompt_field``/``answer_field``; a relative
+path is taken from the current directory) or, without one, from ``num_prompts`` synthetic
+addition problems (:mod:`hkd.arith`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hkd.arith import make_problems
+from hkd.config import ConfigError
+from hkd.data import read_jsonl
+from hkd.errors import HkdError
+from hkd.generate import VerifierConfig, derive_seed
+from hkd.hookspecs import hookimpl
+from hkd.models import load_tokenizer
+from hkd.sampling import sample
+from hkd.stage import Stage, StageContext, StageSpec, StepState
+from hkd.taps import ModelView, TapRequest
+from hkd.verify import build_verifier
+
+
+@dataclass
+class RlStageConfig:
+    prompts: str | None = None  # JSONL of prompt records; None: synthetic addition problems
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    num_prompts: int = 256  # synthetic only
+    digits: int = 2  # synthetic only
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4  # the group size of the group-relative advantage
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    normalize_std: bool = True  # divide advantages by the group's reward std
+    kl_weight: float = 0.0  # per-token reverse KL toward the teacher on the student's samples
+    verifier: VerifierConfig = field(default_factory=lambda: VerifierConfig("exact_answer"))
+    seed: int = 0
+
+
+def group_advantages(rewards: Tensor, group_size: int, normalize_std: bool, eps: float = 1e-6) -> Tensor:
+    """``[P*G]`` rewards (prompt-major) -> advantages relative to each prompt's group of ``G``."""
+    groups = rewards.view(-1, group_size)
+    centred = groups - groups.mean(1, keepdim=True)
+    if normalize_std:
+        centred = centred / (groups.std(1, unbiased=False, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def policy_gradient_loss(token_logp: Tensor, mask: Tensor, advantages: Tensor) -> Tensor:
+    """``-sum(A_i * log pi(y_it)) / N`` over real completion tokens; ``token_logp``/``mask`` ``[R, T]``."""
+    mask = mask.to(token_logp.dtype)
+    return -(advantages[:, None] * token_logp * mask).sum() / mask.sum().clamp_min(1)
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real tokens of ``KL(student || teacher)`` over the vocabulary; logits ``[R, T, V]``."""
+    student_logp = student_logits.float().log_softmax(-1)
+    teacher_logp = teacher_logits.float().log_softmax(-1)
+    per_token = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1)
+
+
+def load_prompt_records(config: RlStageConfig, where: str) -> list[dict[str, Any]]:
+    if config.prompts is None:
+        return [{config.prompt_field: p.prompt, config.answer_field: p.answer}
+                for p in make_problems(config.num_prompts, config.digits, config.seed)]
+    if not Path(config.prompts).is_file():
+        raise ConfigError(f"{where}.prompts: file {config.prompts!r} does not exist")
+    return read_jsonl(config.prompts, "fail", (config.prompt_field, config.answer_field))
+
+
+class RlStage(Stage):
+    def __init__(self, config: RlStageConfig, context: StageContext) -> None:
+        super().__init__()
+        where = context.config_path
+        for name in ("prompts_per_step", "max_new_tokens", "num_prompts"):
+            if getattr(config, name) < 1:
+                raise ConfigError(f"{where}.{name}: must be >= 1, got {getattr(config, name)}")
+        if config.samples_per_prompt < 2:
+            raise ConfigError(f"{where}.samples_per_prompt: group-relative advantages need >= 2, "
+                              f"got {config.samples_per_prompt}")
+        if config.temperature <= 0:
+            raise ConfigError(f"{where}.temperature: on-policy sampling needs > 0, got {config.temperature}")
+        if config.kl_weight > 0 and context.teacher is None:
+            raise ConfigError(f"{where}.kl_weight: the KL term needs a live teacher (no teacher_cache)")
+        self.config = config
+        self.records = load_prompt_records(config, where)
+        self.tokenizer = context.tokenizer or load_tokenizer(Path(context.student.config.name_or_path))
+        if self.tokenizer is None:
+            raise HkdError(f"{where}: the RL stage samples text and needs the student's tokenizer")
+        pm = context.plugins
+        if pm is None:  # built outside the loop (tests, notebooks): the default plugins
+            from hkd.manager import build_manager
+
+            pm = build_manager()
+        self.verify = build_verifier(pm, config.verifier.name, config.verifier.options, f"{where}.verifier")
+        # not submodules: the models are trained/frozen by the loop, not owned by this stage
+        self._models = {"student": context.student, "teacher": context.teacher}
+        self._last_step = -1
+
+    def student_request(self) -> TapRequest:
+        return TapRequest()  # the stage runs its own forward on its samples
+
+    def step_prompts(self, step: int, rank: int) -> list[dict[str, Any]]:
+        """``prompts_per_step`` records for this step: consecutive slices of a per-epoch shuffle."""
+        size, n = self.config.prompts_per_step, len(self.records)
+        picks = []
+        for k in range((step * world_size() + rank) * size, (step * world_size() + rank + 1) * size):
+            order = list(range(n))
+            random.Random(self.config.seed * 1_000_003 + k // n).shuffle(order)
+            picks.append(self.records[order[k % n]])
+        return picks
+
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
+        model = self._models["student"]
+        if state.step == self._last_step:  # later micro-batch of a step already sampled: no contribution
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return {"rl": zero}
+        self._last_step = state.step
+        cfg, rank = self.config, dist.get_rank() if dist.is_initialized() else 0
+        records = self.step_prompts(state.step, rank)
+        samples = sample(model, self.tokenizer, [str(r[cfg.prompt_field]) for r in records],
+                         n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                         top_p=cfg.top_p, seed=derive_seed(cfg.seed, f"rl:{state.step}:{rank}"))
+        device = samples.completion_ids.device
+        rewards = torch.tensor([self.verify(records[i // cfg.samples_per_prompt], text).score
+                                for i, text in enumerate(samples.texts)], dtype=torch.float32, device=device)
+        advantages = group_advantages(rewards, cfg.samples_per_prompt, cfg.normalize_std)
+
+        input_ids = torch.cat([samples.prompt_ids, samples.completion_ids], 1)
+        attention_mask = torch.cat([samples.prompt_mask, samples.completion_mask], 1)
+        # left-padded prompts: positions as generate() used them, so log-probs are the sampling policy's
+        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        start = samples.prompt_ids.shape[1] - 1  # logits at column j predict token j + 1
+        student_logits = model(**inputs).logits[:, start:-1] / cfg.temperature
+        token_logp = student_logits.float().log_softmax(-1).gather(-1, samples.completion_ids[..., None]).squeeze(-1)
+        mask = samples.completion_mask
+        terms = {
+            "rl": policy_gradient_loss(token_logp, mask, advantages) / world_size(),
+            "metric/reward": rewards.mean(),
+        }
+        if cfg.kl_weight > 0:
+            teacher_model = self._models["teacher"]
+            assert teacher_model is not None
+            with torch.no_grad():
+                teacher_logits = teacher_model(**inputs).logits[:, start:-1]
+            kl = reverse_kl(student_logits * cfg.temperature, teacher_logits, mask)
+            terms["rl_kl"] = cfg.kl_weight * kl / world_size()
+            terms["metric/rl_kl"] = kl.detach()
+        return terms
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@hookimpl
+def hkd_add_stages() -> list[StageSpec]:
+    return [StageSpec("rl", RlStageConfig, RlStage, "on-policy policy gradient with verifier rewards (+ reverse KL)",
+                      "rl")]
