@@ -176,6 +176,7 @@ class EvalConfig:
     teacher: ModelConfig | None = None  # enables agreement metrics on the text set
     prompts: EvalPromptsConfig | None = None  # pass@k
     text: DataConfig | None = None  # perplexity (and agreement) on these records
+    text_seed: int = 1  # synthetic text: a seed other than training's (train.seed, default 0) gives other problems
     device: str = "auto"
     progress: bool = True
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
@@ -225,7 +226,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         if config.teacher is not None:
             teacher, _ = load_model(config.teacher, "teacher", output.parent)
             freeze(teacher).to(device)  # type: ignore[arg-type]
-        encoded = encode_dataset(tokenizer, config.text, seed=0)
+        encoded = encode_dataset(tokenizer, config.text, config.text_seed)
         results["text"] = text_metrics(model, teacher, encoded, tokenizer.pad_token_id or 0,
                                        config.text.batch_size, config.progress)
     tmp = output.with_name(output.name + ".tmp")
