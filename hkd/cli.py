@@ -127,6 +127,30 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.demo import DemoSettings, run_demo
+
+    if extra:
+        raise HkdError(f"unrecognised argument(s) {extra}; hkd demo takes --out, --quick, --seed, --no-progress")
+    settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings(seed=args.seed)
+    run_demo(settings, Path(args.out), progress=not args.no_progress)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.report import build_report
+
+    steps = None
+    if args.steps:
+        try:
+            steps = [int(x) for x in args.steps.split(",") if x.strip()]
+        except ValueError:
+            raise HkdError(f"report --steps: expected comma-separated step numbers, got {args.steps!r}") from None
+    page = build_report(Path(args.run_dir), Path(args.out) if args.out else None, steps)
+    print(f"report written: {page}  (open file://{page.resolve()})")
+    return 0
+
+
 def _table(header: list[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
@@ -171,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML eval config")
     p.add_argument("--out", help="results JSON (default: output in the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p = add("demo", cmd_demo, "the whole pipeline on synthetic addition: teacher, data distillation, "
+                              "progressive distillation + RL, pass@1 table (CPU, no downloads)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; the teacher is cached there)")
+    p.add_argument("--quick", action="store_true", help="a ~2-minute version (CI smoke test)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = add("report", cmd_report, "HTML report of a run (finished or running): losses, schedule, layers, eval")
+    p.add_argument("run_dir", help="run directory (the --out of hkd distill)")
+    p.add_argument("--out", help="report directory (default RUN_DIR/report)")
+    p.add_argument("--steps", help="steps for the layer heatmaps, e.g. 100,500 (default: last step of each phase)")
     return parser
 
 

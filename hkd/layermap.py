@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from torch import Tensor
+
 from hkd.errors import ConfigError
 
 Strategy = Literal["uniform", "last", "explicit"]
@@ -63,3 +65,17 @@ class LayerMapConfig:
 
     strategy: Strategy = "uniform"
     pairs: list[list[int]] | None = None  # for "explicit": [[student_layer, teacher_layer], ...]
+
+
+def layer_metrics(stage: str, pair_sums: dict[tuple[int, int], Tensor], mask: Tensor) -> dict[str, Tensor]:
+    """The opt-in per-pair diagnostic (``log_layers: true``) of the structural and feature stages.
+
+    ``pair_sums`` holds each mapped pair's loss summed over this micro-batch's target tokens;
+    each becomes a detached per-token mean named ``metric/layer/<stage>/<student>_<teacher>``,
+    which the loop logs and ``hkd report`` draws as a teacher-layer x student-layer heatmap.
+    Dividing by the micro-batch's own tokens (not the step's) keeps the value a per-token
+    loss whatever ``optim.grad_accum`` is; the mean over pairs equals the stage's loss when a
+    step has one micro-batch.
+    """
+    tokens = max(float(mask.sum()), 1.0)
+    return {f"metric/layer/{stage}/{s}_{t}": (total.detach() / tokens) for (s, t), total in pair_sums.items()}

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from hkd.config import ConfigError
 from hkd.hookspecs import hookimpl
-from hkd.layermap import LayerMapConfig, build_layer_map
+from hkd.layermap import LayerMapConfig, build_layer_map, layer_metrics
 from hkd.stage import Stage, StageContext, StageSpec, StepState
 from hkd.taps import QKV, ModelView, TapRequest
 
@@ -38,6 +38,7 @@ class AttentionStageConfig:
     relations: list[Literal["qq", "kk", "vv"]] = field(default_factory=lambda: ["qq", "kk", "vv"])
     relation_heads: int = 4
     layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="uniform"))
+    log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/attention/<s>_<t>
 
 
 def row_kl(teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
@@ -124,10 +125,13 @@ class AttentionStage(Stage):
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
         assert teacher is not None
         mask = batch["loss_mask"].float()
-        total = sum(
-            (self._layer_terms(teacher.attention[t], student.attention[s]) * mask).sum() for s, t in self.layer_map
-        )
-        return {"attention": total / (len(self.layer_map) * max(state.tokens, 1))}
+        pair_sums = {
+            (s, t): (self._layer_terms(teacher.attention[t], student.attention[s]) * mask).sum() for s, t in self.layer_map
+        }
+        terms = {"attention": sum(pair_sums.values()) / (len(self.layer_map) * max(state.tokens, 1))}
+        if self.config.log_layers:
+            terms.update(layer_metrics("attention", pair_sums, mask))
+        return terms
 
 
 @hookimpl

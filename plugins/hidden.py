@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from hkd.config import ConfigError
 from hkd.hookspecs import hookimpl
-from hkd.layermap import LayerMapConfig, build_layer_map
+from hkd.layermap import LayerMapConfig, build_layer_map, layer_metrics
 from hkd.stage import Stage, StageContext, StageSpec, StepState
 from hkd.taps import ModelView, TapRequest
 
@@ -27,6 +27,7 @@ class HiddenStageConfig:
     projector: Literal["auto", "linear", "none"] = "auto"  # auto: linear only when widths differ
     include_embeddings: bool = False
     layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="uniform"))
+    log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/hidden/<s>_<t>
 
 
 class HiddenStage(Stage):
@@ -65,7 +66,7 @@ class HiddenStage(Stage):
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
         assert teacher is not None and teacher.hidden_states is not None and student.hidden_states is not None
         mask = batch["loss_mask"].float()
-        total = 0.0
+        pair_sums = {}
         for s, t in self.layer_map:
             s_hidden = student.hidden_states[s].float()
             t_hidden = teacher.hidden_states[t].float()
@@ -76,8 +77,11 @@ class HiddenStage(Stage):
                 per_token = (s_hidden - t_hidden).pow(2).mean(-1)
             else:
                 per_token = 1 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)
-            total = total + (per_token * mask).sum()
-        return {"hidden": total / (len(self.layer_map) * max(state.tokens, 1))}
+            pair_sums[(s, t)] = (per_token * mask).sum()
+        terms = {"hidden": sum(pair_sums.values()) / (len(self.layer_map) * max(state.tokens, 1))}
+        if self.config.log_layers:
+            terms.update(layer_metrics("hidden", pair_sums, mask))
+        return terms
 
 
 @hookimpl
