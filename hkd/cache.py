@@ -143,7 +143,7 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int, hidden: bool = Tru
         raise ConfigError(f"--top-k: must be between 1 and the vocabulary size {vocab}, got {top_k}")
 
     def context(name: str) -> StageContext:
-        return StageContext(name, teacher, student, config.kernels, f"stages.{name}")
+        return StageContext(name, teacher, student, config.kernels, f"stages.{name}", pm, tokenizer)
 
     stages = build_stages(pm, Schedule(config.schedule, config.optim).stage_names, config.stages, context)
     layers = sorted(needed_request(stages).hidden) if hidden else []
