@@ -27,9 +27,9 @@ from transformers import PreTrainedModel
 from hkd.config import DataConfig, ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
 from hkd.data import collate, encode, encode_dataset, read_jsonl
 from hkd.errors import ConfigError, HkdError
-from hkd.generate import VerifierConfig, derive_seed
+from hkd.generate import VerifierConfig, derive_seed, pick_device
 from hkd.manager import build_manager
-from hkd.models import freeze, load_model
+from hkd.models import check_compatible, freeze, load_model
 from hkd.sampling import sample
 from hkd.verify import Verifier, build_verifier
 
@@ -205,8 +205,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Everything the config asks for; the results are also written to ``config.output``."""
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
+    device = pick_device(config.device)
     model, tokenizer = load_model(config.model, "model", output.parent)
     freeze(model).to(device)  # type: ignore[arg-type]
     if tokenizer is None:
@@ -224,7 +223,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     if config.text is not None:
         teacher = None
         if config.teacher is not None:
-            teacher, _ = load_model(config.teacher, "teacher", output.parent)
+            teacher, teacher_tok = load_model(config.teacher, "teacher", output.parent)
+            check_compatible(teacher, model, teacher_tok, tokenizer)  # agreement compares token by token
             freeze(teacher).to(device)  # type: ignore[arg-type]
         encoded = encode_dataset(tokenizer, config.text, config.text_seed)
         results["text"] = text_metrics(model, teacher, encoded, tokenizer.pad_token_id or 0,

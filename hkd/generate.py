@@ -120,6 +120,13 @@ def derive_seed(base: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{base}:{key}".encode()).digest()[:8], "big") >> 1
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def ledger_path(output: Path) -> Path:
     return output.with_name(output.name + ".ledger.jsonl")
 
@@ -234,9 +241,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     model, tokenizer = load_model(config.teacher, "teacher", output.parent)
     if tokenizer is None:
         raise HkdError("teacher: the model directory has no tokenizer")
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
-    freeze(model).to(device)  # type: ignore[arg-type]
+    freeze(model).to(pick_device(config.device))  # type: ignore[arg-type]
     teacher = {"path": config.teacher.path, "preset": config.teacher.preset,
                "name": str(getattr(model.config, "name_or_path", "")), "model_type": model.config.model_type}
 
