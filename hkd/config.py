@@ -105,6 +105,24 @@ class PluginsConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases options (used only when ``wandb`` is in ``logging.backends``)."""
+
+    project: str = "hkd"
+    mode: Literal["online", "offline", "disabled"] = "offline"  # offline: files under RUN_DIR/wandb, sync later
+    entity: str | None = None
+    name: str | None = None  # run name (default: the run directory's name)
+
+
+@dataclass
+class LoggingConfig:
+    """Where step metrics go; a backend not listed here does nothing."""
+
+    backends: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
     teacher: ModelConfig
     student: ModelConfig
@@ -116,6 +134,7 @@ class Config:
     kernels: dict[str, str] = field(default_factory=dict)  # op -> backend name ("auto" default)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     teacher_cache: str | None = None  # offline teacher targets (``hkd cache-teacher``): no live teacher
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics backends (hkd.plugins.*_logger)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,6 +20,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "hidden": "hkd.plugins.hidden",
     "logits": "hkd.plugins.logits",
     "jsonl": "hkd.plugins.loggers",
+    "tensorboard": "hkd.plugins.tensorboard_logger",
+    "wandb": "hkd.plugins.wandb_logger",
     "verifiers": "hkd.plugins.verifiers",
     "sft": "hkd.plugins.sft",
     "rl": "hkd.plugins.rl",

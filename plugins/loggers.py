@@ -2,6 +2,7 @@
 
 Each line is flushed as it is written, so a crash loses at most the step in flight. On
 ``--resume`` lines past the restored checkpoint are dropped, because those steps run again.
+Active while ``jsonl`` is in ``logging.backends`` (the default); ``hkd report`` reads this file.
 """
 
 from __future__ import annotations
@@ -10,14 +11,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hkd.config import Config
 from hkd.hookspecs import hookimpl
 
 FILENAME = "metrics.jsonl"
+_enabled = True  # set per run from logging.backends
 
 
 @hookimpl
-def hkd_on_train_start(run_dir: Path, start_step: int) -> None:
+def hkd_on_train_start(config: Config, run_dir: Path, start_step: int) -> None:
+    global _enabled
+    _enabled = "jsonl" in config.logging.backends
     path = run_dir / FILENAME
+    if not _enabled or not path.exists():
+        return
     if not path.exists():
         return
     kept = []
@@ -32,6 +39,8 @@ def hkd_on_train_start(run_dir: Path, start_step: int) -> None:
 
 @hookimpl
 def hkd_after_step(step: int, metrics: dict[str, Any], run_dir: Path) -> None:
+    if not _enabled:
+        return
     with (run_dir / FILENAME).open("a") as handle:
         handle.write(json.dumps(metrics) + "\n")
         handle.flush()
