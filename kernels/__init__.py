@@ -13,9 +13,11 @@ if __name__ == "hkd.kernels":
         backends,
         distill_loss,
         fused_linear_distill_loss,
+        get_backend,
         register_backend,
     )
 
-    __all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "register_backend"]
+    __all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "get_backend",
+               "register_backend"]
 else:
     __file__ = None  # type: ignore[assignment]

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from hkd.kernels import registry
 from hkd.kernels.reference import distill_loss_torch, fused_linear_distill_loss_torch
-from hkd.kernels.registry import KernelBackend, register_backend
+from hkd.kernels.registry import KernelBackend, get_backend, register_backend
 
 OPS = ("distill_loss", "fused_linear_distill_loss")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -161,4 +161,5 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
     return _reduce(rows, flat_labels, ignore_index, reduction, lead)
 
 
-__all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "register_backend"]
+__all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "get_backend",
+           "register_backend"]

@@ -18,6 +18,8 @@ loss NaN (it is not hidden), and ``-inf`` logits are tokens of probability 0.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,8 +43,11 @@ def soft_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence: 
     if divergence == "reverse_kl":
         return _xlogy_diff(log_ps.exp(), log_ps, log_pt)
     pt, ps = log_pt.exp(), log_ps.exp()
-    log_m = torch.logaddexp(log_pt + torch.log(torch.tensor(beta, dtype=log_pt.dtype)),
-                            log_ps + torch.log(torch.tensor(1 - beta, dtype=log_ps.dtype)))
+    # log M in log space; where both probabilities are 0 (-inf logits) logaddexp's gradient is
+    # NaN, so those entries (whose terms are masked anyway) get a dummy 0 inside.
+    mass = (pt > 0) | (ps > 0)
+    log_m = torch.where(mass, torch.logaddexp(torch.where(mass, log_pt, 0.0) + math.log(beta),
+                                              torch.where(mass, log_ps, 0.0) + math.log(1 - beta)), float("-inf"))
     return beta * _xlogy_diff(pt, log_pt, log_m) + (1 - beta) * _xlogy_diff(ps, log_ps, log_m)
 
 

@@ -1,0 +1,147 @@
+"""Quality benchmark: which parts of the pipeline buy held-out accuracy, over several seeds.
+
+    python bench/quality.py                      # 3 seeds, every arm (about 30 min on 2 busy cores)
+    python bench/quality.py --seeds 0 1 --arms answer_only progressive_rl
+    python bench/quality.py --quick              # plumbing check with the demo's quick settings
+
+Same task (synthetic 2-digit addition, :mod:`hkd.demo`'s splits), same student architecture
+and the same number of optimizer steps for every arm:
+
+* ``answer_only``    SFT on the training problems' final answers (no teacher at all)
+* ``sft_distilled``  SFT on the teacher's verified worked solutions (data distillation only)
+* ``logits_only``    logits KD (+ hard labels) on the distilled data
+* ``hidden_logits``  feature -> decision phases
+* ``progressive``    structure -> feature -> decision
+* ``progressive_rl`` the same with the last ``rl_steps`` steps spent on RL correction
+
+One teacher (trained once, cached in the work directory) and one distilled data set serve
+every arm and seed; the seed changes the student's initialisation and the batch order.
+Reported: held-out greedy pass@1 per arm (mean, sample std, min, max over seeds), the
+student's size relative to the teacher, and for ``progressive_rl`` the pass@1 of the
+checkpoint the RL phase starts from. The JSON (command, date, machine, settings, every
+number) goes to ``bench/results/quality-DATE.json``; the goals are evaluated from the
+measured numbers, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hkd.demo import ARMS, DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student, write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def goals(arms: dict[str, Any], teacher: float, ratio: float) -> dict[str, Any]:
+    """The targets, checked against what was measured (absent arms make a goal unknown)."""
+    mean = {name: arm["pass@1"]["mean"] for name, arm in arms.items()}
+    full = mean.get("progressive_rl")
+    out: dict[str, Any] = {"student_params_vs_teacher": ratio, "student_at_most_quarter": ratio <= 0.25}
+    if full is not None:
+        out["full_vs_teacher"] = full / teacher if teacher else None
+        out["full_at_least_90pct_of_teacher"] = teacher > 0 and full >= 0.9 * teacher
+        if "answer_only" in mean:
+            out["full_minus_answer_only"] = full - mean["answer_only"]
+        out["full_at_least_every_ablation"] = all(full >= value for name, value in mean.items() if name != "progressive_rl")
+        start = arms["progressive_rl"]["rl_start_pass@1"]["mean"]
+        out["rl_gain_over_its_start"] = full - start
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    parser.add_argument("--work", default="runs/bench-quality", help="run directory (the teacher is cached here)")
+    parser.add_argument("--quick", action="store_true", help="the demo's quick settings (checks plumbing only)")
+    parser.add_argument("--progress", action="store_true", help="progress bars for every sub-run")
+    parser.add_argument("--out", help="JSON path (default bench/results/quality-DATE.json)")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    started = time.perf_counter()
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    work = Path(args.work)
+    data, teacher, distilled = prepare(settings, work, args.progress)
+    teacher_pass = pass_at_1(teacher, data.heldout, settings)
+    teacher_params = count_params(teacher)
+
+    per_arm: dict[str, dict[str, Any]] = {arm: {"runs": []} for arm in args.arms}
+    student_params = 0
+    for seed in args.seeds:
+        for arm in args.arms:
+            t0 = time.perf_counter()
+            config = arm_config(arm, settings, data, teacher, distilled, seed, args.progress)
+            phases = train_student(config, work / "students" / f"{arm}-seed{seed}")
+            final = phases[config.schedule.phases[-1].name]
+            run: dict[str, Any] = {"seed": seed, "pass@1": pass_at_1(final, data.heldout, settings),
+                                   "seconds": round(time.perf_counter() - t0, 1)}
+            if arm == "progressive_rl":
+                run["rl_start_pass@1"] = pass_at_1(phases["decision"], data.heldout, settings)
+            student_params = count_params(final)
+            per_arm[arm]["runs"].append(run)
+            print(f"seed {seed} {arm:15s} pass@1 {run['pass@1']:.3f}"
+                  + (f" (RL started from {run['rl_start_pass@1']:.3f})" if "rl_start_pass@1" in run else "")
+                  + f"  [{run['seconds']:.0f} s]", flush=True)
+    for arm, entry in per_arm.items():
+        entry["pass@1"] = summary([r["pass@1"] for r in entry["runs"]])
+        if arm == "progressive_rl":
+            entry["rl_start_pass@1"] = summary([r["rl_start_pass@1"] for r in entry["runs"]])
+
+    ratio = student_params / teacher_params
+    report = {
+        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "settings": settings.__dict__,
+        "seeds": args.seeds,
+        "teacher": {"pass@1": teacher_pass, "params": teacher_params},
+        "student_params": student_params,
+        "distilled_examples": sum(1 for _ in distilled.open()),
+        "arms": per_arm,
+        "goals": goals(per_arm, teacher_pass, ratio),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out = Path(args.out) if args.out else RESULTS / f"quality-{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+
+    print(f"\nteacher pass@1 {teacher_pass:.3f} ({teacher_params:,} params); student {student_params:,} params "
+          f"({ratio:.2f} of the teacher); {len(args.seeds)} seeds")
+    print(f"{'arm':16s} {'mean':>6s} {'std':>6s} {'min':>6s} {'max':>6s}  vs teacher")
+    for arm, entry in per_arm.items():
+        s = entry["pass@1"]
+        print(f"{arm:16s} {s['mean']:6.3f} {s['std']:6.3f} {s['min']:6.3f} {s['max']:6.3f}  "
+              f"{s['mean'] / teacher_pass if teacher_pass else float('nan'):.2f}")
+    if "progressive_rl" in per_arm:
+        print(f"RL phase: from {per_arm['progressive_rl']['rl_start_pass@1']['mean']:.3f} "
+              f"to {per_arm['progressive_rl']['pass@1']['mean']:.3f} (mean over seeds)")
+    print(f"goals: {json.dumps(report['goals'])}")
+    print(f"written to {out} ({report['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
