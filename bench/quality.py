@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--work", default="runs/bench-quality", help="run directory (the teacher is cached here)")
     parser.add_argument("--quick", action="store_true", help="the demo's quick settings (checks plumbing only)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--progress", action="store_true", help="progress bars for every sub-run")
     parser.add_argument("--out", help="JSON path (default bench/results/quality-DATE.json)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)  # 1: OpenMP threads spinning against other jobs cost more than they give
     started = time.perf_counter()
     settings = DemoSettings.quick() if args.quick else DemoSettings()
     work = Path(args.work)

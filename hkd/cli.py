@@ -131,9 +131,9 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.demo import DemoSettings, run_demo
 
     if extra:
-        raise HkdError(f"unrecognised argument(s) {extra}; hkd demo takes --out, --quick, --seed, --no-progress")
+        raise HkdError(f"unrecognised argument(s) {extra}; hkd demo takes --out, --quick, --seed, --threads, --no-progress")
     settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings(seed=args.seed)
-    run_demo(settings, Path(args.out), progress=not args.no_progress)
+    run_demo(settings, Path(args.out), progress=not args.no_progress, threads=args.threads)
     return 0
 
 
@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; the teacher is cached there)")
     p.add_argument("--quick", action="store_true", help="a ~2-minute version (CI smoke test)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = add("report", cmd_report, "HTML report of a run (finished or running): losses, schedule, layers, eval")
     p.add_argument("run_dir", help="run directory (the --out of hkd distill)")

@@ -1,0 +1,382 @@
+"""``hkd demo``: the whole pipeline on the synthetic addition task, on a laptop CPU, no downloads.
+
+1. **Teacher.** A small transformer trained (``sft`` stage) on worked step-by-step solutions
+   stands in for a large reasoning model. It is cached in ``OUT/teacher`` and reused by the
+   next run when its settings match.
+2. **Data distillation.** The training problems carry only final answers. The teacher
+   writes worked solutions for them and the ``exact_answer`` verifier keeps the correct ones
+   (the :mod:`hkd.generate` code path).
+3. **Progressive hierarchical distillation** into a student with fewer, narrower layers:
+   structure (attention) -> feature (hidden) -> decision (logits) on the distilled data,
+   then RL correction (``rl`` stage). The student is saved after every phase.
+4. **Evaluation.** Greedy pass@1 on held-out problems for the teacher, two baselines with
+   the same number of steps (SFT on answer-only data, SFT on the distilled data) and the
+   student after each phase, printed as a table and written to ``OUT/results.json``.
+
+Every sub-run is an ordinary ``hkd.loop.distill`` run with its own directory (``config.yaml``,
+``metrics.jsonl``, checkpoints, ``final/``); ``OUT/losses.png`` plots the losses per stage
+with the phase boundaries when matplotlib is installed. ``bench/quality.py`` reuses these
+functions for its seeds x arms comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from hkd.arith import make_problems
+from hkd.config import Config, ModelConfig, from_dict, validate
+from hkd.data import read_jsonl
+from hkd.errors import HkdError
+from hkd.evaluate import evaluate_pass_at_k
+from hkd.generate import GenerateConfig, VerifierConfig, generate
+from hkd.hookspecs import hookimpl
+from hkd.loop import distill
+from hkd.manager import build_manager
+from hkd.models import freeze, load_model, load_tokenizer
+from hkd.plugins.verifiers import exact_answer
+
+TEACHER_ARCH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2}
+STUDENT_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "num_key_value_heads": 1}
+
+
+@dataclass
+class DemoSettings:
+    """Everything that decides the demo's numbers (written to ``results.json``)."""
+
+    digits: int = 2
+    teacher_problems: int = 3000  # worked solutions the teacher trains on
+    student_problems: int = 1500  # answer-only training problems
+    heldout_problems: int = 200
+    teacher_steps: int = 400
+    student_steps: int = 300  # every student arm gets this many optimizer steps
+    rl_steps: int = 30  # the last steps of the progressive run
+    batch_size: int = 32
+    teacher_lr: float = 3e-3
+    student_lr: float = 3e-3
+    max_length: int = 64
+    max_new_tokens: int = 48
+    teacher_arch: dict[str, Any] = field(default_factory=lambda: dict(TEACHER_ARCH))
+    student_arch: dict[str, Any] = field(default_factory=lambda: dict(STUDENT_ARCH))
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoSettings:
+        """The CI smoke version: same pipeline, fewer problems and steps (about two minutes)."""
+        return cls(teacher_problems=600, student_problems=120, heldout_problems=40, teacher_steps=60,
+                   student_steps=30, rl_steps=4, seed=seed)
+
+
+@dataclass
+class DemoData:
+    teacher_train: Path  # prompt + worked solution
+    train_prompts: Path  # id, prompt, answer (what RL and data distillation read)
+    answer_only: Path  # prompt + "=> answer" (the answer-only baseline)
+    heldout: Path  # id, prompt, answer
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
+
+
+def prepare_data(settings: DemoSettings, out: Path) -> DemoData:
+    """Three disjoint problem sets: teacher training, student training (answers only), held out."""
+    folder = out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    heldout = make_problems(settings.heldout_problems, settings.digits, seed=10_000 + settings.seed)
+    used = {(p.a, p.b) for p in heldout}
+    student = make_problems(settings.student_problems, settings.digits, seed=20_000 + settings.seed, exclude=used)
+    used |= {(p.a, p.b) for p in student}
+    teacher = make_problems(settings.teacher_problems, settings.digits, seed=30_000 + settings.seed, exclude=used)
+    data = DemoData(folder / "teacher_train.jsonl", folder / "train_prompts.jsonl", folder / "answer_only.jsonl",
+                    folder / "heldout.jsonl")
+    write_jsonl(data.teacher_train, [{"prompt": p.prompt, "completion": p.worked_solution()} for p in teacher])
+    write_jsonl(data.train_prompts, [{"id": f"train-{i}", "prompt": p.prompt, "answer": p.answer}
+                                     for i, p in enumerate(student)])
+    write_jsonl(data.answer_only, [{"prompt": p.prompt, "completion": p.answer_only()} for p in student])
+    write_jsonl(data.heldout, [{"id": f"heldout-{i}", "prompt": p.prompt, "answer": p.answer}
+                               for i, p in enumerate(heldout)])
+    return data
+
+
+def make_config(settings: DemoSettings, *, teacher: dict[str, Any], student: dict[str, Any], data: Path,
+                phases: list[dict[str, Any]], stages: dict[str, Any] | None = None, lr: float, seed: int,
+                progress: bool) -> Config:
+    """A validated distill config over a prompt/completion JSONL file."""
+    config = from_dict(Config, {
+        "teacher": teacher,
+        "student": student,
+        "data": {"kind": "jsonl", "path": str(data), "prompt_field": "prompt", "completion_field": "completion",
+                 "batch_size": settings.batch_size, "max_length": settings.max_length},
+        "schedule": {"phases": phases, "ramp_steps": 0},
+        "stages": stages or {},
+        "optim": {"lr": lr, "warmup_steps": 20, "min_lr_ratio": 0.1},
+        "train": {"seed": seed, "progress": progress, "device": "cpu"},
+    })
+    validate(config)
+    return config
+
+
+def teacher_fingerprint(settings: DemoSettings) -> dict[str, Any]:
+    keys = ("digits", "teacher_problems", "teacher_steps", "batch_size", "teacher_lr", "max_length", "teacher_arch",
+            "seed", "heldout_problems", "student_problems")
+    return {k: getattr(settings, k) for k in keys}
+
+
+def prepare_teacher(settings: DemoSettings, out: Path, data: DemoData, progress: bool) -> Path:
+    """Train the teacher on worked solutions, or reuse the one a previous run with the same settings left."""
+    run = out / "teacher"
+    stamp = run / "demo-teacher.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == teacher_fingerprint(settings):
+        tqdm.write(f"teacher: reusing {run / 'final'}")
+        return run / "final"
+    shutil.rmtree(run, ignore_errors=True)
+    arch = {"preset": "tiny-llama", "preset_overrides": settings.teacher_arch, "seed": settings.seed + 1}
+    config = make_config(settings, teacher=arch, student=arch, data=data.teacher_train,
+                         phases=[{"name": "sft", "steps": settings.teacher_steps, "stages": {"sft": 1.0}}],
+                         lr=settings.teacher_lr, seed=settings.seed, progress=progress)
+    distill(config, run)
+    stamp.write_text(json.dumps(teacher_fingerprint(settings)))  # written last: marks a finished teacher
+    return run / "final"
+
+
+def distill_data(settings: DemoSettings, out: Path, data: DemoData, teacher: Path, progress: bool) -> Path:
+    """The teacher writes a worked solution per training prompt (greedy); the verifier keeps correct ones."""
+    config = GenerateConfig(
+        teacher=ModelConfig(path=str(teacher)), prompts=str(data.train_prompts), output=str(out / "data" / "distilled.jsonl"),
+        n=1, temperature=0.0, max_new_tokens=settings.max_new_tokens, batch_size=100, seed=settings.seed, device="cpu",
+        verifiers=[VerifierConfig("exact_answer")], progress=progress,
+    )
+    config.validate()
+    summary = generate(config)
+    tqdm.write(f"data distillation: kept {summary.kept} of {summary.samples} teacher solutions "
+               f"(rejected: {summary.rejected or 'none'})")
+    if summary.kept == 0:
+        raise HkdError("data distillation kept no solutions: the teacher solves none of the training problems")
+    return summary.output
+
+
+class PhaseSnapshots:
+    """A demo-local plugin: saves the student (with its tokenizer) at the end of every phase."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.student: Any = None
+        self.tokenizer_dir: Path | None = None
+        self.current: str | None = None
+        self.saved: dict[str, Path] = {}
+
+    def _save(self) -> None:
+        if self.current is None:
+            return
+        target = self.out / self.current
+        self.student.save_pretrained(target, safe_serialization=True)
+        assert self.tokenizer_dir is not None
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+        self.saved[self.current] = target
+
+    @hookimpl
+    def hkd_on_train_start(self, run_dir: Path, student: torch.nn.Module) -> None:
+        self.student = student
+        self.tokenizer_dir = run_dir / "models" / "student"
+
+    @hookimpl
+    def hkd_on_phase_start(self, phase_name: str) -> None:
+        self._save()
+        self.current = phase_name
+
+    @hookimpl
+    def hkd_on_train_end(self) -> None:
+        self._save()
+
+
+def train_student(config: Config, run: Path) -> dict[str, Path]:
+    """A fresh distill run; returns the student saved after each phase, by phase name."""
+    shutil.rmtree(run, ignore_errors=True)
+    snapshots = PhaseSnapshots(run / "phases")
+    distill(config, run, pm=build_manager(extra_plugins=[("demo-phases", snapshots)]))
+    return snapshots.saved
+
+
+def pass_at_1(model_dir: Path, heldout: Path, settings: DemoSettings) -> float:
+    """Greedy pass@1 (exact final answer) on the held-out prompts."""
+    model, tokenizer = load_model(ModelConfig(path=str(model_dir)), "model")
+    freeze(model)
+    records = read_jsonl(heldout, "fail", ("prompt", "answer"))
+    result = evaluate_pass_at_k(model, tokenizer, records, exact_answer(), n=1, k=1, temperature=0.0,
+                                max_new_tokens=settings.max_new_tokens, batch_size=100)
+    return float(result["pass@1"])
+
+
+def count_params(model_dir: Path) -> int:
+    model, _ = load_model(ModelConfig(path=str(model_dir)), "model")
+    return sum(p.numel() for p in model.parameters())
+
+
+def student_model(settings: DemoSettings, seed: int) -> dict[str, Any]:
+    return {"preset": "tiny-llama", "preset_overrides": settings.student_arch, "seed": 100 + seed}
+
+
+def progressive_phases(settings: DemoSettings, rl: bool) -> list[dict[str, Any]]:
+    """structure -> feature -> decision (-> rl), ``student_steps`` in all."""
+    total = settings.student_steps
+    structure, feature = round(0.15 * total), round(0.2 * total)
+    rl_steps = settings.rl_steps if rl else 0
+    phases = [
+        {"name": "structure", "steps": structure, "stages": {"attention": 1.0}},
+        {"name": "feature", "steps": feature, "stages": {"attention": 0.5, "hidden": 1.0}},
+        {"name": "decision", "steps": total - structure - feature - rl_steps, "stages": {"hidden": 0.5, "logits": 1.0}},
+    ]
+    if rl:
+        phases.append({"name": "rl", "steps": rl_steps, "stages": {"rl": 1.0}})
+    return phases
+
+
+def stage_configs(settings: DemoSettings, data: DemoData) -> dict[str, Any]:
+    return {
+        "attention": {"mode": "maps", "heads": "auto"},
+        "hidden": {"loss": "mse"},
+        "logits": {"divergence": "forward_kl", "alpha": 0.5},
+        "rl": {"prompts": str(data.train_prompts), "prompts_per_step": 8, "samples_per_prompt": 4,
+               "max_new_tokens": settings.max_new_tokens, "temperature": 1.0, "kl_weight": 0.05,
+               "verifier": {"name": "exact_answer"}, "seed": settings.seed},
+    }
+
+
+ARMS = ("answer_only", "sft_distilled", "logits_only", "hidden_logits", "progressive", "progressive_rl")
+
+
+def arm_config(arm: str, settings: DemoSettings, data: DemoData, teacher: Path, distilled: Path, seed: int,
+               progress: bool) -> Config:
+    """The student config of one comparison arm; every arm trains ``student_steps`` steps."""
+    total = settings.student_steps
+    if arm in ("answer_only", "sft_distilled"):
+        phases = [{"name": "sft", "steps": total, "stages": {"sft": 1.0}}]
+    elif arm == "logits_only":
+        phases = [{"name": "decision", "steps": total, "stages": {"logits": 1.0}}]
+    elif arm == "hidden_logits":
+        feature = round(0.35 * total)
+        phases = [{"name": "feature", "steps": feature, "stages": {"hidden": 1.0}},
+                  {"name": "decision", "steps": total - feature, "stages": {"hidden": 0.5, "logits": 1.0}}]
+    elif arm in ("progressive", "progressive_rl"):
+        phases = progressive_phases(settings, rl=arm == "progressive_rl")
+    else:
+        raise HkdError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    return make_config(settings, teacher={"path": str(teacher)}, student=student_model(settings, seed),
+                       data=data.answer_only if arm == "answer_only" else distilled, phases=phases,
+                       stages=stage_configs(settings, data), lr=settings.student_lr, seed=seed, progress=progress)
+
+
+def prepare(settings: DemoSettings, out: Path, progress: bool) -> tuple[DemoData, Path, Path]:
+    """Data splits, the (cached) teacher and the verified distilled data: what every arm shares."""
+    data = prepare_data(settings, out)
+    tqdm.write("[1/4] teacher: train on worked solutions (cached in the run directory)")
+    teacher = prepare_teacher(settings, out, data, progress)
+    tqdm.write("[2/4] data distillation: teacher writes worked solutions, the verifier keeps correct ones")
+    distilled = distill_data(settings, out, data, teacher, progress)
+    return data, teacher, distilled
+
+
+def plot_losses(run: Path, target: Path) -> str:
+    """Loss per stage over steps with phase boundaries (and the RL reward); returns a note for the user."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install 'hkd[plot]')"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    stages = sorted({key[5:] for row in rows for key in row if key.startswith("loss/")})
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for stage in stages:
+        points = [(row["step"], row[f"loss/{stage}"]) for row in rows if f"loss/{stage}" in row]
+        ax.plot(*zip(*points), label=stage, linewidth=1)
+    for before, after in zip(rows, rows[1:]):
+        if after["phase"] != before["phase"]:
+            ax.axvline(before["step"] + 0.5, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_yscale("symlog", linthresh=1e-2)  # the RL surrogate loss can be negative
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("stage loss (unweighted)")
+    rewards = [(row["step"], row["metric/reward"]) for row in rows if "metric/reward" in row]
+    if rewards:
+        twin = ax.twinx()
+        twin.plot(*zip(*rewards), color="black", linestyle=":", label="RL reward")
+        twin.set_ylabel("RL reward (mean over samples)")
+        twin.set_ylim(0, 1.05)
+        twin.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title("progressive distillation: loss per stage (dashed lines: phase boundaries)")
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return f"loss plot: {target}"
+
+
+def run_demo(settings: DemoSettings, out: Path, progress: bool = True, threads: int = 1) -> dict[str, Any]:
+    """The whole pipeline; prints the table and returns (and writes) ``results.json``'s content.
+
+    ``threads``: torch CPU threads. On a machine shared with other jobs, fewer threads than
+    cores avoids OpenMP threads spinning against each other, which can cost far more than it gives.
+    """
+    started = time.perf_counter()
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    data, teacher, distilled = prepare(settings, out, progress)
+    tqdm.write("[3/4] students: answer-only SFT, SFT on distilled data, progressive distillation + RL")
+    runs: dict[str, dict[str, Path]] = {}
+    for arm in ("answer_only", "sft_distilled", "progressive_rl"):
+        tqdm.write(f"  student: {arm}")
+        runs[arm] = train_student(arm_config(arm, settings, data, teacher, distilled, settings.seed, progress),
+                                  out / "students" / arm)
+    tqdm.write("[4/4] evaluation: greedy pass@1 on held-out problems")
+    models = {"teacher": teacher, "student: SFT on answer-only data": runs["answer_only"]["sft"],
+              "student: SFT on distilled data": runs["sft_distilled"]["sft"]}
+    models |= {f"student: after {phase}": path for phase, path in runs["progressive_rl"].items()}
+    teacher_params = count_params(teacher)
+    rows = []
+    for name, path in tqdm(models.items(), disable=not progress, desc="pass@1", unit="model"):
+        params = count_params(path)
+        rows.append({"model": name, "pass@1": pass_at_1(path, data.heldout, settings), "params": params,
+                     "params_vs_teacher": params / teacher_params, "path": str(path)})
+    plot_note = plot_losses(out / "students" / "progressive_rl", out / "losses.png")
+    results = {
+        "settings": dataclasses.asdict(settings),
+        "distilled_examples": sum(1 for _ in distilled.open()),
+        "heldout_problems": settings.heldout_problems,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(out / "results.json", results)
+    print_table(rows)
+    print(plot_note)
+    print(f"results: {out / 'results.json'} ({results['seconds']:.0f} s)")
+    return results
+
+
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    tmp.replace(path)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = ("model", "pass@1", "params", "vs teacher")
+    body = [(r["model"], f"{r['pass@1']:.3f}", f"{r['params']:,}", f"{r['params_vs_teacher']:.2f}") for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    for row in (header, *body):
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
