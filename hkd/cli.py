@@ -137,6 +137,17 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_init_config(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.init_config import starter_config, write_starter_config
+
+    if args.out is None:  # to stdout, model paths relative to the current directory
+        print(starter_config(args.teacher, args.student, Path.cwd()), end="")
+        return 0
+    out = write_starter_config(args.teacher, args.student, args.out)
+    print(f"wrote {out}; run it with: hkd distill {out} --out runs/{out.stem}", file=sys.stderr)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.report import build_report
 
@@ -202,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = add("init-config", cmd_init_config, "write an annotated starter distill config for a teacher/student pair")
+    p.add_argument("--teacher", required=True, help="teacher model directory (Hugging Face, with config.json)")
+    p.add_argument("--student", required=True, help="student model directory")
+    p.add_argument("--out", help="YAML file to write (default: print to stdout)")
     p = add("report", cmd_report, "HTML report of a run (finished or running): losses, schedule, layers, eval")
     p.add_argument("run_dir", help="run directory (the --out of hkd distill)")
     p.add_argument("--out", help="report directory (default RUN_DIR/report)")
