@@ -3,6 +3,9 @@
 Stage ``final_cosine``: 1 - cosine similarity between the student's and the teacher's final
 hidden states (the LM-head inputs), through a learned projector when widths differ. The
 whole stage is a config dataclass, a Stage subclass and one hook.
+
+Verifier ``length_limit`` (in :mod:`hkd_example_plugin.verifiers`): its hook is imported
+here because hkd registers this module, the entry point's target, as the plugin.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 from hkd.hookspecs import hookimpl
 from hkd.stage import Stage, StageContext, StageSpec, StepState
 from hkd.taps import ModelView, TapRequest
+from hkd_example_plugin.verifiers import hkd_add_verifiers  # noqa: F401  (registered with this module)
 
 
 @dataclass
