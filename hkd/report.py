@@ -232,6 +232,7 @@ def heatmap_figure(data: RunData, stage: str, pairs: list[tuple[int, int]], step
                     bright = vmax > vmin and (value - vmin) / (vmax - vmin) > 0.6
                     ax.text(si, ti, f"{value:.3g}", ha="center", va="center", fontsize=7,
                             color="black" if bright else "white")
+    assert image is not None  # steps is never empty here
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label=f"{stage} loss per token")
     return fig
 
