@@ -162,6 +162,22 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from hkd.probe import probe
+
+    out = probe(Path(args.run_dir), args.step, args.batches, progress=not args.no_progress)
+    result = json.loads(out.read_text())
+    for name, key in (("hidden-state CKA (1 = same)", "hidden_cka"), ("attention KL (0 = same)", "attention_kl")):
+        first = 0 if key == "hidden_cka" else 1
+        print(f"{name}, step {result['step']}: rows teacher layer, columns student layer")
+        header = ["t\\s", *(str(s) for s in range(first, result["student_layers"] + 1))]
+        _table(header, [[str(t + first), *(f"{v:.3g}" for v in row)] for t, row in enumerate(result[key])])
+    print(f"written to {out}; hkd report {args.run_dir} draws it")
+    return 0
+
+
 def _table(header: list[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
@@ -217,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher model directory (Hugging Face, with config.json)")
     p.add_argument("--student", required=True, help="student model directory")
     p.add_argument("--out", help="YAML file to write (default: print to stdout)")
+    p = add("probe", cmd_probe, "every teacher layer x every student layer: hidden-state CKA and attention KL")
+    p.add_argument("run_dir", help="run directory (the --out of hkd distill)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: newest; 0 = the initial student)")
+    p.add_argument("--batches", type=int, default=4, help="micro-batches of the run's data to measure on (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = add("report", cmd_report, "HTML report of a run (finished or running): losses, schedule, layers, eval")
     p.add_argument("run_dir", help="run directory (the --out of hkd distill)")
     p.add_argument("--out", help="report directory (default RUN_DIR/report)")

@@ -13,6 +13,8 @@ skipped and counted). The page holds:
   ``log_layers: true`` (``metric/layer/<stage>/<student>_<teacher>``): their curves over
   steps and teacher-layer x student-layer heatmaps at chosen steps (default: the last step
   of each phase that logged them; mapped pairs are filled, unmapped cells stay blank);
+* every teacher layer x every student layer (hidden-state CKA, attention KL) for each
+  ``hkd probe`` result in ``RUN_DIR/probe/``, with the mapped pairs outlined;
 * evaluation results: every ``RUN_DIR/eval*.json`` (any JSON mapping, nested keys
   flattened to dotted names) as a table.
 
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.patches
+import matplotlib.patheffects
 
 matplotlib.use("Agg")  # headless: no display needed, safe in a training box or CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -237,6 +241,31 @@ def heatmap_figure(data: RunData, stage: str, pairs: list[tuple[int, int]], step
     return fig
 
 
+def probe_figure(result: dict[str, Any]) -> Figure:
+    """``hkd probe`` matrices side by side; the pairs the run's layer maps connect are outlined."""
+    panels = [("hidden-state CKA (1 = same)", "hidden_cka", "hidden", 0, "viridis"),
+              ("attention KL, head-averaged (0 = same)", "attention_kl", "attention", 1, "magma_r")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * result["teacher_layers"] + 2.8), squeeze=False)
+    for ax, (title, key, stage, first, cmap) in zip(axes[0], panels):
+        grid = result[key]
+        image = ax.imshow(grid, cmap=cmap, origin="lower", aspect="auto")
+        ax.set_xticks(range(len(grid[0])), [str(s + first) for s in range(len(grid[0]))])
+        ax.set_yticks(range(len(grid)), [str(t + first) for t in range(len(grid))])
+        ax.set_xlabel("student layer")
+        ax.set_ylabel("teacher layer")
+        ax.set_title(title, fontsize=10)
+        for s, t in result["mapped"].get(stage, []):
+            ax.add_patch(matplotlib.patches.Rectangle((s - first - 0.5, t - first - 0.5), 1, 1, fill=False,
+                                                      edgecolor="red", linewidth=2))
+        for ti, row in enumerate(grid):
+            for si, value in enumerate(row):
+                ax.text(si, ti, f"{value:.2g}", ha="center", va="center", fontsize=8, color="white",
+                        path_effects=[matplotlib.patheffects.withStroke(linewidth=1.5, foreground="black")])
+        fig.colorbar(image, ax=ax, shrink=0.9)
+    fig.tight_layout()
+    return fig
+
+
 # --------------------------------------------------------------------------- page
 
 
@@ -320,6 +349,11 @@ def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | 
             if chosen:
                 figure(f"{stage} loss by layer pair", f"heatmap_{stage}", heatmap_figure(data, stage, pairs, chosen),
                        "teacher layer x student layer; only mapped pairs are computed, other cells stay blank")
+    for path in sorted((run_dir / "probe").glob("step-*.json")):
+        result = json.loads(path.read_text())
+        figure(f"Layer similarity at step {result['step']} (hkd probe)", f"probe_{path.stem.replace('-', '_')}",
+               probe_figure(result), f"every teacher layer x every student layer on {result['tokens']} tokens; "
+               "red boxes: the pairs this run's layer maps connect")
     for name, values in data.evals.items():
         sections.append(f"<h2>Evaluation: {html.escape(name)}</h2>"
                         + table_html(["metric", "value"], [[k, v] for k, v in values.items()]))
