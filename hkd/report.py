@@ -35,7 +35,6 @@ from typing import Any
 
 import matplotlib
 import matplotlib.patches
-import matplotlib.patheffects
 
 matplotlib.use("Agg")  # headless: no display needed, safe in a training box or CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -149,14 +148,27 @@ def phase_spans(data: RunData) -> list[tuple[str, int, int]]:
     return spans
 
 
-def mark_phases(ax: Any, spans: list[tuple[str, int, int]], label: bool = True) -> None:
-    """Dashed lines between phases, phase names along the top."""
+def mark_phases(ax: Any, spans: list[tuple[str, int, int]], low: float, high: float) -> None:
+    """Dashed lines between phases, phase names along the top, within the plotted steps ``low..high``."""
     for i, (name, first, last) in enumerate(spans):
-        if i:
+        if last < low or first > high:  # a curve that starts later (a stage's own steps) skips earlier phases
+            continue
+        if i and first > low:
             ax.axvline(first - 0.5, color="0.5", linestyle="--", linewidth=0.8)
-        if label:
-            ax.text((first + last) / 2, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                    fontsize=8, color="0.3")
+        middle = (max(first, low) + min(last, high)) / 2
+        ax.text(middle, 1.01, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8,
+                color="0.3")
+
+
+def annotate(ax: Any, image: Any, grid: list[list[float]], fmt: str) -> None:
+    """Write each finite cell's value in black or white, whichever reads on the cell's colour."""
+    for row_index, row in enumerate(grid):
+        for col_index, value in enumerate(row):
+            if math.isfinite(value):
+                red, green, blue, _ = image.cmap(image.norm(value))
+                dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                ax.text(col_index, row_index, format(value, fmt), ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black")
 
 
 def line_figure(data: RunData, panels: list[tuple[str, list[str], bool]]) -> Figure | None:
@@ -167,14 +179,17 @@ def line_figure(data: RunData, panels: list[tuple[str, list[str], bool]]) -> Fig
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False, sharex=True)
     for ax, (title, keys, log) in zip(axes[:, 0], panels):
+        plotted: list[int] = []
         for key in keys:
             steps, values = series(data.metrics, key)
             if steps:
-                ax.plot(steps, values, label=key, linewidth=1.2, marker="." if len(steps) < 30 else None)
+                label = key[len(LAYER_PREFIX):] if key.startswith(LAYER_PREFIX) else key
+                ax.plot(steps, values, label=label, linewidth=1.2, marker="." if len(steps) < 30 else None)
+                plotted += steps
         positive = all(v > 0 for k in keys for v in series(data.metrics, k)[1])
         if log and positive:
             ax.set_yscale("log")
-        mark_phases(ax, spans)
+        mark_phases(ax, spans, min(plotted), max(plotted))
         ax.set_title(title, loc="left", fontsize=10, pad=14)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
@@ -230,12 +245,7 @@ def heatmap_figure(data: RunData, stage: str, pairs: list[tuple[int, int]], step
         ax.set_xlabel("student layer")
         ax.set_ylabel("teacher layer")
         ax.set_title(f"step {step}", fontsize=10)
-        for ti, row in enumerate(grid):
-            for si, value in enumerate(row):
-                if math.isfinite(value):
-                    bright = vmax > vmin and (value - vmin) / (vmax - vmin) > 0.6
-                    ax.text(si, ti, f"{value:.3g}", ha="center", va="center", fontsize=7,
-                            color="black" if bright else "white")
+        annotate(ax, image, grid, ".3g")
     assert image is not None  # steps is never empty here
     fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label=f"{stage} loss per token")
     return fig
@@ -257,10 +267,7 @@ def probe_figure(result: dict[str, Any]) -> Figure:
         for s, t in result["mapped"].get(stage, []):
             ax.add_patch(matplotlib.patches.Rectangle((s - first - 0.5, t - first - 0.5), 1, 1, fill=False,
                                                       edgecolor="red", linewidth=2))
-        for ti, row in enumerate(grid):
-            for si, value in enumerate(row):
-                ax.text(si, ti, f"{value:.2g}", ha="center", va="center", fontsize=8, color="white",
-                        path_effects=[matplotlib.patheffects.withStroke(linewidth=1.5, foreground="black")])
+        annotate(ax, image, grid, ".2g")
         fig.colorbar(image, ax=ax, shrink=0.9)
     fig.tight_layout()
     return fig
@@ -344,7 +351,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | 
         for stage, pairs in layer_pairs(data.metrics).items():
             keys = [f"{LAYER_PREFIX}{stage}/{s}_{t}" for s, t in pairs]
             figure(f"Per-layer {stage} loss", f"layers_{stage}",
-                   line_figure(data, [(f"{stage}: student_teacher pair", keys, True)]))
+                   line_figure(data, [(f"{stage} loss per token, per pair <student layer>_<teacher layer>", keys, True)]))
             chosen = heatmap_steps(data, stage, steps)
             if chosen:
                 figure(f"{stage} loss by layer pair", f"heatmap_{stage}", heatmap_figure(data, stage, pairs, chosen),
