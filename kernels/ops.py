@@ -104,14 +104,37 @@ def _flat_labels(labels: Tensor | None, lead_shape: torch.Size) -> Tensor | None
         return None
     if labels.shape != lead_shape:
         raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits' leading shape is {tuple(lead_shape)}")
-    return labels.reshape(-1)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
+    return labels.reshape(-1).long()
+
+
+def _check_floating(**tensors: Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and not tensor.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tensor | None = None,
                  ignore_index: int = -100, divergence: str = "forward_kl", beta: float = 0.5,
                  temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
                  reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """Distillation loss between ``[..., V]`` logits; gradients flow to ``student_logits`` only."""
+    """Distillation loss between student and teacher logits ``[..., V]`` (leading dims are rows).
+
+    Per row: ``(1 - alpha) * c * D(P_t, P_s) + alpha * CE(z_s, label)`` with ``P = softmax(z / T)``,
+    ``c = T**2`` if ``scale_t2`` else 1, and ``CE`` the student's cross-entropy at T = 1.
+    ``divergence``: ``forward_kl`` = KL(P_t||P_s), ``reverse_kl`` = KL(P_s||P_t), ``jsd`` =
+    beta KL(P_t||M) + (1-beta) KL(P_s||M) with M = beta P_t + (1-beta) P_s; at ``beta=0`` / ``1``
+    that formula is identically 0, so (TRL's ``generalized_jsd_loss`` convention) ``jsd`` means
+    forward / reverse KL there. Rows whose label is ``ignore_index`` count for nothing.
+    ``reduction``: ``mean`` over non-ignored rows (none left -> 0.0 with a zero gradient),
+    ``sum``, or ``none`` (shape ``[...]``, ignored rows 0). The result is fp32; only
+    ``student_logits`` gets a gradient (same dtype as it). ``-inf`` logits are zero-probability
+    tokens; NaN / +inf logits make their row NaN; ignored rows stay 0 whatever they hold.
+    ``backend``: ``auto`` (best available for these tensors), ``torch``, ``chunked``, ``triton``
+    or a plugin's; see :func:`backends`.
+    """
+    _check_floating(student_logits=student_logits, teacher_logits=teacher_logits)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ"
@@ -135,7 +158,18 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
                               ignore_index: int = -100, divergence: str = "forward_kl", beta: float = 0.5,
                               temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
                               reduction: str = "mean", backend: str = "auto") -> Tensor:
-    """Same loss as :func:`distill_loss` on ``hidden @ W.T (+ b)`` without building ``[N, V]`` logits."""
+    """:func:`distill_loss` of the LM-head logits ``hidden @ W.T (+ b)`` without building ``[N, V]`` logits.
+
+    ``student_hidden [..., Hs]`` with ``student_lm_head_weight [V, Hs]``, ``teacher_hidden [..., Ht]``
+    with ``teacher_lm_head_weight [V, Ht]`` (hidden sizes may differ; biases are ``[V]``).
+    Gradients reach ``student_hidden``, ``student_lm_head_weight`` and ``student_bias`` only.
+    """
+    _check_floating(student_hidden=student_hidden, student_lm_head_weight=student_lm_head_weight,
+                    teacher_hidden=teacher_hidden, teacher_lm_head_weight=teacher_lm_head_weight,
+                    student_bias=student_bias, teacher_bias=teacher_bias)
+    if student_lm_head_weight.dim() != 2 or teacher_lm_head_weight.dim() != 2:
+        raise ValueError(f"LM-head weights must be [V, H]; got {tuple(student_lm_head_weight.shape)} (student) "
+                         f"and {tuple(teacher_lm_head_weight.shape)} (teacher)")
     if student_lm_head_weight.shape[0] != teacher_lm_head_weight.shape[0]:
         raise ValueError(
             f"vocab sizes differ: student LM head has {student_lm_head_weight.shape[0]} rows, "
@@ -148,6 +182,9 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
                                  ("teacher", teacher_hidden, teacher_lm_head_weight)):
         if hidden.shape[-1] != weight.shape[1]:
             raise ValueError(f"{name} hidden size {hidden.shape[-1]} does not match its LM head {tuple(weight.shape)}")
+    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if bias is not None and bias.shape != student_lm_head_weight.shape[:1]:
+            raise ValueError(f"{name} must have shape ({student_lm_head_weight.shape[0]},), got {tuple(bias.shape)}")
     _check_options(divergence, beta, temperature, alpha, reduction, labels)
     lead = student_hidden.shape[:-1]
     flat_labels = _flat_labels(labels, lead)

@@ -12,6 +12,9 @@ from hkd.kernels import KernelBackend, distill_loss, fused_linear_distill_loss, 
 
 from .helpers import BACKENDS, DEVICE, rows64
 
+# the interpreter evaluates masked-out lanes too (inf - inf there); the results never use them
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
 
 def logits(n: int = 6, vocab: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)

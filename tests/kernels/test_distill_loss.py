@@ -9,6 +9,9 @@ from hkd.kernels import chunked, distill_loss
 
 from .helpers import BACKENDS, DEVICE, reduce64, rows64
 
+# the interpreter evaluates masked-out lanes too (inf - inf there); the results never use them
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
 # dtype -> (loss rtol, loss atol, grad atol as a fraction of the largest reference grad)
 TOL = {torch.float32: (1e-5, 1e-6, 1e-5), torch.bfloat16: (2e-2, 1e-3, 2e-2)}
 DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("jsd", 1.0)]
