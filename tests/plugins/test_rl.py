@@ -73,17 +73,17 @@ def digit_first_rate(model, tokenizer, prompts) -> float:
 
 @pytest.mark.slow
 def test_rl_steps_raise_the_reward(tmp_path):
-    """Reward: the completion starts with a digit (~10% for a random model). 25 RL steps raise it a lot."""
+    """Reward: the completion starts with a digit (~10% for a random model). 12 RL steps raise it a lot."""
     prompts = tmp_path / "prompts.jsonl"
     problems = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(10, 26)]
     prompts.write_text("".join(json.dumps(p) + "\n" for p in problems))
     raw = json.loads(json.dumps(BASE_CONFIG))
-    raw["schedule"] = {"phases": [{"name": "rl", "steps": 25, "stages": {"rl": 1.0}}]}
+    raw["schedule"] = {"phases": [{"name": "rl", "steps": 12, "stages": {"rl": 1.0}}]}
     raw["stages"] = {"rl": {
         "prompts": str(prompts), "prompts_per_step": 4, "samples_per_prompt": 8, "max_new_tokens": 2,
         "kl_weight": 0.01, "verifier": {"name": "regex_format", "options": {"pattern": r"\d.*"}},
     }}
-    raw["optim"] = {"lr": 1e-2, "grad_accum": 2}
+    raw["optim"] = {"lr": 2e-2, "grad_accum": 2}
     config = from_dict(Config, raw)
     result = distill(config, tmp_path / "run")
     before, tokenizer = load_model(config.student, "student", tmp_path / "run")
@@ -93,5 +93,5 @@ def test_rl_steps_raise_the_reward(tmp_path):
     assert rate_before < 0.3
     assert rate_after > rate_before + 0.3, (rate_before, rate_after)
     metrics = read_metrics(tmp_path / "run")
-    assert len(metrics) == 25 and all("metric/reward" in m and m["metric/rl_kl"] >= 0 for m in metrics)
-    assert sum(m["metric/reward"] for m in metrics[-5:]) > sum(m["metric/reward"] for m in metrics[:5])
+    assert len(metrics) == 12 and all("metric/reward" in m and m["metric/rl_kl"] >= 0 for m in metrics)
+    assert sum(m["metric/reward"] for m in metrics[-4:]) > sum(m["metric/reward"] for m in metrics[:4])
