@@ -124,7 +124,7 @@ class RlStage(Stage):
             raise ConfigError(f"{where}.kl_weight: the KL term needs a live teacher (no teacher_cache)")
         self.config = config
         self.records = load_prompt_records(config, where)
-        self.tokenizer = context.tokenizer or load_tokenizer(Path(context.student.config.name_or_path))
+        self.tokenizer = context.tokenizer or load_tokenizer(Path(str(context.student.config.name_or_path)))
         if self.tokenizer is None:
             raise HkdError(f"{where}: the RL stage samples text and needs the student's tokenizer")
         pm = context.plugins
@@ -134,7 +134,7 @@ class RlStage(Stage):
             pm = build_manager()
         self.verify = build_verifier(pm, config.verifier.name, config.verifier.options, f"{where}.verifier")
         # not submodules: the models are trained/frozen by the loop, not owned by this stage
-        self._models = {"student": context.student, "teacher": context.teacher}
+        self._models: dict[str, Any] = {"student": context.student, "teacher": context.teacher}
         self._last_step = -1
 
     def student_request(self) -> TapRequest:
@@ -153,7 +153,7 @@ class RlStage(Stage):
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
         model = self._models["student"]
         if state.step == self._last_step:  # later micro-batch of a step already sampled: no contribution
-            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            zero = torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
             return {"rl": zero}
         self._last_step = state.step
         cfg, rank = self.config, dist.get_rank() if dist.is_initialized() else 0
@@ -175,7 +175,7 @@ class RlStage(Stage):
         student_logits = model(**inputs).logits[:, start:-1] / cfg.temperature
         token_logp = student_logits.float().log_softmax(-1).gather(-1, samples.completion_ids[..., None]).squeeze(-1)
         mask = samples.completion_mask
-        terms = {
+        terms: dict[str, Tensor] = {
             "rl": policy_gradient_loss(token_logp, mask, advantages) / world_size(),
             "metric/reward": rewards.mean(),
         }
