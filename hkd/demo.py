@@ -122,7 +122,7 @@ def make_config(settings: DemoSettings, *, teacher: dict[str, Any], student: dic
                  "batch_size": settings.batch_size, "max_length": settings.max_length},
         "schedule": {"phases": phases, "ramp_steps": 0},
         "stages": stages or {},
-        "optim": {"lr": lr, "warmup_steps": 20, "min_lr_ratio": 0.01},
+        "optim": {"lr": lr, "warmup_steps": 20, "min_lr_ratio": 0.1},
         "train": {"seed": seed, "progress": progress, "device": "cpu"},
     })
     validate(config)
