@@ -69,6 +69,7 @@ def softmax_kl_kernel(s_ptr, t_ptr, labels_ptr, loss_ptr, grad_ptr, s_stride, t_
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         keep = label != ignore_index
+        label = tl.where(keep, label, 0)  # an ignored row must not read z_s[-100]
 
     # pass 1: log-sum-exp of z_s/T, z_t/T and (for the CE term) z_s
     m_s = NEG_BIG; d_s = 0.0; m_t = NEG_BIG; d_t = 0.0; m_1 = NEG_BIG; d_1 = 0.0  # noqa: E702
