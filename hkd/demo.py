@@ -8,7 +8,8 @@
    (the :mod:`hkd.generate` code path).
 3. **Progressive hierarchical distillation** into a student with fewer, narrower layers:
    structure (attention) -> feature (hidden) -> decision (logits) on the distilled data,
-   then RL correction (``rl`` stage). The student is saved after every phase.
+   then RL correction (``rl`` stage, with the logits term kept on as an anchor). The student
+   is saved after every phase.
 4. **Evaluation.** Greedy pass@1 on held-out problems for the teacher, two baselines with
    the same number of steps (SFT on answer-only data, SFT on the distilled data) and the
    student after each phase, printed as a table and written to ``OUT/results.json``.
@@ -59,7 +60,7 @@ class DemoSettings:
     student_problems: int = 1500  # answer-only training problems
     heldout_problems: int = 200
     teacher_steps: int = 400
-    student_steps: int = 600  # every student arm gets this many optimizer steps
+    student_steps: int = 800  # every student arm gets this many optimizer steps
     rl_steps: int = 30  # the last steps of the progressive run
     batch_size: int = 32
     teacher_lr: float = 3e-3
@@ -242,7 +243,8 @@ def progressive_phases(settings: DemoSettings, rl: bool) -> list[dict[str, Any]]
         {"name": "decision", "steps": total - structure - feature - rl_steps, "stages": {"hidden": 0.2, "logits": 1.0}},
     ]
     if rl:
-        phases.append({"name": "rl", "steps": rl_steps, "stages": {"rl": 1.0}})
+        # the logits term stays on as an anchor: RL alone at the schedule's LR lowered greedy pass@1
+        phases.append({"name": "rl", "steps": rl_steps, "stages": {"rl": 1.0, "logits": 1.0}})
     return phases
 
 
