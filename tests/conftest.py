@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-from typing import Any
+import os
 
-import pytest
+import torch
 
-from hkd.models import write_preset
+# Triton kernels run on the CPU through the interpreter in CI. The variable is read when
+# triton is imported (transformers imports it below), so it must be set first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from hkd.models import write_preset  # noqa: E402
 
 TEACHER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 2}
