@@ -7,7 +7,9 @@ The TensorBoard and W&B tests are skipped when their package is not installed
 from __future__ import annotations
 
 import json
+import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,32 @@ def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {e.step: e.value for e in events.Scalars(tag)}
+
+
+def wandb_history(path: Path) -> list[dict[str, str]]:
+    """History rows of an offline ``.wandb`` file: a LevelDB-style log of protobuf records.
+
+    Layout: a 7-byte ``:W&B`` header, then 32 KiB blocks of chunks ``crc u32, length u16,
+    type u8, data`` (type 1 = a whole record, 2/3/4 = first/middle/last part).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, pending, rows = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer: too short for a chunk header
+            pos += 32768 - pos % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
 
 
 def test_unknown_backend_is_named_with_its_config_path(raw_config):
@@ -88,13 +116,20 @@ def test_wandb_offline_keeps_the_run_id_across_resume(raw_config, tmp_path):
     config = config_with(raw_config, ["wandb"])
     run_hooks(config, tmp_path / "run", STEPS[:2])
     run_id = (tmp_path / "run" / "wandb-run-id").read_text().strip()
+    time.sleep(1.1)  # W&B names offline segments by the second: a resume within it would reuse the directory
     run_hooks(config, tmp_path / "run", STEPS[2:], start_step=2)
     assert (tmp_path / "run" / "wandb-run-id").read_text().strip() == run_id
     files = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 2  # one offline segment per process start, one W&B run id
-    logged = b"".join(f.read_bytes() for f in files)
-    for metrics in STEPS:  # W&B stores each value as JSON text in its protobuf records
-        assert json.dumps(metrics["loss/hidden"]).encode() in logged
+    expected = {s["step"]: s["loss/hidden"] for s in STEPS}
+    deadline = time.monotonic() + 15
+    while True:  # finish() returns before the wandb-core service has written the last records
+        rows = [row for path in files for row in wandb_history(path)]
+        logged = {int(r["_step"]): float(r["loss/hidden"]) for r in rows}
+        if logged == expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert logged == expected
 
 
 def test_one_run_logs_to_all_three_backends(raw_config, tmp_path):
