@@ -9,7 +9,7 @@ which are found through the entry-point group ``hkd``.
 Two kinds of hooks:
 
 * **Registration hooks** (``hkd_add_*``) return things the core collects from every plugin:
-  stage specs, kernel backends, verifiers, loggers. Each returns a list (or ``None``); the
+  stage specs, kernel backends, verifiers. Each returns a list (or ``None``); the
   core concatenates the lists. Duplicate names are an error that names both plugins.
 * **Lifecycle hooks** (``hkd_on_*``, ``hkd_after_step``) observe the run. They return
   nothing; an exception raised in one is reported with the plugin and hook name.
