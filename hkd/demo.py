@@ -323,7 +323,7 @@ def plot_losses(run: Path, target: Path) -> str:
         twin.set_ylabel("RL reward (mean over samples)")
         twin.set_ylim(0, 1.05)
         twin.legend(loc="upper center")
-    ax.legend(loc="upper right")
+    ax.legend(loc="lower left")
     ax.set_title("progressive distillation: loss per stage (dashed lines: phase boundaries)")
     fig.tight_layout()
     fig.savefig(target, dpi=120)
