@@ -22,6 +22,7 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.config import load_config
+    from hkd.distributed import shutdown_distributed
     from hkd.loop import distill
 
     overrides = _split_overrides(extra)
@@ -30,7 +31,10 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     if args.no_progress:
         config.train.progress = False
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    result = distill(config, run_dir, resume=args.resume)
+    try:
+        result = distill(config, run_dir, resume=args.resume)
+    finally:
+        shutdown_distributed()
     print(f"done: {result.steps} steps; final student in {result.final_dir}")
     loader = "AutoModel" if config.student.encoder else "AutoModelForCausalLM"
     print(f"load it with: {loader}.from_pretrained({str(result.final_dir)!r})")

@@ -121,6 +121,15 @@ def sync_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         offset += n
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group explicitly: gloo can abort the process when torn down at exit.
+
+    No barrier: after a failure on one rank the others must not wait for it.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
