@@ -23,6 +23,7 @@ functions for its seeds x arms comparison.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -47,6 +48,7 @@ from hkd.plugins.verifiers import exact_answer
 
 TEACHER_ARCH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                 "num_key_value_heads": 2}
+DISTILLED = "distilled.jsonl"  # in OUT/data, with hkd generate's ledger beside it
 STUDENT_ARCH = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1}
 
@@ -130,33 +132,38 @@ def make_config(settings: DemoSettings, *, teacher: dict[str, Any], student: dic
     return config
 
 
-def teacher_fingerprint(settings: DemoSettings) -> dict[str, Any]:
-    keys = ("digits", "teacher_problems", "teacher_steps", "batch_size", "teacher_lr", "max_length", "teacher_arch",
-            "seed", "heldout_problems", "student_problems")
-    return {k: getattr(settings, k) for k in keys}
+def teacher_fingerprint(config: Config, data: Path) -> dict[str, Any]:
+    """Everything that decides the teacher: its whole training config and its training data."""
+    settings = config.to_dict()
+    settings["train"].pop("progress")
+    settings["data"].pop("path")  # the content counts, not where the run directory lives
+    return {"config": settings, "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
 
 
 def prepare_teacher(settings: DemoSettings, out: Path, data: DemoData, progress: bool) -> Path:
-    """Train the teacher on worked solutions, or reuse the one a previous run with the same settings left."""
+    """Train the teacher on worked solutions, or reuse the one a previous run with the same fingerprint left."""
     run = out / "teacher"
     stamp = run / "demo-teacher.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == teacher_fingerprint(settings):
-        tqdm.write(f"teacher: reusing {run / 'final'}")
-        return run / "final"
-    shutil.rmtree(run, ignore_errors=True)
     arch = {"preset": "tiny-llama", "preset_overrides": settings.teacher_arch, "seed": settings.seed + 1}
     config = make_config(settings, teacher=arch, student=arch, data=data.teacher_train,
                          phases=[{"name": "sft", "steps": settings.teacher_steps, "stages": {"sft": 1.0}}],
                          lr=settings.teacher_lr, seed=settings.seed, progress=progress)
+    fingerprint = teacher_fingerprint(config, data.teacher_train)
+    if stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
+        tqdm.write(f"teacher: reusing {run / 'final'}")
+        return run / "final"
+    shutil.rmtree(run, ignore_errors=True)
+    for stale in (DISTILLED, DISTILLED + ".ledger.jsonl"):  # solutions of an older teacher must not be reused
+        (out / "data" / stale).unlink(missing_ok=True)
     distill(config, run)
-    stamp.write_text(json.dumps(teacher_fingerprint(settings)))  # written last: marks a finished teacher
+    stamp.write_text(json.dumps(fingerprint))  # written last: marks a finished teacher
     return run / "final"
 
 
 def distill_data(settings: DemoSettings, out: Path, data: DemoData, teacher: Path, progress: bool) -> Path:
     """The teacher writes a worked solution per training prompt (greedy); the verifier keeps correct ones."""
     config = GenerateConfig(
-        teacher=ModelConfig(path=str(teacher)), prompts=str(data.train_prompts), output=str(out / "data" / "distilled.jsonl"),
+        teacher=ModelConfig(path=str(teacher)), prompts=str(data.train_prompts), output=str(out / "data" / DISTILLED),
         n=1, temperature=0.0, max_new_tokens=settings.max_new_tokens, batch_size=100, seed=settings.seed, device="cpu",
         verifiers=[VerifierConfig("exact_answer")], progress=progress,
     )
