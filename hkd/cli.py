@@ -95,6 +95,8 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if args.no_progress:
         config.progress = False
     summary = generate(config)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for everyone
+        return 0
     print(f"{summary.prompts} prompts, {summary.samples} samples: kept {summary.kept}, "
           f"rejected {summary.samples - summary.kept}; written to {summary.output}")
     if summary.rejected:

@@ -15,6 +15,12 @@ each flushed to disk. The ledger is the truth: on restart, a torn last line is d
 output lines of batches the ledger does not record are removed, and only unrecorded batches
 are sampled again. Each batch samples with a seed derived from the base seed and the ids of
 its prompts, so the resumed run writes exactly the lines the uninterrupted run would have.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) rank ``r`` of ``W`` takes every ``W``-th unfinished
+batch and appends to its own part, ``OUTPUT.rank-R.jsonl`` with its own ledger; when every
+rank is done, rank 0 merges the parts into ``OUTPUT`` in batch order, so the file is the one a
+single process writes. Parts left by a crashed run are merged at the next start, whatever
+its number of ranks.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from tqdm.auto import tqdm
 
 from hkd.config import ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
 from hkd.data import read_jsonl
+from hkd.distributed import barrier, init_distributed
 from hkd.errors import ConfigError, HkdError
 from hkd.manager import build_manager
 from hkd.models import freeze, load_model
@@ -170,6 +177,48 @@ def recover(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     return entries
 
 
+def part_path(output: Path, rank: int) -> Path:
+    return output.with_name(f"{output.name}.rank-{rank}.jsonl")
+
+
+def existing_parts(output: Path) -> list[Path]:
+    """Per-rank parts next to ``output`` (a part with only a ledger kept no line yet)."""
+    names = {p.name.removesuffix(".ledger.jsonl") for p in output.parent.glob(f"{output.name}.rank-*.jsonl*")
+             if p.name.endswith(".jsonl")}
+    return [output.parent / name for name in sorted(names)]
+
+
+def merge_parts(output: Path, settings: dict[str, Any]) -> None:
+    """Fold per-rank parts (and their ledgers) into ``output`` and its ledger, in batch order.
+
+    Idempotent: batches are keyed by (index, ids) and lines by (id, sample), and the parts are
+    deleted last, so a crash anywhere in here only means the next run merges again.
+    """
+    parts = existing_parts(output)
+    if not parts:
+        return
+    entries, lines = read_lines(ledger_path(output)), read_lines(output)
+    for part in parts:
+        entries += read_lines(ledger_path(part))
+        lines += read_lines(part)
+    by_batch: dict[tuple[int, tuple[str, ...]], dict[str, Any]] = {}  # a batch grown by new prompts has 2 entries
+    for entry in entries:
+        by_batch.setdefault((entry["batch"], tuple(entry["ids"])), entry)
+    batch_of = {pid: entry["batch"] for entry in by_batch.values() for pid in entry["ids"]}
+    unique: dict[tuple[str, int], dict[str, Any]] = {}
+    for line in lines:
+        unique.setdefault((line["id"], line["sample"]), line)
+    merged = sorted(unique.values(), key=lambda line: batch_of[line["id"]])  # stable: samples stay in order
+    ledger = [by_batch[k] for k in sorted(by_batch, key=lambda k: k[0])]
+    for path, rows in ((output, merged), (ledger_path(output), ledger)):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.replace(tmp, path)
+    for part in parts:
+        part.unlink(missing_ok=True)
+        ledger_path(part).unlink(missing_ok=True)
+
+
 def append_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write("".join(json.dumps(row) + "\n" for row in rows))
@@ -235,10 +284,21 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     settings = config.settings()
-    entries = recover(output, settings)
-    done = {pid for entry in entries for pid in entry["ids"]}
-
-    model, tokenizer = load_model(config.teacher, "teacher", output.parent)
+    info = init_distributed()
+    if info.is_main:  # rank 0 alone repairs files and writes a preset teacher; the others wait
+        for part in existing_parts(output):  # left by an interrupted multi-rank run
+            if not ledger_path(part).is_file():  # it crashed inside its first batch: nothing finished
+                part.unlink()
+            else:
+                recover(part, settings)
+        recover(output, settings)
+        model, tokenizer = load_model(config.teacher, "teacher", output.parent)
+    barrier(info)
+    done = {pid for path in [output, *existing_parts(output)] for entry in read_lines(ledger_path(path))
+            for pid in entry["ids"]}
+    barrier(info)  # every rank has read the same ledgers before any rank appends to one
+    if not info.is_main:
+        model, tokenizer = load_model(config.teacher, "teacher", output.parent)
     if tokenizer is None:
         raise HkdError("teacher: the model directory has no tokenizer")
     freeze(model).to(pick_device(config.device))  # type: ignore[arg-type]
@@ -249,8 +309,11 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     # a batch is finished or not (one ledger line each); prompts added to the file since are new work
     todo = [(i, [(pid, r) for pid, r in b if pid not in done]) for i, b in enumerate(batches)]
     todo = [(i, b) for i, b in todo if b]
-    bar = tqdm(total=len(batches), initial=len(batches) - len(todo), disable=not config.progress, unit="batch")
-    for index, batch in todo:
+    bar = tqdm(total=len(batches), initial=len(batches) - len(todo), disable=not config.progress or not info.is_main,
+               unit="batch")
+    mine = todo[info.rank::info.world_size]
+    target = part_path(output, info.rank) if info.enabled else output
+    for index, batch in mine:
         ids = [pid for pid, _ in batch]
         seed = derive_seed(config.seed, "\x1f".join(ids))
         samples = sample(model, tokenizer, [str(r[config.prompt_field]) for _, r in batch], n=config.n,
@@ -271,13 +334,16 @@ def generate(config: GenerateConfig) -> GenerateSummary:
                 "sampling": settings,
                 "seed": seed,
             } for d in judged if d.reason is None]
-        append_lines(output, kept_lines)  # output first: the ledger line below marks the batch finished
+        append_lines(target, kept_lines)  # output first: the ledger line below marks the batch finished
         entry = {"batch": index, "ids": ids, "seed": seed, "settings": settings, "decisions": decisions}
-        append_lines(ledger_path(output), [entry])
-        entries.append(entry)
-        bar.update(1)
+        append_lines(ledger_path(target), [entry])
+        bar.update(info.world_size)  # the other ranks finish theirs alongside
     bar.close()
-    return summarize(entries, output)
+    barrier(info)
+    if info.is_main:
+        merge_parts(output, settings)
+    barrier(info)
+    return summarize(read_lines(ledger_path(output)), output)
 
 
 def summarize(entries: list[dict[str, Any]], output: Path) -> GenerateSummary:

@@ -201,3 +201,71 @@ def test_cli_runs_the_example_config(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "24 prompts, 24 samples" in printed and out.is_file()
     assert len(ledger_path(out).read_text().splitlines()) == 2
+
+
+def test_parts_of_an_interrupted_multi_rank_run_are_merged_in_order(tmp_path, model_dirs, monkeypatch):
+    from hkd.distributed import DistInfo
+
+    monkeypatch.setattr(gen, "sample", scripted(random_texts))
+    reference = generate(config(tmp_path / "a", model_dirs, filters={"dedupe": False})).output.read_text()
+
+    cfg = config(tmp_path / "b", model_dirs, filters={"dedupe": False})
+    out = Path(cfg.output)
+    fake = scripted(random_texts)
+
+    def crash_on_second_batch(*args, **kwargs):
+        if len(fake.calls) == 1:
+            raise RuntimeError("killed")
+        return fake(*args, **kwargs)
+
+    # rank 1 of 2 takes batches 1 and 3 of 4, finishes batch 1, dies in batch 3
+    monkeypatch.setattr(gen, "init_distributed", lambda: DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(gen, "barrier", lambda info: None)
+    monkeypatch.setattr(gen, "sample", crash_on_second_batch)
+    with pytest.raises(RuntimeError):
+        generate(cfg)
+    part = gen.part_path(out, 1)
+    assert [e["batch"] for e in map(json.loads, ledger_path(part).read_text().splitlines())] == [1]
+    assert not out.exists()
+    with part.open("a") as handle:
+        handle.write('{"id": "q9", "sam')  # torn tail of the part
+
+    # one process resumes: batches 0, 2, 3 remain; the merge puts batch 1's lines in their place
+    monkeypatch.setattr(gen, "init_distributed", lambda: DistInfo())
+    resumed = scripted(random_texts)
+    monkeypatch.setattr(gen, "sample", resumed)
+    summary = generate(cfg)
+    assert len(resumed.calls) == 3 and summary.prompts == 10
+    assert out.read_text() == reference
+    assert [e["batch"] for e in map(json.loads, ledger_path(out).read_text().splitlines())] == [0, 1, 2, 3]
+    assert gen.existing_parts(out) == []
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_write_the_single_process_file(tmp_path, subprocess_env):
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = yaml.safe_load((EXAMPLES / "generate.yaml").read_text())
+    # keep every sample (a random preset teacher passes no verifier): the files then hold all completions
+    raw.update(prompts=str(EXAMPLES / raw["prompts"]), n=2, max_new_tokens=8, batch_size=5, verifiers=[],
+               filters={"require_answer": False, "max_chars": 0, "max_kept_per_prompt": 0, "dedupe": False})
+    config_path = tmp_path / "gen.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    options = ["--no-progress"]
+    single = tmp_path / "single" / "gen.jsonl"
+    assert main(["generate", str(config_path), "--out", str(single), *options]) == 0
+    multi = tmp_path / "multi" / "gen.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "hkd.cli", "generate", str(config_path), "--out", str(multi), *options]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("24 prompts, 48 samples") == 1  # rank 0 alone reports
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "teacher"}  # noqa: E731
+                          for line in path.read_text().splitlines()]
+    assert len(strip(single)) > 24 and strip(multi) == strip(single)
+    entries = [json.loads(line) for line in ledger_path(multi).read_text().splitlines()]
+    assert [e["batch"] for e in entries] == [0, 1, 2, 3, 4]
+    assert gen.existing_parts(multi) == []
