@@ -61,6 +61,7 @@ class PhaseConfig:
     name: str
     steps: int
     stages: dict[str, float]
+    lr_scale: float = 1.0  # multiplies the warmup + cosine LR in this phase (e.g. a gentler RL phase)
 
 
 @dataclass
@@ -297,6 +298,8 @@ def validate(config: Config) -> None:
     for i, phase in enumerate(config.schedule.phases):
         if phase.steps <= 0:
             raise ConfigError(f"schedule.phases[{i}].steps: must be positive, got {phase.steps}")
+        if not phase.lr_scale > 0:
+            raise ConfigError(f"schedule.phases[{i}].lr_scale: must be positive, got {phase.lr_scale}")
         for stage, weight in phase.stages.items():
             if weight < 0:
                 raise ConfigError(f"schedule.phases[{i}].stages.{stage}: weight must be >= 0, got {weight}")

@@ -62,11 +62,17 @@ class Schedule:
         return t.end + 0.5 * (t.start - t.end) * (1 + math.cos(math.pi * progress))
 
     def lr_factor(self, step: int) -> float:
-        """Linear warmup, then cosine decay to ``min_lr_ratio`` (multiplies ``optim.lr``)."""
+        """Linear warmup, then cosine decay to ``min_lr_ratio``, times the phase's ``lr_scale``.
+
+        The result multiplies ``optim.lr``. The warmup + cosine curve spans the whole run; a
+        phase's ``lr_scale`` only rescales it while that phase runs (no ramp: Adam's step size
+        changes at the boundary, the stage weights still ramp).
+        """
+        scale = self.config.phases[self.phase_at(step).index].lr_scale
         warmup = self.optim.warmup_steps
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return scale * (step + 1) / (warmup + 1)
         decay_steps = max(1, self.total_steps - warmup)
         progress = min(1.0, (step - warmup) / decay_steps)
         floor = self.optim.min_lr_ratio
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return scale * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))

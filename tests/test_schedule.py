@@ -55,3 +55,23 @@ def test_out_of_range_layer_map_is_named():
         build_layer_map("explicit", 2, 4, pairs=[[1, 7]], where="stages.hidden.layer_map")
     with pytest.raises(ConfigError, match=r"pairs\[0\]: expected \[student_layer, teacher_layer\]"):
         build_layer_map("explicit", 2, 4, pairs=[[1]])
+
+
+def test_phase_lr_scale_rescales_only_its_phase():
+    phases = [PhaseConfig("a", 4, {"attention": 1.0}), PhaseConfig("rl", 6, {"rl": 1.0}, lr_scale=0.25)]
+    scaled = Schedule(ScheduleConfig(phases, 0, TemperatureConfig()), OptimConfig(warmup_steps=2))
+    plain = make(warmup=2)
+    for step in range(4):
+        assert scaled.lr_factor(step) == pytest.approx(plain.lr_factor(step))
+    for step in range(4, 12):
+        assert scaled.lr_factor(step) == pytest.approx(0.25 * plain.lr_factor(step))
+
+
+def test_non_positive_lr_scale_is_named():
+    from hkd.config import Config, from_dict, validate
+
+    config = from_dict(Config, {"teacher": {"preset": "tiny-llama"}, "student": {"preset": "tiny-llama"},
+                                "schedule": {"phases": [{"name": "a", "steps": 2, "stages": {"logits": 1.0},
+                                                         "lr_scale": 0}]}})
+    with pytest.raises(ConfigError, match=r"schedule\.phases\[0\]\.lr_scale: must be positive, got 0"):
+        validate(config)
