@@ -26,6 +26,7 @@ measured numbers, never asserted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -68,6 +69,19 @@ def goals(arms: dict[str, Any], teacher: float, ratio: float) -> dict[str, Any]:
     return out
 
 
+def override_setting(settings: DemoSettings, item: str, parser: argparse.ArgumentParser) -> DemoSettings:
+    """``FIELD=VALUE`` -> a copy of ``settings`` with that scalar field replaced (typed like its default)."""
+    name, sep, value = item.partition("=")
+    current = getattr(settings, name, None)
+    if not sep or not isinstance(current, (int, float)) or isinstance(current, bool):
+        scalars = [f.name for f in dataclasses.fields(settings) if isinstance(getattr(settings, f.name), (int, float))]
+        parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(scalars)}")
+    try:
+        return dataclasses.replace(settings, **{name: type(current)(value)})
+    except ValueError:
+        parser.error(f"--set {item!r}: {value!r} is not a {type(current).__name__}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -77,11 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--progress", action="store_true", help="progress bars for every sub-run")
     parser.add_argument("--out", help="JSON path (default bench/results/quality-DATE.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a DemoSettings field, e.g. --set rl_lr_scale=0.3 (repeatable)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)  # 1: OpenMP threads spinning against other jobs cost more than they give
     started = time.perf_counter()
     settings = DemoSettings.quick() if args.quick else DemoSettings()
+    for item in args.set:
+        settings = override_setting(settings, item, parser)
     work = Path(args.work)
     data, teacher, distilled = prepare(settings, work, args.progress)
     teacher_pass = pass_at_1(teacher, data.heldout, settings)

@@ -120,8 +120,10 @@ class RlStage(Stage):
                               f"got {config.samples_per_prompt}")
         if config.temperature <= 0:
             raise ConfigError(f"{where}.temperature: on-policy sampling needs > 0, got {config.temperature}")
-        if config.kl_weight > 0 and context.teacher is None:
-            raise ConfigError(f"{where}.kl_weight: the KL term needs a live teacher (no teacher_cache)")
+        offline = context.teacher is None or any(p.is_meta for p in context.teacher.parameters())
+        if config.kl_weight > 0 and offline:  # with teacher_cache the teacher is only a skeleton
+            raise ConfigError(f"{where}.kl_weight: the KL term runs the teacher on the student's samples, "
+                              "which needs a live teacher (not teacher_cache); set kl_weight: 0")
         self.config = config
         self.records = load_prompt_records(config, where)
         self.tokenizer = context.tokenizer or load_tokenizer(Path(str(context.student.config.name_or_path)))
