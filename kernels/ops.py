@@ -99,14 +99,22 @@ def _reduce(rows: Tensor, labels: Tensor | None, ignore_index: int, reduction: s
     return total / max(count, 1)  # no real token: 0 with zero gradient, never NaN
 
 
-def _flat_labels(labels: Tensor | None, lead_shape: torch.Size) -> Tensor | None:
+def _flat_labels(labels: Tensor | None, lead_shape: torch.Size, vocab: int, ignore_index: int,
+                 alpha: float) -> Tensor | None:
     if labels is None:
         return None
     if labels.shape != lead_shape:
         raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits' leading shape is {tuple(lead_shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
-    return labels.reshape(-1).long()
+    flat = labels.reshape(-1).long()
+    if alpha > 0:  # the cross-entropy term indexes the vocabulary with them (kernels would read out of bounds)
+        bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels must be token ids in [0, {vocab}) or ignore_index={ignore_index}; "
+                             f"row {first} has {int(flat[first])} ({int(bad.sum())} such rows)")
+    return flat
 
 
 def _check_floating(**tensors: Tensor | None) -> None:
@@ -144,7 +152,7 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tens
     _check_options(divergence, beta, temperature, alpha, reduction, labels)
     lead = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
-    flat_labels = _flat_labels(labels, lead)
+    flat_labels = _flat_labels(labels, lead, vocab, ignore_index, alpha)
     student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     chosen = registry.resolve("distill_loss", backend, student, teacher)
     rows = chosen.fn(student, teacher, flat_labels, ignore_index=ignore_index, divergence=divergence, beta=beta,
@@ -187,7 +195,7 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
             raise ValueError(f"{name} must have shape ({student_lm_head_weight.shape[0]},), got {tuple(bias.shape)}")
     _check_options(divergence, beta, temperature, alpha, reduction, labels)
     lead = student_hidden.shape[:-1]
-    flat_labels = _flat_labels(labels, lead)
+    flat_labels = _flat_labels(labels, lead, student_lm_head_weight.shape[0], ignore_index, alpha)
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     chosen = registry.resolve("fused_linear_distill_loss", backend, s_hidden, student_lm_head_weight, t_hidden,

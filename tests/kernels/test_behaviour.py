@@ -92,6 +92,19 @@ def test_alpha_needs_labels_and_labels_need_the_right_shape():
         distill_loss(s, t, labels=torch.zeros(5, dtype=torch.long))
 
 
+def test_out_of_range_labels_are_named_when_the_cross_entropy_uses_them():
+    s, t = logits(n=6, vocab=50)
+    labels = torch.tensor([3, -100, 50, 7, -1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match=r"token ids in \[0, 50\) or ignore_index=-100; row 2 has 50 \(2 such rows\)"):
+        distill_loss(s, t, labels=labels, alpha=0.5)
+    weight = torch.randn(50, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"row 2 has 50"):
+        fused_linear_distill_loss(torch.randn(6, 4, device=DEVICE), weight, torch.randn(6, 4, device=DEVICE), weight,
+                                  labels=labels, alpha=0.5)
+    # without the cross-entropy term labels only mark ignored rows; other values are harmless
+    assert torch.isfinite(distill_loss(s, t, labels=labels, alpha=0.0))
+
+
 def test_triton_requested_where_it_cannot_run(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("triton runs here")
