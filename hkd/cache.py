@@ -44,7 +44,7 @@ from hkd.config import Config, ModelConfig
 from hkd.data import collate, encode_dataset
 from hkd.errors import ConfigError, HkdError
 from hkd.manager import build_manager
-from hkd.models import check_compatible, freeze, load_model, load_tokenizer, write_preset
+from hkd.models import check_compatible, freeze, load_model, load_tokenizer, preset_dir
 from hkd.schedule import Schedule
 from hkd.stage import StageContext, build_stages
 from hkd.taps import ModelView, TapRequest, forward_with_taps
@@ -62,10 +62,7 @@ def teacher_dir(spec: ModelConfig, run_dir: Path) -> Path:
     if spec.preset is None:
         assert spec.path is not None
         return Path(spec.path).expanduser()
-    target = run_dir / "models" / "teacher"
-    if not (target / "config.json").is_file():
-        write_preset(spec.preset, target, spec.preset_overrides, spec.seed)
-    return target
+    return preset_dir(spec, "teacher", run_dir)
 
 
 def _sha256_file(path: Path) -> str:

@@ -7,6 +7,9 @@ the ordinary ``from_pretrained`` path loads it, exactly as it would a real check
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +79,40 @@ def build_preset(name: str, overrides: dict[str, Any] | None = None, seed: int =
     return AutoModelForCausalLM.from_config(config)
 
 
+PRESET_RECIPE = "hkd-preset.json"  # what a preset directory was written from
+
+
 def write_preset(name: str, out_dir: str | Path, overrides: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """Save a tiny preset model and its tokenizer to ``out_dir`` (safetensors)."""
+    """Save a tiny preset model and its tokenizer to ``out_dir`` (safetensors) with its recipe."""
     out = Path(out_dir)
     model = build_preset(name, overrides, seed)
     model.save_pretrained(out, safe_serialization=True)
     char_tokenizer().save_pretrained(out)
+    (out / PRESET_RECIPE).write_text(json.dumps({"preset": name, "overrides": overrides or {}, "seed": seed}))
     return out
+
+
+def preset_dir(spec: ModelConfig, role: str, run_dir: Path) -> Path:
+    """``RUN_DIR/models/ROLE`` written from ``spec``'s preset, once; a later run with another recipe is refused.
+
+    The directory is written beside its final place and renamed into it, so a crash never
+    leaves a half-written model that a later run would take for a finished one.
+    """
+    assert spec.preset is not None
+    target = run_dir / "models" / role
+    recipe = {"preset": spec.preset, "overrides": spec.preset_overrides or {}, "seed": spec.seed}
+    if (target / "config.json").is_file():
+        written = target / PRESET_RECIPE
+        if written.is_file() and json.loads(written.read_text()) != recipe:
+            raise HkdError(f"{role}.preset: {str(target)!r} was written from {written.read_text()}, but the config now "
+                           f"asks for {json.dumps(recipe)}; use another --out directory or delete {str(target)!r}")
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_preset(spec.preset, tmp, spec.preset_overrides, spec.seed)
+    shutil.rmtree(target, ignore_errors=True)  # a directory without config.json holds nothing finished
+    os.replace(tmp, target)
+    return target
 
 
 def _check_model_dir(path: Path, spec: ModelConfig, role: str) -> None:
@@ -106,10 +136,7 @@ def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tup
     if spec.preset is not None:
         if run_dir is None:
             raise HkdError(f"{role}.preset needs a run directory to write the preset model into")
-        target = run_dir / "models" / role
-        if not (target / "config.json").is_file():
-            write_preset(spec.preset, target, spec.preset_overrides, spec.seed)
-        path = target
+        path = preset_dir(spec, role, run_dir)
     else:
         assert spec.path is not None
         path = Path(spec.path).expanduser()

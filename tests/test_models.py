@@ -26,6 +26,26 @@ def test_preset_in_run_dir_is_written_once(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first.parameters(), second.parameters()))
 
 
+def test_preset_dir_from_another_recipe_is_refused_not_reused(tmp_path):
+    load_model(ModelConfig(preset="tiny-llama", preset_overrides={"num_hidden_layers": 1}, seed=3), "teacher", tmp_path)
+    for changed in (ModelConfig(preset="tiny-qwen2", preset_overrides={"num_hidden_layers": 1}, seed=3),
+                    ModelConfig(preset="tiny-llama", preset_overrides={"num_hidden_layers": 2}, seed=3),
+                    ModelConfig(preset="tiny-llama", preset_overrides={"num_hidden_layers": 1}, seed=4)):
+        with pytest.raises(HkdError, match=r"teacher.preset: .*models/teacher' was written from .*tiny-llama.*"
+                                            r"but the config now asks for .*use another --out directory"):
+            load_model(changed, "teacher", tmp_path)
+
+
+def test_half_written_preset_dir_is_rewritten(tmp_path):
+    spec = ModelConfig(preset="tiny-llama", preset_overrides={"num_hidden_layers": 1}, seed=3)
+    (tmp_path / "models" / "teacher").mkdir(parents=True)  # a crash before config.json was written
+    (tmp_path / "models" / "teacher.tmp").mkdir()
+    (tmp_path / "models" / "teacher.tmp" / "junk").write_text("x")
+    model, tokenizer = load_model(spec, "teacher", tmp_path)
+    assert model.config.num_hidden_layers == 1 and tokenizer is not None
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["teacher"]
+
+
 def test_missing_directory_and_missing_config(tmp_path):
     with pytest.raises(HkdError, match=r"teacher\.path: model directory '.*nowhere' does not exist"):
         load_model(ModelConfig(path=str(tmp_path / "nowhere")), "teacher")
