@@ -217,9 +217,11 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
             tokens, seen = (int(x) for x in all_reduce_sum([local_tokens, local_seen], info, device))
             state = StepState(step=step, temperature=temperature, tokens=tokens)
             stage_losses = {name: 0.0 for name in active}
-            stage_metrics: dict[str, float] = {}  # a stage's "metric/..." terms, logged as given
+            # a stage's "metric/..." terms: per-micro-batch values, logged as their token-weighted mean
+            metric_sums: dict[str, list[float]] = {}  # name -> [sum of value * tokens, sum of tokens]
             for micro in micro_batches if active else []:  # a phase may pause every stage
                 micro = {k: v.to(device) for k, v in micro.items()}
+                micro_tokens = float(micro["loss_mask"].sum())
                 with out_of_memory_hint(config):
                     with torch.no_grad():
                         teacher_view = None if teacher_request.empty() else teacher_side(micro, teacher_request)
@@ -229,11 +231,15 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                         terms = stage_loss_terms(stages, name, micro, teacher_view, student_view, state)
                         stage_loss: Any = sum(v for k, v in terms.items() if not k.startswith("metric/"))
                         stage_losses[name] += float(stage_loss.detach())
-                        stage_metrics.update({k: float(v) for k, v in terms.items() if k.startswith("metric/")})
+                        for key in (k for k in terms if k.startswith("metric/")):
+                            acc = metric_sums.setdefault(key, [0.0, 0.0])
+                            acc[0] += float(terms[key]) * micro_tokens
+                            acc[1] += micro_tokens
                         total = total + weight * stage_loss
                     del teacher_view, student_view  # free activations before backward
                     (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
             sync_gradients(params, info)
+            stage_metrics = {k: total / tokens_ if tokens_ else 0.0 for k, (total, tokens_) in metric_sums.items()}
             stage_losses = dict(zip(stage_losses, all_reduce_sum(list(stage_losses.values()), info, device)))
 
             bad = [name for name, value in stage_losses.items() if not math.isfinite(value)]

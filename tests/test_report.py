@@ -96,8 +96,10 @@ def test_cli_report_errors_are_one_line(tmp_path):
     assert good.returncode == 0 and (tmp_path / "page" / "index.html").is_file()
 
 
-def test_log_layers_records_each_mapped_pair_and_they_average_to_the_stage_loss(raw_config, tmp_path):
-    raw_config["optim"]["grad_accum"] = 1  # per-pair values are per micro-batch: one per step here
+@pytest.mark.parametrize("grad_accum", [1, 3])  # 3: per-pair values are token-weighted over micro-batches
+def test_log_layers_records_each_mapped_pair_and_they_average_to_the_stage_loss(raw_config, tmp_path, grad_accum):
+    raw_config["optim"]["grad_accum"] = grad_accum
+    raw_config["data"]["max_length"] = 48  # ragged batches: micro-batches differ in token counts
     raw_config["stages"]["hidden"]["log_layers"] = True
     raw_config["stages"]["attention"] = {"log_layers": True}
     distill(from_dict(Config, raw_config), tmp_path / "run")
