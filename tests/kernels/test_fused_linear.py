@@ -61,7 +61,8 @@ def test_matches_fp64_reference(backend, divergence, beta, temperature, alpha):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reduction_none_with_per_row_weights(backend, monkeypatch):
-    monkeypatch.setattr(chunked, "FUSED_BLOCK_ELEMENTS", 2 * V)  # chunked: several row blocks
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 2 * V)  # chunked: several row blocks
+    monkeypatch.setattr(chunked, "FUSED_ROWS", 2)
     check(backend, make(), reduction="none", upstream=torch.rand(N), divergence="jsd", beta=0.0, alpha=0.3)
 
 
