@@ -1,6 +1,6 @@
 """Quality benchmark: which parts of the pipeline buy held-out accuracy, over several seeds.
 
-    python bench/quality.py                      # 3 seeds, every arm (about 30 min on 2 busy cores)
+    python bench/quality.py                      # 3 seeds, every arm (about 15 min on 2 cores)
     python bench/quality.py --seeds 0 1 --arms answer_only progressive_rl
     python bench/quality.py --quick              # plumbing check with the demo's quick settings
 
@@ -13,6 +13,7 @@ and the same number of optimizer steps for every arm:
 * ``hidden_logits``  feature -> decision phases
 * ``progressive``    structure -> feature -> decision
 * ``progressive_rl`` the same with the last ``rl_steps`` steps spent on RL correction
+* ``progressive_overlap`` the progressive phases with the logits loss on from the first step
 
 One teacher (trained once, cached in the work directory) and one distilled data set serve
 every arm and seed; the seed changes the student's initialisation and the batch order.

@@ -269,7 +269,8 @@ def stage_configs(settings: DemoSettings, data: DemoData) -> dict[str, Any]:
     }
 
 
-ARMS = ("answer_only", "sft_distilled", "logits_only", "hidden_logits", "progressive", "progressive_rl")
+ARMS = ("answer_only", "sft_distilled", "logits_only", "hidden_logits", "progressive", "progressive_rl",
+        "progressive_overlap")
 
 
 def arm_config(arm: str, settings: DemoSettings, data: DemoData, teacher: Path, distilled: Path, seed: int,
@@ -286,6 +287,10 @@ def arm_config(arm: str, settings: DemoSettings, data: DemoData, teacher: Path, 
                   {"name": "decision", "steps": total - feature, "stages": {"hidden": 0.2, "logits": 1.0}}]
     elif arm in ("progressive", "progressive_rl"):
         phases = progressive_phases(settings, rl=arm == "progressive_rl")
+    elif arm == "progressive_overlap":  # the same phases with the decision loss on from the first step
+        phases = progressive_phases(settings, rl=False)
+        for phase in phases:
+            phase["stages"]["logits"] = 1.0
     else:
         raise HkdError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
     return make_config(settings, teacher={"path": str(teacher)}, student=student_model(settings, seed),
