@@ -65,7 +65,6 @@ def rss_bytes() -> int:
 
 
 def loss_fn(backend: str) -> Any:
-    import torch
     import torch.nn.functional as F
 
     if backend == "eager":

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import load_bench_script
+
 from hkd.demo import ARMS, DemoSettings, arm_config
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
 
 
 @pytest.fixture(scope="module")
 def bench() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("quality")
 
 
 def test_set_overrides_a_field_with_its_type_and_names_bad_ones(bench: Any, capsys) -> None:
