@@ -337,7 +337,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
         append_lines(target, kept_lines)  # output first: the ledger line below marks the batch finished
         entry = {"batch": index, "ids": ids, "seed": seed, "settings": settings, "decisions": decisions}
         append_lines(ledger_path(target), [entry])
-        bar.update(info.world_size)  # the other ranks finish theirs alongside
+        bar.update(min(info.world_size, bar.total - bar.n))  # the other ranks finish theirs alongside
     bar.close()
     barrier(info)
     if info.is_main:
