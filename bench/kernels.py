@@ -120,17 +120,15 @@ def fused_inputs(n: int, hidden: int, vocab: int, dtype: Any, device: str) -> tu
     return hs, ws, ht, wt
 
 
-def worker(backend: str, n: int, vocab: int, dtype_name: str, reps: int) -> dict[str, Any]:
-    """One measurement in this (fresh) process."""
+def measure(loss: Any, grads: list[Any], reps: int) -> dict[str, Any]:
+    """Time ``loss().backward()`` (median of ``reps`` after a warm-up) and its peak extra memory.
+
+    ``grads``: the tensors whose ``.grad`` is reset before each call. Memory is the peak minus
+    what is in use when called (the inputs exist): on CUDA allocated bytes, on CPU RSS.
+    """
     import torch
 
     cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
-    dtype = getattr(torch, dtype_name)
-    fn = loss_fn(backend)
-    gen = torch.Generator(device=device).manual_seed(0)
-    student = torch.randn(n, vocab, device=device, dtype=dtype, generator=gen).requires_grad_()
-    teacher = torch.randn(n, vocab, device=device, dtype=dtype, generator=gen)
 
     def sync() -> None:
         if cuda:
@@ -140,54 +138,49 @@ def worker(backend: str, n: int, vocab: int, dtype_name: str, reps: int) -> dict
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, first = [], float("nan")
     for i in range(reps + 1):  # the first call is a warm-up
-        student.grad = None
+        for t in grads:
+            t.grad = None
         sync()
         start = time.perf_counter()
-        fn(student, teacher).backward()
+        out = loss()
+        out.backward()
         sync()
         if i:
             times.append(time.perf_counter() - start)
+        else:
+            first = out.item()
+        del out
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"backend": backend, "N": n, "V": vocab, "dtype": dtype_name, "time_s": statistics.median(times),
-            "extra_bytes": peak - base, "input_bytes": 2 * student.numel() * student.element_size()}
+    return {"time_s": statistics.median(times), "extra_bytes": peak - base, "loss": first}
+
+
+def worker(backend: str, n: int, vocab: int, dtype_name: str, reps: int) -> dict[str, Any]:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fn = loss_fn(backend)
+    gen = torch.Generator(device=device).manual_seed(0)
+    student = torch.randn(n, vocab, device=device, dtype=getattr(torch, dtype_name), generator=gen).requires_grad_()
+    teacher = torch.randn(n, vocab, device=device, dtype=getattr(torch, dtype_name), generator=gen)
+    result = measure(lambda: fn(student, teacher), [student], reps)
+    del result["loss"]  # this op's rows never carried it
+    return {"backend": backend, "N": n, "V": vocab, "dtype": dtype_name, **result,
+            "input_bytes": 2 * student.numel() * student.element_size()}
 
 
 def fused_worker(backend: str, n: int, hidden: int, vocab: int, dtype_name: str, reps: int) -> dict[str, Any]:
     """One fused-linear measurement in this (fresh) process; ``loss`` is the warm-up call's value."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     fn = fused_loss_fn(backend)
     hs, ws, ht, wt = fused_inputs(n, hidden, vocab, getattr(torch, dtype_name), device)
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
-    sync()
-    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times, loss = [], float("nan")
-    for i in range(reps + 1):  # the first call is a warm-up
-        hs.grad = ws.grad = None
-        sync()
-        start = time.perf_counter()
-        out = fn(hs, ws, ht, wt)
-        out.backward()
-        sync()
-        if i:
-            times.append(time.perf_counter() - start)
-        else:
-            loss = out.item()
-        del out
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"backend": backend, "N": n, "H": hidden, "V": vocab, "dtype": dtype_name,
-            "time_s": statistics.median(times), "extra_bytes": peak - base,
-            "input_bytes": sum(t.numel() * t.element_size() for t in (hs, ws, ht, wt)), "loss": loss}
+    result = measure(lambda: fn(hs, ws, ht, wt), [hs, ws], reps)
+    return {"backend": backend, "N": n, "H": hidden, "V": vocab, "dtype": dtype_name, **result,
+            "input_bytes": sum(t.numel() * t.element_size() for t in (hs, ws, ht, wt))}
 
 
 def fused_check(backends: list[str], n: int, hidden: int, vocab: int, dtype_name: str) -> dict[str, dict[str, Any]]:
