@@ -212,16 +212,17 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
             # rank r takes micro-batches [r*A, (r+1)*A) of the step's world*A: the same data as one process
             first = (step * info.world_size + info.rank) * accum
             micro_batches = [batches.batch(first + i) for i in range(accum)]
-            local_tokens = sum(int(mb["loss_mask"].sum()) for mb in micro_batches)
+            micro_tokens = [int(mb["loss_mask"].sum()) for mb in micro_batches]  # counted on the host: no sync
+            local_tokens = sum(micro_tokens)
             local_seen = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
             tokens, seen = (int(x) for x in all_reduce_sum([local_tokens, local_seen], info, device))
             state = StepState(step=step, temperature=temperature, tokens=tokens)
             stage_losses = {name: 0.0 for name in active}
             # a stage's "metric/..." terms: per-micro-batch values, logged as their token-weighted mean
             metric_sums: dict[str, list[float]] = {}  # name -> [sum of value * tokens, sum of tokens]
-            for micro in micro_batches if active else []:  # a phase may pause every stage
+            # a phase may pause every stage: then no micro-batch runs
+            for micro, micro_count in zip(micro_batches, micro_tokens) if active else []:
                 micro = {k: v.to(device) for k, v in micro.items()}
-                micro_tokens = float(micro["loss_mask"].sum())
                 with out_of_memory_hint(config):
                     with torch.no_grad():
                         teacher_view = None if teacher_request.empty() else teacher_side(micro, teacher_request)
@@ -233,13 +234,13 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
                         stage_losses[name] += float(stage_loss.detach())
                         for key in (k for k in terms if k.startswith("metric/")):
                             acc = metric_sums.setdefault(key, [0.0, 0.0])
-                            acc[0] += float(terms[key]) * micro_tokens
-                            acc[1] += micro_tokens
+                            acc[0] += float(terms[key]) * micro_count
+                            acc[1] += micro_count
                         total = total + weight * stage_loss
                     del teacher_view, student_view  # free activations before backward
                     (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
             sync_gradients(params, info)
-            stage_metrics = {k: total / tokens_ if tokens_ else 0.0 for k, (total, tokens_) in metric_sums.items()}
+            stage_metrics = {k: weighted / count if count else 0.0 for k, (weighted, count) in metric_sums.items()}
             stage_losses = dict(zip(stage_losses, all_reduce_sum(list(stage_losses.values()), info, device)))
 
             bad = [name for name, value in stage_losses.items() if not math.isfinite(value)]
