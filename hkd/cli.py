@@ -22,7 +22,6 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.config import load_config
-    from hkd.distributed import shutdown_distributed
     from hkd.loop import distill
 
     overrides = _split_overrides(extra)
@@ -31,10 +30,7 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     if args.no_progress:
         config.train.progress = False
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    try:
-        result = distill(config, run_dir, resume=args.resume)
-    finally:
-        shutdown_distributed()
+    result = distill(config, run_dir, resume=args.resume)
     print(f"done: {result.steps} steps; final student in {result.final_dir}")
     loader = "AutoModel" if config.student.encoder else "AutoModelForCausalLM"
     print(f"load it with: {loader}.from_pretrained({str(result.final_dir)!r})")
@@ -86,6 +82,7 @@ def cmd_init_model(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from hkd.distributed import init_distributed
     from hkd.generate import generate, load_generate_config
 
     config = load_generate_config(args.config, _split_overrides(extra))
@@ -95,7 +92,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if args.no_progress:
         config.progress = False
     summary = generate(config)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports for everyone
+    if not init_distributed().is_main:  # under torchrun rank 0 reports for everyone
         return 0
     print(f"{summary.prompts} prompts, {summary.samples} samples: kept {summary.kept}, "
           f"rejected {summary.samples - summary.kept}; written to {summary.output}")
@@ -267,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hkd: interrupted", file=sys.stderr)
         return 130
+    finally:  # distill and generate join a torchrun process group; leave it explicitly (gloo)
+        from hkd.distributed import shutdown_distributed
+
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

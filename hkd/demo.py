@@ -39,7 +39,7 @@ from hkd.config import Config, ModelConfig, from_dict, validate
 from hkd.data import read_jsonl
 from hkd.errors import HkdError
 from hkd.evaluate import evaluate_pass_at_k
-from hkd.generate import GenerateConfig, VerifierConfig, generate
+from hkd.generate import GenerateConfig, VerifierConfig, generate, rewrite_lines
 from hkd.hookspecs import hookimpl
 from hkd.loop import distill
 from hkd.manager import build_manager
@@ -89,12 +89,6 @@ class DemoData:
     heldout: Path  # id, prompt, answer
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
-
-
 def prepare_data(settings: DemoSettings, out: Path) -> DemoData:
     """Three disjoint problem sets: teacher training, student training (answers only), held out."""
     folder = out / "data"
@@ -106,11 +100,11 @@ def prepare_data(settings: DemoSettings, out: Path) -> DemoData:
     teacher = make_problems(settings.teacher_problems, settings.digits, seed=30_000 + settings.seed, exclude=used)
     data = DemoData(folder / "teacher_train.jsonl", folder / "train_prompts.jsonl", folder / "answer_only.jsonl",
                     folder / "heldout.jsonl")
-    write_jsonl(data.teacher_train, [{"prompt": p.prompt, "completion": p.worked_solution()} for p in teacher])
-    write_jsonl(data.train_prompts, [{"id": f"train-{i}", "prompt": p.prompt, "answer": p.answer}
+    rewrite_lines(data.teacher_train, [{"prompt": p.prompt, "completion": p.worked_solution()} for p in teacher])
+    rewrite_lines(data.train_prompts, [{"id": f"train-{i}", "prompt": p.prompt, "answer": p.answer}
                                      for i, p in enumerate(student)])
-    write_jsonl(data.answer_only, [{"prompt": p.prompt, "completion": p.answer_only()} for p in student])
-    write_jsonl(data.heldout, [{"id": f"heldout-{i}", "prompt": p.prompt, "answer": p.answer}
+    rewrite_lines(data.answer_only, [{"prompt": p.prompt, "completion": p.answer_only()} for p in student])
+    rewrite_lines(data.heldout, [{"id": f"heldout-{i}", "prompt": p.prompt, "answer": p.answer}
                                for i, p in enumerate(heldout)])
     return data
 

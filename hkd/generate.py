@@ -171,10 +171,15 @@ def recover(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     lines = read_lines(output)
     kept = [line for line in lines if line["id"] in done]
     if len(kept) < len(lines):
-        tmp = output.with_name(output.name + ".tmp")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
-        os.replace(tmp, output)  # atomic: a crash here leaves either the old or the trimmed file
+        rewrite_lines(output, kept)
     return entries
+
+
+def rewrite_lines(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with these JSON lines atomically: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
 
 
 def part_path(output: Path, rank: int) -> Path:
@@ -210,10 +215,8 @@ def merge_parts(output: Path, settings: dict[str, Any]) -> None:
         unique.setdefault((line["id"], line["sample"]), line)
     merged = sorted(unique.values(), key=lambda line: batch_of[line["id"]])  # stable: samples stay in order
     ledger = [by_batch[k] for k in sorted(by_batch, key=lambda k: k[0])]
-    for path, rows in ((output, merged), (ledger_path(output), ledger)):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        os.replace(tmp, path)
+    rewrite_lines(output, merged)
+    rewrite_lines(ledger_path(output), ledger)
     for part in parts:
         part.unlink(missing_ok=True)
         ledger_path(part).unlink(missing_ok=True)
