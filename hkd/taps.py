@@ -11,7 +11,7 @@ The mask the model built (causal, padding, sliding window) is recorded too and r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hkd.models import decoder_body
+from hkd.view import ModelView, TapRequest
 
 TAP_IMPLEMENTATION = "hkd_tap"
 
@@ -92,38 +93,6 @@ def enable_taps(model: PreTrainedModel) -> None:
     for module in _attention_modules(model).values():
         module._hkd_inner_attention = inner  # type: ignore[assignment]
     model.set_attn_implementation(TAP_IMPLEMENTATION)
-
-
-@dataclass
-class TapRequest:
-    """What one model's forward must expose. Layers are 0 = embeddings, k = block k."""
-
-    hidden: set[int] = field(default_factory=set)
-    attention: set[int] = field(default_factory=set)
-    logits: bool = False  # full logits from the model's LM head
-    final_hidden: bool = False  # input of the LM head (for the fused logits loss)
-
-    def merge(self, other: TapRequest) -> TapRequest:
-        return TapRequest(
-            self.hidden | other.hidden,
-            self.attention | other.attention,
-            self.logits or other.logits,
-            self.final_hidden or other.final_hidden,
-        )
-
-    def empty(self) -> bool:
-        return not (self.hidden or self.attention or self.logits or self.final_hidden)
-
-
-@dataclass
-class ModelView:
-    """What a stage sees of one model after a forward pass."""
-
-    hidden_states: tuple[Tensor, ...] | None
-    attention: dict[int, QKV]
-    logits: Tensor | None
-    final_hidden: Tensor | None
-    lm_head: torch.nn.Module | None
 
 
 def forward_with_taps(model: PreTrainedModel, batch: dict[str, Tensor], request: TapRequest) -> ModelView:

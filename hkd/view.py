@@ -1,0 +1,92 @@
+"""What a stage asks of a model (:class:`TapRequest`) and what it gets back (:class:`ModelView`).
+
+Both sides of a distillation step are views: the student's comes from its own forward pass,
+the teacher's from a :class:`hkd.sources.TeacherSource` (a live forward, or the offline
+cache). Layers are numbered 0 = embeddings output, k = output of block k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from hkd.taps import QKV
+
+
+@dataclass
+class TapRequest:
+    """What one model's forward must expose. Empty means: no forward at all."""
+
+    hidden: set[int] = field(default_factory=set)  # hidden-state layers (0 = embeddings)
+    attention: set[int] = field(default_factory=set)  # blocks whose q/k/v (attention maps) are recorded
+    logits: bool = False  # full logits from the model's LM head
+    final_hidden: bool = False  # input of the LM head (for the fused logits loss)
+    sparse_logits: bool = False  # top-k teacher targets (:class:`SparseTargets`), e.g. from an offline cache
+
+    def merge(self, other: TapRequest) -> TapRequest:
+        return TapRequest(**{
+            f.name: getattr(self, f.name) | getattr(other, f.name) for f in fields(self)
+        })
+
+    def empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in fields(self))
+
+    def missing_from(self, available: TapRequest) -> dict[str, str]:
+        """What this request asks for that ``available`` cannot serve: ``{field: what is missing}``.
+
+        Derived from every field, so a field added later is checked without new code.
+        """
+        missing: dict[str, str] = {}
+        for f in fields(self):
+            wanted, offered = getattr(self, f.name), getattr(available, f.name)
+            if isinstance(wanted, set):
+                lacking = wanted - offered
+                if lacking:
+                    missing[f.name] = f"layers {sorted(lacking)} (available: {sorted(offered) or 'none'})"
+            elif wanted and not offered:
+                missing[f.name] = "not available"
+        return missing
+
+
+@dataclass
+class SparseTargets:
+    """Teacher targets kept at ``k`` vocabulary entries per position.
+
+    ``ids`` ``[B, S, k]`` (int64) and ``values`` ``[B, S, k]``: the teacher's logits at those
+    ids, at temperature 1. ``tail_mass`` ``[B, S]`` (optional): the teacher's probability at
+    temperature 1 outside the k ids; ``None`` means the k entries are all there is and stages
+    renormalise within them. Positions outside ``loss_mask`` hold zeros.
+    """
+
+    ids: Tensor
+    values: Tensor
+    tail_mass: Tensor | None = None
+
+
+@dataclass
+class ModelView:
+    """What a stage sees of one model for one micro-batch. Unrequested fields are empty/None.
+
+    * ``hidden_states``: tuple indexed by layer, ``[B, S, H]`` each; index 0 is the embedding
+      output, index ``L`` the model's ``output_hidden_states[L]`` (for most Hugging Face
+      decoders the last entry is taken after the final norm). Entries that were not requested
+      may be ``None`` (the offline cache holds only mapped layers).
+    * ``attention``: ``{block: QKV}`` for requested blocks (1-based); ``QKV.attention_logprobs()``
+      gives the per-head maps as the model computed them.
+    * ``logits``: ``[B, S, V]`` full logits, when requested.
+    * ``final_hidden``: ``[B, S, H]``, the LM head's input, when requested.
+    * ``lm_head``: the model's output projection (weights for the fused loss), or ``None``.
+    * ``sparse``: top-k teacher targets (:class:`SparseTargets`) when the source serves them
+      instead of logits (the offline cache); ``None`` otherwise.
+    """
+
+    hidden_states: tuple[Tensor | None, ...] | None = None
+    attention: dict[int, QKV] = field(default_factory=dict)
+    logits: Tensor | None = None
+    final_hidden: Tensor | None = None
+    lm_head: torch.nn.Module | None = None
+    sparse: SparseTargets | None = None
