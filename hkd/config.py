@@ -1,14 +1,21 @@
 """Typed run configuration: YAML -> dataclasses, dotted overrides, strict validation.
 
-Every unknown key and every wrong type is rejected with its dotted path
-(``schedule.phases[1].steps: expected int, got 'ten'``). Stage configs are free-form
-mappings here and are validated by each stage's own dataclass when the stage is built,
-with the same function and the path ``stages.<name>``.
+Every unknown key, wrong type and out-of-range value is rejected with its dotted path
+(``schedule.phases[1].steps: expected int, got 'ten'``, ``optim.betas[1]: 1.0 is outside
+[0, 1)``). A field's range lives in one place, its dataclass field (:func:`ranged`), and
+:func:`from_dict` checks it for every dataclass it builds; every float must be finite.
+Stage configs are free-form mappings here and are validated by each stage's own dataclass
+when the stage is built, with the same function and the path ``stages.<name>``.
+
+YAML is read by :func:`load_yaml`: a safe loader that refuses duplicate keys (the last one
+would silently win) and documents whose aliases expand beyond a bound (alias bombs).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +28,49 @@ from hkd.errors import ConfigError
 
 T = TypeVar("T")
 
+MAX_SEED = 2**63  # torch.manual_seed takes seeds below 2**64; numpy-style consumers below 2**63
+MAX_STEPS = 10**9
+
+
+@dataclass(frozen=True)
+class Range:
+    """An interval a number must lie in; ``None`` is unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        if self.high is not None and not (value < self.high if self.high_open else value <= self.high):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        low = "-inf" if self.low is None else _number(self.low)
+        high = "inf" if self.high is None else _number(self.high)
+        left = "(" if self.low_open or self.low is None else "["
+        right = ")" if self.high_open or self.high is None else "]"
+        return f"{left}{low}, {high}{right}"
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) and value >= 2**20 and value & (value - 1) == 0:
+        return f"2**{value.bit_length() - 1}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def ranged(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    """A dataclass field whose value (each element, for a list or mapping) must lie in a range."""
+    bounds = Range(low, high, low_open, high_open)
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata={"range": bounds})
+    return field(default=default, metadata={"range": bounds})
+
 
 @dataclass
 class ModelConfig:
@@ -29,7 +79,7 @@ class ModelConfig:
     path: str | None = None  # local directory with config.json + *.safetensors
     preset: str | None = None  # e.g. "tiny-llama", "tiny-qwen2" (see hkd.models.PRESETS)
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # config fields for the preset
-    seed: int = 0  # weight init seed for presets
+    seed: int = ranged(0, low=0, high=MAX_SEED, high_open=True)  # weight init seed for presets
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     allow_pickle: bool = False  # load pytorch_model.bin (unpickling) only when opted in
     trust_remote_code: bool = False
@@ -47,10 +97,10 @@ class DataConfig:
     completion_field: str = "completion"
     on_bad_line: Literal["fail", "skip"] = "fail"
     chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (prompt_field only)
-    max_length: int = 64
-    batch_size: int = 8  # sequences per micro-batch
-    num_examples: int = 512  # synthetic only
-    digits: int = 2  # synthetic only: operand size
+    max_length: int = ranged(64, low=2, high=2**20)  # tokens per sequence (bos + at least one target)
+    batch_size: int = ranged(8, low=1, high=2**16)  # sequences per micro-batch
+    num_examples: int = ranged(512, low=1, high=10**7)  # synthetic only
+    digits: int = ranged(2, low=1, high=18)  # synthetic only: operand size
     shuffle: bool = True
 
 
@@ -59,44 +109,44 @@ class PhaseConfig:
     """One phase of the progressive schedule: how long, and which stages with what weight."""
 
     name: str
-    steps: int
-    stages: dict[str, float]
-    lr_scale: float = 1.0  # multiplies the warmup + cosine LR in this phase (e.g. a gentler RL phase)
+    steps: int = ranged(low=1, high=MAX_STEPS)
+    stages: dict[str, float] = ranged(low=0, high=1e6)  # stage -> weight
+    lr_scale: float = ranged(1.0, low=0, low_open=True, high=1e3)  # multiplies the warmup + cosine LR in this phase (e.g. a gentler RL phase)
 
 
 @dataclass
 class TemperatureConfig:
     kind: Literal["constant", "linear", "cosine"] = "constant"
-    start: float = 1.0
-    end: float = 1.0
+    start: float = ranged(1.0, low=0, low_open=True, high=1e4)
+    end: float = ranged(1.0, low=0, low_open=True, high=1e4)
 
 
 @dataclass
 class ScheduleConfig:
     phases: list[PhaseConfig] = field(default_factory=list)
-    ramp_steps: int = 0  # stage weights move linearly from the previous phase's over this many steps
+    ramp_steps: int = ranged(0, low=0, high=MAX_STEPS)  # stage weights move linearly from the previous phase's over this many steps
     temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0  # 0 disables clipping
-    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = ranged(1e-3, low=0, low_open=True, high=1e3)
+    weight_decay: float = ranged(0.01, low=0)
+    betas: list[float] = ranged(default_factory=lambda: [0.9, 0.95], low=0, high=1, high_open=True)
+    warmup_steps: int = ranged(0, low=0, high=MAX_STEPS)
+    min_lr_ratio: float = ranged(0.1, low=0, high=1)  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = ranged(1.0, low=0)  # 0 disables clipping
+    grad_accum: int = ranged(1, low=1, high=2**16)  # micro-batches per optimizer step
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    device: str = "auto"  # "auto" -> cuda if available else cpu
+    seed: int = ranged(0, low=0, high=MAX_SEED, high_open=True)
+    device: str = "auto"  # "auto" -> cuda if available else cpu; "cpu", "cuda", "cuda:N", "mps"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate models, or shard them (FSDP2)
-    checkpoint_every: int = 0  # 0: only the final checkpoint
-    keep_checkpoints: int = 2
-    max_nonfinite_steps: int = 3  # abort after this many skipped (NaN/inf) steps in a row
+    checkpoint_every: int = ranged(0, low=0, high=MAX_STEPS)  # 0: only the final checkpoint
+    keep_checkpoints: int = ranged(2, low=0, high=10**6)  # 0 keeps every checkpoint
+    max_nonfinite_steps: int = ranged(3, low=1, high=10**6)  # abort after this many skipped (NaN/inf) steps in a row
     progress: bool = True
 
 
@@ -158,6 +208,9 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], _join(path, name))
+            bounds = f.metadata.get("range")
+            if bounds is not None:
+                _check_range(kwargs[name], bounds, _join(path, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(path, name)}: missing required key")
     obj = cls(**kwargs)
@@ -165,6 +218,18 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     if check is not None:
         check(path)
     return obj
+
+
+def _check_range(value: Any, bounds: Range, path: str) -> None:
+    """``value`` (or each element of a list or mapping) lies in ``bounds``; ``None`` is not checked."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(item, bounds, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_range(item, bounds, _join(path, str(key)))
+    elif value is not None and value not in bounds:
+        raise ConfigError(f"{path}: {value!r} is outside {bounds}")
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -197,13 +262,21 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)  # type: ignore[arg-type]
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                raise ConfigError(f"{path}: {value!r} is not a finite number") from None
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # NaN compares false with everything: a NaN weight never runs
+                raise ConfigError(f"{path}: {value!r} is not a finite number")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -223,6 +296,92 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
 
 
+# --------------------------------------------------------------------------- YAML
+
+MAX_YAML_CHARS = 4 << 20  # a config is a few kB; anything this large is a mistake
+MAX_YAML_NODES = 100_000  # nodes after expanding aliases: far above any config, far below a bomb
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (it would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE:  # "<<: *base" merges; explicit keys may override merged ones
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """Nodes ``node`` stands for once every alias is expanded (memoised: linear in the document)."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise ConfigError("an alias refers to a node that contains it (recursive YAML)")
+    open_nodes.add(key)
+    children: list[yaml.Node] = []
+    if isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_nodes)
+        if total > MAX_YAML_NODES:
+            break
+    open_nodes.discard(key)
+    sizes[key] = total
+    return total
+
+
+def _one_line(exc: yaml.YAMLError) -> str:
+    """PyYAML messages span lines; the CLI prints one."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        return where + " ".join(f"{exc.context + ': ' if exc.context else ''}{exc.problem}".split())
+    return " ".join(str(exc).split())
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """Parse one YAML document strictly; every problem is a :class:`ConfigError` naming ``where``."""
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{where}: {len(text)} characters is too large for a config (limit {MAX_YAML_CHARS})")
+    try:
+        loader = StrictLoader(text)  # the reader checks characters here
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {_one_line(exc)}") from exc
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {}, set())
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: the document expands to more than {MAX_YAML_NODES} nodes "
+                              "(aliases referring to aliases?); write the values out")
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {_one_line(exc)}") from exc
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -234,10 +393,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = body.split("=", 1)
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: empty key segment")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    value = load_yaml(raw, f"override {text!r}: value") if raw != "" else ""
     return key.split("."), value
 
 
@@ -261,9 +417,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
+    raw = load_yaml(text, str(p)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
     return raw
@@ -293,29 +450,37 @@ def validate(config: Config) -> None:
         model: ModelConfig = getattr(config, role)
         if (model.path is None) == (model.preset is None):
             raise ConfigError(f"{role}: set exactly one of {role}.path or {role}.preset")
-    if not config.schedule.phases:
+    if not config.schedule.phases:  # single values' ranges are checked by from_dict (ranged fields)
         raise ConfigError("schedule.phases: at least one phase is required")
-    for i, phase in enumerate(config.schedule.phases):
-        if phase.steps <= 0:
-            raise ConfigError(f"schedule.phases[{i}].steps: must be positive, got {phase.steps}")
-        if not phase.lr_scale > 0:
-            raise ConfigError(f"schedule.phases[{i}].lr_scale: must be positive, got {phase.lr_scale}")
-        for stage, weight in phase.stages.items():
-            if weight < 0:
-                raise ConfigError(f"schedule.phases[{i}].stages.{stage}: weight must be >= 0, got {weight}")
-    if config.schedule.ramp_steps < 0:
-        raise ConfigError("schedule.ramp_steps: must be >= 0")
-    if config.schedule.temperature.start <= 0 or config.schedule.temperature.end <= 0:
-        raise ConfigError("schedule.temperature: start and end must be > 0")
-    if not config.optim.lr > 0:
-        raise ConfigError(f"optim.lr: must be > 0, got {config.optim.lr}")
-    if config.optim.grad_accum < 1:
-        raise ConfigError(f"optim.grad_accum: must be >= 1, got {config.optim.grad_accum}")
-    if config.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size: must be >= 1, got {config.data.batch_size}")
+    if sum(phase.steps for phase in config.schedule.phases) > MAX_STEPS:
+        raise ConfigError(f"schedule.phases: {sum(p.steps for p in config.schedule.phases)} steps in all; "
+                          f"at most {MAX_STEPS}")
+    check_device(config.train.device, "train.device")
     if config.data.chat_template and config.data.kind == "jsonl" and config.data.prompt_field is None:
         raise ConfigError("data.chat_template: needs data.prompt_field (the template wraps the prompt)")
     if config.data.kind == "jsonl" and not config.data.path:
         raise ConfigError("data.path: required when data.kind is 'jsonl'")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {config.optim.betas}")
+
+
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(name: str, path: str) -> None:
+    """``name`` is a device torch can use here: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N``."""
+    if not DEVICE.fullmatch(name):
+        raise ConfigError(f"{path}: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= count:
+            found = f"{count} CUDA device(s)" if count else "no CUDA device (torch.cuda.is_available() is False)"
+            raise ConfigError(f"{path}: {name!r} asked for, but this machine has {found}; use auto or cpu")
+    elif name == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{path}: 'mps' asked for, but MPS is not available here; use auto or cpu")
