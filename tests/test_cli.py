@@ -46,7 +46,7 @@ def jsonl_data(path, lines):
 BAD_INPUTS = {
     "unknown key": (set_path("optim", "learning_rate", value=1), r"optim\.learning_rate: unknown key"),
     "wrong type": (set_path("data", "batch_size", value="eight"), r"data\.batch_size: expected int, got str 'eight'"),
-    "negative weight": (set_path("schedule", "phases", 0, "stages", value={"attention": -1}), r"weight must be >= 0"),
+    "negative weight": (set_path("schedule", "phases", 0, "stages", value={"attention": -1}), r"schedule\.phases\[0\]\.stages\.attention: -1\.0 is outside \[0, "),
     "unknown stage": (set_path("schedule", "phases", 0, "stages", value={"atention": 1.0}), r"stage 'atention' is not available"),
     "unknown stage config": (set_path("stages", "logit", value={}), r"stages\.logit: no installed plugin provides this stage"),
     "stage option typo": (set_path("stages", "logits", value={"divergance": "jsd"}), r"stages\.logits\.divergance: unknown key"),

@@ -46,7 +46,7 @@ def test_missing_required_and_impossible_schedule(tmp_path, raw_config):
     with pytest.raises(ConfigError, match=r"^schedule: missing required key"):
         load_config(write(tmp_path, raw_config))
     raw_config["schedule"] = {"phases": [{"name": "a", "steps": 0, "stages": {"logits": 1.0}}]}
-    with pytest.raises(ConfigError, match=r"schedule\.phases\[0\]\.steps: must be positive"):
+    with pytest.raises(ConfigError, match=r"schedule\.phases\[0\]\.steps: 0 is outside \[1, "):
         load_config(write(tmp_path, raw_config))
 
 
