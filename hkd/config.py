@@ -397,9 +397,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+# a model comes from exactly one source: an override that names one clears the other (and says so)
+MODEL_SOURCES = {"path": ("preset", "preset_overrides"), "preset": ("path",)}
+# override values under these keys are file system paths: relative to the working directory,
+# not to the YAML file (the loaders resolve the file's own paths against the file)
+PATH_KEYS = frozenset({"path", "teacher_cache", "output", "prompts"})
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         keys, value = parse_override(text)
+        if keys[-1] in PATH_KEYS and isinstance(value, str) and value:
+            value = str(Path(value).resolve())
         node = raw
         for depth, key in enumerate(keys[:-1]):
             child = node.get(key)
@@ -408,6 +417,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(child, dict):
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[: depth + 1])} is not a mapping")
             node = child
+        if keys[-1] in MODEL_SOURCES and value is not None:
+            cleared = [f"{'.'.join(keys[:-1])}.{other}" for other in MODEL_SOURCES[keys[-1]] if node.pop(other, None)]
+            if cleared:
+                print(f"hkd: --{'.'.join(keys)} clears {' and '.join(cleared)} (a model has one source)", file=sys.stderr)
         node[keys[-1]] = value
     return raw
 
