@@ -81,6 +81,25 @@ def cmd_init_model(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_init_student(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from hkd.init_student import InitOptions, init_student
+
+    if extra:
+        raise HkdError(f"unrecognised argument(s) {extra}; see hkd init-student --help")
+    options = InitOptions(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
+                          share_layers=args.share_layers, data=args.data, prompt_field=args.prompt_field,
+                          completion_field=args.completion_field, text_field=args.text_field,
+                          batches=args.batches, seed=args.seed)
+    out = init_student(args.teacher, args.out, options)
+    record = json.loads((out / "hkd-init.json").read_text())
+    print(f"wrote {out}: {record['sizes']}, teacher blocks {record['teacher_blocks']}, "
+          f"{record['params']['student']:,} of {record['params']['teacher']:,} parameters")
+    print(f"use it as student: {{path: {str(out)!r}}}; stages' layer_map: {{strategy: init}} maps the layers it was cut from")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.distributed import init_distributed
     from hkd.generate import generate, load_generate_config
@@ -209,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init-model", cmd_init_model, "write a tiny preset model + tokenizer (overrides: --num_hidden_layers=2)")
     p.add_argument("preset", help="tiny-llama, tiny-qwen2 or tiny-bert")
     p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p = add("init-student", cmd_init_student, "cut a student out of a teacher: fewer blocks, pruned width "
+                                              "(Minitron), records hkd-init.json")
+    p.add_argument("--teacher", required=True, help="teacher model directory")
+    p.add_argument("--out", required=True, help="student directory to write")
+    p.add_argument("--layers", help="every:K | 0,3,7,11 (0-based blocks) | importance:N (default: every block)")
+    p.add_argument("--hidden", type=int, help="hidden size (keeps the most active channels)")
+    p.add_argument("--intermediate", type=int, help="MLP size (keeps the most active neurons)")
+    p.add_argument("--heads", type=int, help="query heads (keeps the most active key/value groups)")
+    p.add_argument("--share-layers", type=int, help="ALBERT-style sharing in groups of K blocks (refused for decoders)")
+    p.add_argument("--data", help="calibration JSONL (for importance:N and width pruning)")
+    p.add_argument("--prompt-field", help="prompt field of --data (default: plain text in --text-field)")
+    p.add_argument("--completion-field", default="completion")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--batches", type=int, default=4, help="calibration batches of 8 sequences (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p = add("generate", cmd_generate, "teacher writes solutions; verifiers keep the correct ones (resumable)")
     p.add_argument("config", help="YAML generate config")

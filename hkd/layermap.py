@@ -7,14 +7,16 @@ attention stages use 1..L.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from torch import Tensor
 
 from hkd.errors import ConfigError
 
-Strategy = Literal["uniform", "last", "explicit"]
+Strategy = Literal["uniform", "last", "explicit", "init", "auto"]
 
 
 def build_layer_map(
@@ -25,6 +27,7 @@ def build_layer_map(
     pairs: list[list[int]] | None = None,
     include_embeddings: bool = False,
     where: str = "layer_map",
+    student_dir: str | Path | None = None,
 ) -> list[tuple[int, int]]:
     """Return ``[(student_layer, teacher_layer), ...]``.
 
@@ -32,8 +35,19 @@ def build_layer_map(
       ``round(s * L_t / L_s)``, so the last blocks always meet.
     * ``last``: only the two final blocks.
     * ``explicit``: ``pairs`` as given, each checked against both models.
+    * ``init``: the layers the student was cut from (``hkd init-student`` records them in
+      ``student_dir/hkd-init.json``); ``auto``: ``init`` when that record exists, else ``uniform``.
     ``include_embeddings`` adds (0, 0) for the feature stage.
     """
+    record = Path(student_dir) / "hkd-init.json" if student_dir is not None else None
+    if strategy == "auto":
+        strategy = "init" if record is not None and record.is_file() else "uniform"
+    if strategy == "init":
+        if record is None or not record.is_file():
+            raise ConfigError(f"{where}.strategy: init reads the student's hkd-init.json (written by hkd init-student); "
+                              f"{str(record) if record else 'the student directory'} has none")
+        strategy = "explicit"
+        pairs = [p for p in json.loads(record.read_text())["layer_map"] if include_embeddings or p != [0, 0]]
     if strategy == "uniform":
         mapping = [(s, round(s * teacher_layers / student_layers)) for s in range(1, student_layers + 1)]
     elif strategy == "last":
@@ -47,7 +61,7 @@ def build_layer_map(
                 raise ConfigError(f"{where}.pairs[{i}]: expected [student_layer, teacher_layer], got {pair}")
             mapping.append((int(pair[0]), int(pair[1])))
     else:
-        raise ConfigError(f"{where}.strategy: unknown strategy {strategy!r}; use uniform, last or explicit")
+        raise ConfigError(f"{where}.strategy: unknown strategy {strategy!r}; use uniform, last, explicit, init or auto")
     if include_embeddings and (0, 0) not in mapping:
         mapping.insert(0, (0, 0))
     lowest = 0 if include_embeddings or strategy == "explicit" else 1
