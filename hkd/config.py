@@ -84,6 +84,18 @@ class ModelConfig:
     allow_pickle: bool = False  # load pytorch_model.bin (unpickling) only when opted in
     trust_remote_code: bool = False
     encoder: bool = False  # load with AutoModel (BERT-like); the logits stage must be off
+    # regular expressions (full match) of parameter names the weights may lack or hold extra, e.g.
+    # "lm_head\\.weight" for a head tied by hand; anything else missing or extra is an error
+    allow_missing: list[str] = field(default_factory=list)
+    allow_unexpected: list[str] = field(default_factory=list)
+
+    def validate(self, path: str) -> None:
+        for name in ("allow_missing", "allow_unexpected"):
+            for i, pattern in enumerate(getattr(self, name)):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{_join(path, name)}[{i}]: {pattern!r} is not a regular expression: {exc}") from None
 
 
 @dataclass
@@ -395,13 +407,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: empty key segment")
     value = load_yaml(raw, f"override {text!r}: value") if raw != "" else ""
     return key.split("."), value
-
-
-# a model comes from exactly one source: an override that names one clears the other (and says so)
-MODEL_SOURCES = {"path": ("preset", "preset_overrides"), "preset": ("path",)}
-# override values under these keys are file system paths: relative to the working directory,
-# not to the YAML file (the loaders resolve the file's own paths against the file)
-PATH_KEYS = frozenset({"path", "teacher_cache", "output", "prompts"})
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -23,31 +23,55 @@ from hkd.errors import HkdError
 Record = dict[str, Any]
 
 
+CHARS_PER_TOKEN_CAP = 64  # no tokenizer averages more characters per token: text beyond this cannot fit
+
+
+def _record_problem(line: str, required: tuple[str, ...]) -> tuple[Record | None, str | None]:
+    """(record, None) for a usable line, else (None, what is wrong with it)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"malformed JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return None, "malformed JSON (nested too deeply)"
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
+    missing = [f for f in required if f not in record]
+    if missing:
+        return None, f"missing field(s) {missing}"
+    for name in required:  # str(None) would train on the text "None"
+        value = record[name]
+        if value is None:
+            return None, f"field {name!r} is null"
+        if isinstance(value, (bool, list, dict)):
+            return None, f"field {name!r} is a {type(value).__name__}, not text"
+    return record, None
+
+
 def read_jsonl(path: str | Path, on_bad_line: str = "fail", required: tuple[str, ...] = ()) -> list[Record]:
-    """Read a JSONL file; a malformed line names the file and line number."""
+    """Read a JSONL file; a malformed line (bad JSON or UTF-8, a missing or null field) names the file and line."""
     p = Path(path)
     if not p.is_file():
         raise HkdError(f"data file {str(p)!r} does not exist")
     records: list[Record] = []
-    with p.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            problem = None
+    with p.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            record: Record | None = None
             try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    problem = f"expected a JSON object, got {type(record).__name__}"
-                else:
-                    missing = [f for f in required if f not in record]
-                    if missing:
-                        problem = f"missing field(s) {missing}"
-            except json.JSONDecodeError as exc:
-                problem = f"malformed JSON ({exc.msg} at column {exc.colno})"
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problem: str | None = f"not valid UTF-8 (byte {exc.start + 1} of the line: {raw[exc.start:exc.start + 1]!r})"
+            else:
+                if lineno == 1:
+                    line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+                if not line.strip():
+                    continue
+                record, problem = _record_problem(line, required)
             if problem is not None:
                 if on_bad_line == "fail":
                     raise HkdError(f"{p}:{lineno}: {problem}; set data.on_bad_line: skip to skip such lines")
                 continue
+            assert record is not None
             records.append(record)
     if not records:
         raise HkdError(f"data file {str(p)!r} has no usable records")
@@ -83,6 +107,8 @@ def encode(
     own special tokens (bos included), so none is added here.
     """
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    cap = CHARS_PER_TOKEN_CAP * max_length  # a 10 MB line is cut here, not tokenised whole
+    prompt, completion = prompt[:cap], completion[:cap]
     if chat_template and prompt:
         prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     else:
@@ -97,7 +123,18 @@ def encode(
 def encode_dataset(tokenizer: Any, config: DataConfig, seed: int) -> list[tuple[list[int], list[int]]]:
     """Every record of the configured data set, encoded; what training and the teacher cache share."""
     records = load_records(config, seed)
-    return [encode(tokenizer, p, c, config.max_length, config.chat_template) for p, c in records]
+    encoded = [encode(tokenizer, p, c, config.max_length, config.chat_template) for p, c in records]
+    if encoded and not any(target_count(labels) for _, labels in encoded):
+        raise HkdError(
+            f"all {len(encoded)} examples have no target tokens after truncation to data.max_length="
+            f"{config.max_length} (the prompt fills every sequence); raise data.max_length or shorten the prompts"
+        )
+    return encoded
+
+
+def target_count(labels: list[int]) -> int:
+    """Tokens a causal LM is trained to predict: labelled positions after the first."""
+    return sum(1 for label in labels[1:] if label != -100)
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, causal: bool = True) -> dict[str, Tensor]:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from transformers import (
@@ -131,6 +134,111 @@ def _check_model_dir(path: Path, spec: ModelConfig, role: str) -> None:
         )
 
 
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                           "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header, after checking the file holds every byte it declares.
+
+    Reading the header ourselves names the file and the problem (truncated, not safetensors,
+    a tensor whose extent is inconsistent) instead of a library error or, worse, a model
+    loaded from part of a file.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise HkdError(f"{str(path)!r} is not a safetensors file: {size} bytes, shorter than its header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise HkdError(f"{str(path)!r} is not a safetensors file or is truncated: its header claims {header_len} "
+                           f"bytes, the file holds {size}")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise HkdError(f"{str(path)!r} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise HkdError(f"{str(path)!r} is not a safetensors file (its header is not a JSON object)")
+    data_bytes = size - 8 - header_len
+    shapes: dict[str, list[int]] = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = (int(x) for x in entry["data_offsets"])
+            shape = [int(x) for x in entry["shape"]]
+            width = SAFETENSORS_DTYPE_BYTES.get(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise HkdError(f"{str(path)!r}: the header entry for tensor {name!r} is malformed") from None
+        count = 1
+        for dim in shape:
+            count *= dim
+        if width is not None and (stop - begin != count * width or begin < 0 or min(shape, default=0) < 0):
+            raise HkdError(f"{str(path)!r}: tensor {name!r} of shape {shape} and dtype {entry['dtype']} does not "
+                           f"match its byte range {begin}..{stop}; the file is corrupted")
+        end = max(end, stop)
+        shapes[name] = shape
+    if end > data_bytes:
+        raise HkdError(f"{str(path)!r} is truncated: its tensors need {end} bytes of data, the file holds {data_bytes}")
+    return shapes
+
+
+def check_weight_files(path: Path) -> None:
+    """Every ``*.safetensors`` file in a model directory is whole (see :func:`safetensors_shapes`)."""
+    for file in sorted(path.glob("*.safetensors")):
+        safetensors_shapes(file)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers prints a load report nobody reads; hkd checks the loading info itself."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def check_loading_info(info: dict[str, Any], spec: ModelConfig, role: str, path: Path) -> None:
+    """Refuse weights that do not fill the model exactly: a partly random teacher is silently wrong.
+
+    Missing and unexpected parameter names are allowed only when they fully match one of
+    ``allow_missing`` / ``allow_unexpected``; a shape mismatch is always an error.
+    """
+
+    def refused(keys: Any, patterns: list[str]) -> list[str]:
+        names = sorted(key[0] if isinstance(key, (tuple, list)) else str(key) for key in keys)
+        return [n for n in names if not any(re.fullmatch(p, n) for p in patterns)]
+
+    problems = []
+    missing = refused(info.get("missing_keys", ()), spec.allow_missing)
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) missing from the weights, which would be randomly initialised "
+                        f"({_some(missing)}; allow known ones with {role}.allow_missing)")
+    unexpected = refused(info.get("unexpected_keys", ()), spec.allow_unexpected)
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s) the model has no place for ({_some(unexpected)}; "
+                        f"allow known ones with {role}.allow_unexpected)")
+    mismatched = sorted(info.get("mismatched_keys", ()))
+    if mismatched:
+        shown = [f"{k[0]}: weights {list(k[1])}, model {list(k[2])}" if isinstance(k, (tuple, list)) and len(k) == 3
+                 else str(k) for k in mismatched]
+        problems.append(f"{len(mismatched)} tensor(s) of the wrong shape ({_some(shown)})")
+    if info.get("error_msgs"):
+        problems.append("; ".join(" ".join(str(m).split()) for m in info["error_msgs"]))
+    if problems:
+        raise HkdError(f"{role}: the weights in {str(path)!r} do not match its config.json: {'; '.join(problems)}")
+
+
+def _some(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tuple[PreTrainedModel, Any]:
     """Load ``role`` ("teacher"/"student") from ``spec``; returns (model, tokenizer or None)."""
     if spec.preset is not None:
@@ -141,17 +249,27 @@ def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tup
         assert spec.path is not None
         path = Path(spec.path).expanduser()
     _check_model_dir(path, spec, role)
+    try:
+        check_weight_files(path)
+    except HkdError as exc:
+        raise HkdError(f"{role}: {exc}") from None
     kwargs: dict[str, Any] = {
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": not spec.allow_pickle or any(path.glob("*.safetensors")),
         "dtype": getattr(torch, spec.dtype),
+        "output_loading_info": True,
+        "ignore_mismatched_sizes": True,  # reported in the loading info, refused below with the names
     }
     loader = AutoModel if spec.encoder else AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        model = loader.from_pretrained(path, config=config, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise HkdError(f"{role}: could not load the model in {str(path)!r}: {exc}") from exc
+        with _quiet_transformers():
+            model, info = loader.from_pretrained(path, config=config, **kwargs)
+    except (HkdError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # transformers and safetensors raise many types for a bad directory
+        raise HkdError(f"{role}: could not load the model in {str(path)!r}: {' '.join(str(exc).split())}") from exc
+    check_loading_info(info, spec, role, path)
     tokenizer = load_tokenizer(path, spec.trust_remote_code)
     return model, tokenizer
 

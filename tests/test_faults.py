@@ -84,7 +84,10 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_130(long_config, tmp_pa
 def test_half_written_checkpoints_are_never_picked(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-00000004").mkdir(parents=True)
+    for name in ckpt.FILES:
+        (root / "step-00000004" / name).write_text("x")
     (root / "step-00000008.tmp").mkdir()  # a save interrupted before its rename
+    (root / "step-00000006").mkdir()  # bug caught: an incomplete step-N was listed, and --resume picked and refused it
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000004"]
 
 
@@ -99,9 +102,10 @@ def test_truncated_checkpoint_is_a_clear_error(raw_config, tmp_path):
     (last / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(HkdError, match=r"checkpoint '.*step-00000006' is corrupted"):
         distill(from_dict(Config, raw_config), tmp_path / "run", resume=True)
-    (last / "trainer.json").unlink()
+    (last / "trainer.json").unlink()  # now incomplete: --resume skips it for the newest complete one
+    assert ckpt.resume_checkpoint(tmp_path / "run" / "checkpoints").name == "step-00000004"
     with pytest.raises(HkdError, match=r"is incomplete: missing \['trainer.json'\]"):
-        distill(from_dict(Config, raw_config), tmp_path / "run", resume=True)
+        ckpt.load_checkpoint(last, None, None)  # type: ignore[arg-type]
 
 
 def test_nothing_unpickles_by_default(raw_config, tmp_path, monkeypatch):
