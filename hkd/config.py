@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -407,6 +408,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: empty key segment")
     value = load_yaml(raw, f"override {text!r}: value") if raw != "" else ""
     return key.split("."), value
+
+
+# a model comes from exactly one source: an override that names one clears the other (and says so)
+MODEL_SOURCES = {"path": ("preset", "preset_overrides"), "preset": ("path",)}
+# override values under these keys are file system paths: relative to the working directory,
+# not to the YAML file (the loaders resolve the file's own paths against the file)
+PATH_KEYS = frozenset({"path", "teacher_cache", "output", "prompts"})
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

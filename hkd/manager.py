@@ -25,6 +25,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "verifiers": "hkd.plugins.verifiers",
     "sft": "hkd.plugins.sft",
     "rl": "hkd.plugins.rl",
+    "uld": "hkd.plugins.uld",
     "console": "hkd.plugins.console",
 }
 

@@ -283,18 +283,28 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> PreTrainedTok
         raise HkdError(f"could not load the tokenizer in {str(path)!r}: {exc}") from exc
 
 
-def check_compatible(teacher: PreTrainedModel, student: PreTrainedModel, teacher_tok: Any, student_tok: Any) -> None:
-    """Logit distillation compares distributions token by token: the vocabularies must agree."""
+def check_compatible(teacher: PreTrainedModel, student: PreTrainedModel, teacher_tok: Any, student_tok: Any,
+                     cross_tokenizer: dict[str, bool] | None = None) -> None:
+    """Most stages compare the two models token by token: the vocabularies must agree.
+
+    ``cross_tokenizer`` maps each stage of the schedule to its ``StageSpec.cross_tokenizer``;
+    when every stage handles different tokenizers (the ``uld`` stage) they are allowed, and
+    otherwise the error names the stages that need the same tokenizer.
+    """
     tv = getattr(teacher.config, "vocab_size", None)
     sv = getattr(student.config, "vocab_size", None)
+    problem = None
     if tv != sv:
-        raise HkdError(
-            f"vocabulary mismatch: teacher has vocab_size {tv}, student has {sv}; distillation needs the "
-            "same tokenizer (resize the student's embeddings or pick a student from the teacher's family)"
-        )
-    if teacher_tok is not None and student_tok is not None and teacher_tok.get_vocab() != student_tok.get_vocab():
+        problem = f"vocabulary mismatch: teacher has vocab_size {tv}, student has {sv}"
+    elif teacher_tok is not None and student_tok is not None and teacher_tok.get_vocab() != student_tok.get_vocab():
         differing = sorted(set(teacher_tok.get_vocab().items()) ^ set(student_tok.get_vocab().items()))[:3]
-        raise HkdError(f"tokenizer mismatch: teacher and student map tokens differently (e.g. {differing})")
+        problem = f"tokenizer mismatch: teacher and student map tokens differently (e.g. {differing})"
+    if problem is None or (cross_tokenizer and all(cross_tokenizer.values())):
+        return
+    blocking = sorted(name for name, ok in (cross_tokenizer or {}).items() if not ok)
+    needs = f"stage(s) {blocking} compare token by token and need" if blocking else "distillation needs"
+    raise HkdError(f"{problem}; {needs} the same tokenizer (resize the student's embeddings, pick a student from the "
+                   "teacher's family, or distil across tokenizers with stages that handle it: uld)")
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:

@@ -73,6 +73,7 @@ class StageSpec:
     factory: Callable[[Any, StageContext], Stage]
     description: str = ""
     level: str = "custom"  # structural | feature | decision | rl | custom
+    cross_tokenizer: bool = False  # handles teacher/student with different tokenizers (hkd.models.check_compatible)
 
 
 def available_stages(pm: Any) -> dict[str, StageSpec]:
