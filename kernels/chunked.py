@@ -70,6 +70,15 @@ def accumulation_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def tempered(x: Tensor, temperature: float) -> Tensor:
+    """``x / T`` up to a per-row shift (which softmax ignores): the row max is subtracted before
+    dividing, so logits that share a large offset (1e4) keep their digits when T is not a power
+    of two (``x / T`` rounds at the offset's scale: 1e-4 relative error in the gradient)."""
+    if temperature == 1:
+        return x
+    return (x - x.amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)).div_(temperature)
+
+
 def _plogq(p: Tensor, log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
     """(log p - log q with 0 where p == 0, and sum p * that): 0 log 0 = 0."""
     diff = torch.where(p > 0, log_p - log_q, 0.0)
@@ -85,8 +94,8 @@ def block_loss_and_grad(student: Tensor, teacher: Tensor, labels: Tensor | None,
     if keep is not None:  # ignored rows may hold NaN padding: compute on zeros, then zero them
         s = torch.where(keep[:, None], s, 0.0)
         t = torch.where(keep[:, None], t, 0.0)
-    log_p = F.log_softmax(s if o.temperature == 1 else s / o.temperature, dim=-1)
-    log_q = F.log_softmax(t if o.temperature == 1 else t / o.temperature, dim=-1)
+    log_p = F.log_softmax(tempered(s, o.temperature), dim=-1)
+    log_q = F.log_softmax(tempered(t, o.temperature), dim=-1)
     p, q = log_p.exp(), log_q.exp()
     kind, grad = o.kind, None
     if kind == "forward_kl":  # the common case: in place, fewer [R, V] passes
@@ -133,7 +142,7 @@ def _fused_rows_per_block(vocab: int) -> int:
 
 def take_stored_grads(ctx: Any) -> tuple[Tensor | None, ...]:
     if ctx.grads is None:
-        raise RuntimeError("chunked distill loss: backward ran twice; the stored gradient is consumed by the "
+        raise RuntimeError(f"{ctx.backend} distill loss: backward ran twice; the stored gradient is consumed by the "
                            "first backward (use backend='torch' with retain_graph=True)")
     grads, ctx.grads = ctx.grads, None
     return grads
@@ -165,13 +174,18 @@ class StoredGradLoss(torch.autograd.Function):
                 labels: Tensor | None, o: Options) -> Tensor:
         rows, grad = compute(student, teacher, labels, o, ctx.needs_input_grad[1])
         ctx.grads = (grad,)
+        ctx.backend = "chunked"
         return rows
 
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
         (grad,) = take_stored_grads(ctx)
         assert grad is not None
-        return None, grad.mul_(grad_rows[:, None].to(grad.dtype)), None, None, None
+        # an fp32 [N, 1] operand (stride 0 for mean / sum): the product is taken in fp32 and rounded
+        # once, the 1/count is not rounded to bf16 first (a 0-dim scale would be). On CPU this pass
+        # is a few percent of the block pass (exp / log dominate), cheaper than recomputing the
+        # softmax in the backward as the Triton backend does.
+        return None, grad.mul_(grad_rows.float()[:, None]), None, None, None
 
 
 def chunked_row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, **options: Any) -> Tensor:
@@ -219,6 +233,7 @@ class StoredGradFusedLoss(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[1:4])
         rows, *grads = compute(hs, ws, bs, ht, wt, bt, labels, o, None, need_grad)
         ctx.grads = tuple(grads)
+        ctx.backend = "triton" if getattr(compute, "__module__", "").endswith("fused_linear_kl") else "chunked"
         ctx.compute = compute
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
         ctx.o = o
@@ -227,8 +242,11 @@ class StoredGradFusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w, grad_b = take_stored_grads(ctx)
-        if grad_rows.numel() == 0 or bool((grad_rows == grad_rows[0]).all()):  # mean / sum: one scale for every row
-            scale = grad_rows[0] if grad_rows.numel() else grad_rows.new_ones(())
+        # mean / sum broadcast one scalar to every row (stride 0): scale the stored gradients on the
+        # device. Any other upstream gradient (reduction="none") may weight rows differently, and
+        # grad_W mixes rows, so recompute with the weights. Decided from the stride: no host sync.
+        if grad_rows.numel() <= 1 or grad_rows.stride(0) == 0:
+            scale = grad_rows[0].float() if grad_rows.numel() else grad_rows.new_ones((), dtype=torch.float32)
         else:  # "none" with per-row weights: grad_W mixes rows, so recompute with the weights
             hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
             _, grad_h, grad_w, grad_b = ctx.compute(hs, ws, bs, ht, wt, bt, labels, ctx.o,
@@ -236,7 +254,8 @@ class StoredGradFusedLoss(torch.autograd.Function):
             scale = torch.ones((), device=grad_rows.device)
         assert grad_h is not None and grad_w is not None
         hs_dtype, ws_dtype = ctx.saved_tensors[0].dtype, ctx.saved_tensors[1].dtype
-        return (None, grad_h.mul_(scale.to(grad_h.dtype)).to(hs_dtype), grad_w.mul_(scale).to(ws_dtype),
+        scale = scale.reshape(1)  # 1-dim fp32: takes part in type promotion, so bf16 buffers scale in fp32
+        return (None, grad_h.mul_(scale).to(hs_dtype), grad_w.mul_(scale).to(ws_dtype),
                 None if grad_b is None else grad_b.mul_(scale).to(ws_dtype), None, None, None, None, None)
 
 

@@ -1,9 +1,19 @@
-r"""Triton fused LM-head + distillation loss: logits are tiles in registers, never ``[N, V]`` in memory.
+r"""Triton fused LM-head + distillation loss without ``[N, V]`` logits in memory. Two paths:
 
-Each program owns ``BLOCK_M`` rows of hidden states and walks the vocabulary in ``BLOCK_V``
-tiles. A logits tile is ``h[BLOCK_M, H] @ W[BLOCK_V, H].T (+ b)``, accumulated over ``H`` in
-``BLOCK_K`` steps with ``tl.dot`` (fp32 accumulator), for the student and the teacher (their
-hidden sizes may differ). The tile is recomputed in each pass instead of being stored:
+**GEMM path** (CUDA; :func:`_gemm`). Rows are taken in chunks sized from a memory budget
+(``CHUNK_BYTES`` for both chunk logits tensors, a multiple of 128 rows). Per chunk: the student
+and teacher logits from cuBLAS in the inputs' dtype (bf16 tensor cores, fp32 accumulation), the
+one-pass softmax-KL forward of :mod:`hkd.kernels.softmax_kl` (losses and per-row statistics),
+its backward writing the logits gradient ``G`` over the student logits in place, then
+``grad_h[chunk] = G @ W_s`` and ``grad_W += G.T @ h[chunk]`` (cuBLAS, fp32 accumulation;
+``grad_b`` in fp32). Four GEMMs per chunk and no recomputation: at N=8192, H=4096, V=128256
+that is 34 TFLOP of tensor-core work plus about 6 bytes per logit of softmax traffic.
+
+**Tiled kernel** (``fused_linear_kl_kernel``, the interpreter / CPU tests, or ``GEMM_PATH =
+False``). Each program owns ``BLOCK_M`` rows of hidden states and walks the vocabulary in
+``BLOCK_V`` tiles. A logits tile is ``h[BLOCK_M, H] @ W[BLOCK_V, H].T (+ b)``, accumulated over
+``H`` in ``BLOCK_K`` steps with ``tl.dot`` (fp32 accumulator), for the student and the teacher
+(their hidden sizes may differ). The tile is recomputed in each pass instead of being stored:
 
 1. **LSE pass**: running max / rescaled sum per row for :math:`z_s/T`, :math:`z_t/T` and, for the
    cross-entropy term, :math:`z_s` (the online softmax of :mod:`hkd.kernels.softmax_kl`, with a
@@ -17,14 +27,14 @@ hidden sizes may differ). The tile is recomputed in each pass instead of being s
    * ``grad_h[rows] += G @ W_s[tile]`` -- these rows belong to this program alone, so a plain
      read-add-write into an fp32 buffer is race-free;
    * ``grad_W[tile] += G.T @ h[rows]`` and ``grad_b[tile] += G.sum(0)`` -- every row block
-     touches every vocab tile, so these use fp32 ``tl.atomic_add``. We chose atomics over
-     writing ``G`` out for a separate matmul because writing ``G`` would be the ``[N, V]``
-     tensor this kernel exists to avoid; the price is a non-deterministic summation order
-     on GPU (fp32, so the run-to-run differences are ~1e-7 relative).
+     touches every vocab tile, so these use fp32 ``tl.atomic_add`` (non-deterministic summation
+     order on GPU, ~1e-7 relative).
 
+Row and column indices are int64 in both paths (``rows * H`` passes 2**31 at N*H >= 2**31).
 Interpreter notes: under ``TRITON_INTERPRET=1`` bf16 ``tl.dot`` is wrong, so tiles are upcast to
-fp32 after loading (``UPCAST``); on GPU bf16/fp16 tiles go to the tensor cores as they are and
-fp32 tiles use full-precision ``ieee`` dots (no TF32) to match the reference.
+fp32 after loading (``UPCAST``); with ``UPCAST = False`` bf16/fp16 tiles go to the tensor cores
+as they are (the logits-gradient tile is rounded to their dtype for the two backward dots) and
+fp32 tiles use TF32 dots (the tests force this path with fp32 inputs).
 """
 
 from __future__ import annotations
@@ -34,12 +44,19 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import softmax_kl
 from .chunked import Options, StoredGradFusedLoss
 from .softmax_kl import KINDS, NEG_BIG, _log_m, check_device
+
+UPCAST: bool | None = None  # tiled kernel: None = fp32 tiles under the interpreter or for fp32 inputs
+GEMM_PATH: bool | None = None  # None = library GEMMs + softmax-KL kernels on CUDA, the tiled kernel otherwise
+CHUNK_BYTES = 512 << 20  # GEMM path: both row chunk logits tensors together
+CHUNK_ROWS: int | None = None  # GEMM path override (tests: several chunks)
 
 
 @triton.jit
@@ -78,9 +95,10 @@ def fused_linear_kl_kernel(
     HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, NEED_GRAD: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 row / column indices: rows * stride and cols * H pass 2**31 at N*H or V*H >= 2**31
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < N
-    vs = tl.arange(0, BLOCK_V)
+    vs = tl.arange(0, BLOCK_V).to(tl.int64)
     keep = rmask
     label = tl.zeros((BLOCK_M,), dtype=tl.int64)
     if HAS_LABELS:
@@ -176,21 +194,27 @@ def fused_linear_kl_kernel(
                 kk = k + ks
                 kmask = kk < HS
                 w = tl.load(ws_ptr + cols[:, None] * ws_stride + kk[None, :], mask=cmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
+                            other=0.0)
                 h = tl.load(hs_ptr + rows[:, None] * hs_stride + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                            other=0.0).to(tl.float32)
+                            other=0.0)
+                if UPCAST:
+                    w = w.to(tl.float32)
+                    h = h.to(tl.float32)
+                    gd = g
+                else:  # bf16 / fp16 tiles: tensor-core dots with an fp32 accumulator
+                    gd = g.to(w.dtype)
                 gh_tile = gh_ptr + rows[:, None] * HS + kk[None, :]
                 hmask = rmask[:, None] & kmask[None, :]
-                tl.store(gh_tile, tl.load(gh_tile, mask=hmask, other=0.0) + tl.dot(g, w, input_precision="ieee"),
+                tl.store(gh_tile, tl.load(gh_tile, mask=hmask, other=0.0) + tl.dot(gd, w, input_precision=PRECISION),
                          mask=hmask)
-                tl.atomic_add(gw_ptr + cols[:, None] * HS + kk[None, :], tl.dot(tl.trans(g), h, input_precision="ieee"),
-                              mask=cmask[:, None] & kmask[None, :])
+                tl.atomic_add(gw_ptr + cols[:, None] * HS + kk[None, :],
+                              tl.dot(tl.trans(gd), h, input_precision=PRECISION), mask=cmask[:, None] & kmask[None, :])
 
 
-def launch(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
+def _tiled(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
            labels: Tensor | None, o: Options, row_weight: Tensor | None,
            need_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Row losses ``[N]`` and (if ``need_grad``) fp32 grads w.r.t. ``hs``, ``ws`` and ``bs``."""
+    """The one-kernel path: row losses ``[N]`` and (if ``need_grad``) fp32 grads w.r.t. ``hs``, ``ws``, ``bs``."""
     hs, ws, ht, wt = (x.contiguous() for x in (hs, ws, ht, wt))
     n, vocab = hs.shape[0], ws.shape[0]
     dev = hs.device
@@ -200,7 +224,8 @@ def launch(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt
     grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_grad and bs is not None else None
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     low_precision = hs.dtype in (torch.bfloat16, torch.float16) and ws.dtype == hs.dtype and ht.dtype == wt.dtype
-    upcast = interpreting or not low_precision
+    upcast = UPCAST if UPCAST is not None else interpreting or not low_precision
+    precision = "ieee" if upcast else "tf32"  # tf32 only matters for fp32 tiles; bf16 tiles ignore it
     block_m, block_v, block_k = (16, 64, 32) if interpreting else (32, 128, 64)
     beta = o.beta if o.kind == "jsd" else 0.5
     dummy = rows  # stands in for absent optional pointers; never read
@@ -215,10 +240,67 @@ def launch(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt
             o.soft_weight / o.temperature, o.alpha, o.ignore_index,
             KIND=KINDS[o.kind], HAS_LABELS=labels is not None, HAS_CE=o.alpha > 0, HAS_WEIGHT=row_weight is not None,
             HAS_BS=bs is not None, HAS_BT=bt is not None, NEED_GRAD=need_grad, UPCAST=upcast,
-            PRECISION="ieee" if upcast else "tf32", BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
+            PRECISION=precision, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=block_k,
             num_warps=1 if interpreting else 8,
         )
     return rows, grad_h, grad_w, grad_b
+
+
+def chunk_rows(vocab: int, bytes_per_logit: int) -> int:
+    """Rows per chunk of the GEMM path: both chunk logits tensors within ``CHUNK_BYTES``, a multiple of
+    128 rows (whole tensor-core tiles), at least 128; ``CHUNK_ROWS`` overrides (tests)."""
+    if CHUNK_ROWS is not None:
+        return CHUNK_ROWS
+    return max(128, CHUNK_BYTES // max(vocab * bytes_per_logit, 1) // 128 * 128)
+
+
+def _gemm(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
+          labels: Tensor | None, o: Options, row_weight: Tensor | None,
+          need_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The library-GEMM path (GPU): per row chunk, logits from cuBLAS in the inputs' dtype, the
+    softmax-KL gradient written over the student logits by the Triton kernels of
+    :mod:`hkd.kernels.softmax_kl`, then ``grad_h = G @ W_s`` and ``grad_W += G.T @ h_s``.
+
+    Every GEMM accumulates in fp32 inside the library; ``grad_W`` is kept in the weight's dtype
+    (bf16 for a bf16 head: an fp32 buffer would be 2 GiB at V=128256, H=4096, the whole memory
+    goal), so it is rounded once per chunk (about N / 1024 times), not per row. ``grad_h`` rows
+    are written once each. Extra memory: the two chunk logits tensors (``CHUNK_BYTES``), ``grad_h``,
+    ``grad_W`` (and ``grad_b`` in fp32)."""
+    n, vocab = hs.shape[0], ws.shape[0]
+    dev = hs.device
+    rows = torch.empty(n, dtype=torch.float32, device=dev)
+    grad_h = torch.empty(hs.shape, dtype=hs.dtype, device=dev) if need_grad else None
+    grad_w = torch.zeros(ws.shape, dtype=ws.dtype, device=dev) if need_grad else None
+    grad_b = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_grad and bs is not None else None
+    ones = torch.ones(1, dtype=torch.float32, device=dev)
+    step = chunk_rows(vocab, hs.element_size() + ht.element_size())
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        h = hs[i:j]
+        zs = F.linear(h, ws, bs)
+        zt = F.linear(ht[i:j], wt, bt)
+        lab = None if labels is None else labels[i:j]
+        rows[i:j], stats = softmax_kl.forward(zs, zt, lab, o)
+        if not need_grad:
+            continue
+        assert grad_h is not None and grad_w is not None
+        up = ones.expand(j - i) if row_weight is None else row_weight[i:j].float()
+        g = softmax_kl.backward(zs, zt, lab, stats, up, o, out=zs)  # the logits are not needed any more
+        torch.mm(g, ws, out=grad_h[i:j])
+        grad_w.addmm_(g.T, h)
+        if grad_b is not None:
+            grad_b.add_(g.sum(0, dtype=torch.float32))
+    return rows, grad_h, grad_w, grad_b
+
+
+def launch(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
+           labels: Tensor | None, o: Options, row_weight: Tensor | None,
+           need_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Row losses ``[N]`` and (if ``need_grad``) grads w.r.t. ``hs``, ``ws`` and ``bs``: the GEMM path
+    on CUDA, the tiled kernel under the interpreter (``GEMM_PATH`` forces either)."""
+    use_gemm = GEMM_PATH if GEMM_PATH is not None else hs.is_cuda
+    with torch.no_grad():
+        return (_gemm if use_gemm else _tiled)(hs, ws, bs, ht, wt, bt, labels, o, row_weight, need_grad)
 
 
 def triton_fused_row_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,

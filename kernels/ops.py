@@ -95,26 +95,41 @@ def _reduce(rows: Tensor, labels: Tensor | None, ignore_index: int, reduction: s
     total = rows.sum()
     if reduction == "sum":
         return total
-    count = rows.numel() if labels is None else int((labels != ignore_index).sum())
-    return total / max(count, 1)  # no real token: 0 with zero gradient, never NaN
+    if labels is None:
+        return total / max(rows.numel(), 1)
+    # the count stays on the device (no host sync); no real token: 0 with zero gradient, never NaN
+    return total / (labels != ignore_index).sum().clamp_min(1)
 
 
 def _flat_labels(labels: Tensor | None, lead_shape: torch.Size, vocab: int, ignore_index: int,
-                 alpha: float) -> Tensor | None:
+                 alpha: float) -> tuple[Tensor | None, Tensor | None]:
+    """Labels as ``[N]`` int64, and (CUDA, ``alpha > 0``) a mask of rows whose label is out of range.
+
+    The cross-entropy term indexes the vocabulary with the labels, so an out-of-range one would
+    make a kernel read out of bounds. On CPU such labels raise here (a check costs nothing there);
+    on CUDA a check would stall the host until the device catches up, so instead those rows are
+    handed to the backend as ignored and their loss comes back NaN (with zero gradient)."""
     if labels is None:
-        return None
+        return None, None
     if labels.shape != lead_shape:
         raise ValueError(f"labels have shape {tuple(labels.shape)} but the logits' leading shape is {tuple(lead_shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
     flat = labels.reshape(-1).long()
-    if alpha > 0:  # the cross-entropy term indexes the vocabulary with them (kernels would read out of bounds)
-        bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+    if alpha == 0:
+        return flat, None
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= vocab))
+    if not flat.is_cuda:
         if bool(bad.any()):
             first = int(bad.nonzero()[0, 0])
             raise ValueError(f"labels must be token ids in [0, {vocab}) or ignore_index={ignore_index}; "
                              f"row {first} has {int(flat[first])} ({int(bad.sum())} such rows)")
-    return flat
+        return flat, None
+    return torch.where(bad, ignore_index, flat), bad
+
+
+def _mark_bad(rows: Tensor, bad: Tensor | None) -> Tensor:
+    return rows if bad is None else torch.where(bad, float("nan"), rows)
 
 
 def _check_floating(**tensors: Tensor | None) -> None:
@@ -152,12 +167,12 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tens
     _check_options(divergence, beta, temperature, alpha, reduction, labels)
     lead = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
-    flat_labels = _flat_labels(labels, lead, vocab, ignore_index, alpha)
+    flat_labels, bad = _flat_labels(labels, lead, vocab, ignore_index, alpha)
     student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     chosen = registry.resolve("distill_loss", backend, student, teacher)
     rows = chosen.fn(student, teacher, flat_labels, ignore_index=ignore_index, divergence=divergence, beta=beta,
                      temperature=temperature, scale_t2=scale_t2, alpha=alpha)
-    return _reduce(rows, flat_labels, ignore_index, reduction, lead)
+    return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
 
 
 def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Tensor, teacher_hidden: Tensor,
@@ -195,7 +210,7 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
             raise ValueError(f"{name} must have shape ({student_lm_head_weight.shape[0]},), got {tuple(bias.shape)}")
     _check_options(divergence, beta, temperature, alpha, reduction, labels)
     lead = student_hidden.shape[:-1]
-    flat_labels = _flat_labels(labels, lead, student_lm_head_weight.shape[0], ignore_index, alpha)
+    flat_labels, bad = _flat_labels(labels, lead, student_lm_head_weight.shape[0], ignore_index, alpha)
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     chosen = registry.resolve("fused_linear_distill_loss", backend, s_hidden, student_lm_head_weight, t_hidden,
@@ -203,7 +218,7 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
     rows = chosen.fn(s_hidden, student_lm_head_weight, t_hidden, teacher_lm_head_weight, flat_labels,
                      student_bias=student_bias, teacher_bias=teacher_bias, ignore_index=ignore_index,
                      divergence=divergence, beta=beta, temperature=temperature, scale_t2=scale_t2, alpha=alpha)
-    return _reduce(rows, flat_labels, ignore_index, reduction, lead)
+    return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
 
 
 __all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "get_backend",

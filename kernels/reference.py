@@ -30,10 +30,18 @@ def _xlogy_diff(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     return (p * torch.where(p > 0, log_p - log_q, 0.0)).sum(-1)
 
 
+def tempered(x: Tensor, temperature: float) -> Tensor:
+    """``x / T`` shifted by the row max first (softmax ignores the shift): with logits that share a
+    large offset, ``x / T`` alone rounds at the offset's scale when T is not a power of two."""
+    if temperature == 1:
+        return x
+    return (x - x.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)) / temperature
+
+
 def soft_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence: str, beta: float, temperature: float) -> Tensor:
     """Per-row divergence between temperature-softened distributions, ``[N]``."""
-    log_ps = (student_logits / temperature).log_softmax(-1)
-    log_pt = (teacher_logits / temperature).log_softmax(-1)
+    log_ps = tempered(student_logits, temperature).log_softmax(-1)
+    log_pt = tempered(teacher_logits, temperature).log_softmax(-1)
     if divergence == "jsd" and beta == 0.0:
         divergence = "forward_kl"
     if divergence == "jsd" and beta == 1.0:

@@ -1,26 +1,48 @@
-r"""Triton distillation loss over logits: one program per row, online log-sum-exp over V.
+r"""Triton distillation loss over logits: a one-pass forward and a one-pass backward.
 
 For row :math:`i` with student logits :math:`z_s`, teacher logits :math:`z_t` and temperature
-:math:`T` (all arithmetic in fp32, whatever the input dtype):
+:math:`T` (all arithmetic in fp32, whatever the input dtype), write :math:`M_s = \max_v z_s`,
+:math:`w = (z_s - M_s)/T`, :math:`d_s = \sum_v e^{w}` (and :math:`M_t, u, d_t` for the teacher),
+so :math:`\log P_s = w - \log d_s`. Subtracting the *raw* maximum before dividing by ``T`` keeps
+every digit when the logits share a large offset (an un-normalised LM head at 1e4): the old
+``z/T - lse`` subtracted two numbers of size 1e4 in fp32 and lost about 1e-3 relative in the
+gradient.
 
-1. **LSE pass.** Stream the vocabulary in ``BLOCK_V`` chunks keeping a running max :math:`m`
-   and rescaled sum :math:`d` (:math:`d \leftarrow d\,e^{m - m'} + \sum e^{x - m'}`), for
-   :math:`z_s/T`, :math:`z_t/T` and, when ``alpha > 0``, :math:`z_s` at :math:`T = 1`. So
-   :math:`\log P = x - (m + \log d)` for any chunk without storing the row.
-2. **Loss pass.** Accumulate the divergence (:mod:`hkd.kernels.reference` has the formulas);
-   reverse KL and JSD also need their row total :math:`D` (resp. :math:`\mathrm{KL}(P_s\|M)`)
-   before any gradient element is known.
-3. **Gradient pass.** Write :math:`\partial \ell / \partial z_s` into a buffer of the student's
-   dtype (closed forms in :mod:`hkd.kernels.chunked`), so ``backward`` is one in-place scale
-   by ``grad_output``.
+**Forward** (``_forward_kernel``, one program per row, the vocabulary streamed in ``BLOCK_V``
+chunks, each element read once): the online log-sum-exp of both distributions (running maxima
+and rescaled sums, in ``exp2``) and, for forward / reverse KL, the closed-form row term
 
-The inputs are read three times (twice for forward-only calls) but nothing ``[N, V]`` is
-allocated besides the gradient. ``-inf`` logits are zero-probability tokens; the running max
-starts at a large finite negative so a chunk of all ``-inf`` does not produce ``inf - inf``.
+.. math:: \mathrm{KL}(P_t\|P_s) = \frac{A}{d_t} + \log d_s - \log d_t,
+          \qquad A = \sum_v e^{u} (u - w),
 
-Interpreter notes (``TRITON_INTERPRET=1``, used by the CPU tests): values are upcast to fp32
-right after loading (the interpreter's bf16 arithmetic is wrong), configs are fixed (no
-autotune) and only core ``tl`` math is used (no libdevice).
+kept online too: when the maxima grow by :math:`\delta_t, \delta_s` (in units of ``T``), every
+:math:`u - w` shifts by :math:`\delta_s - \delta_t`, so :math:`A \leftarrow e^{-\delta_t}(A +
+(\delta_s - \delta_t) d_t)` (reverse KL swaps the roles). JSD needs :math:`\log M` with both
+final normalisers, so it takes a second sweep. With ``alpha > 0`` the student's log-sum-exp at
+``T = 1`` shares the same maximum. Per-row statistics (:math:`M_s, M_t, \log d_s, \log d_t,
+\log d_1` and the row total :math:`D` the reverse-KL / JSD gradients need) go to a small
+``[N, 6]`` fp32 tensor.
+
+**Backward** (``_backward_kernel``, a 2-D grid of (row, vocabulary block) programs): reads the
+logits, the saved statistics and the upstream gradient of the row, and writes
+
+* forward KL: :math:`p - q`; reverse KL: :math:`p(\log p - \log q - D)`;
+  JSD: :math:`(1-\beta)p(\log p - \log m - D)` (closed forms in :mod:`hkd.kernels.chunked`)
+
+times :math:`g_i (1-\alpha) c / T`, plus :math:`g_i\alpha(\mathrm{softmax}(z_s) -
+\mathrm{onehot})`, where :math:`g_i` is the upstream gradient of row ``i`` read in fp32 (for
+``mean`` it is ``1/count``; it is never rounded to bf16 and never applied in a separate pass).
+
+Traffic per vocabulary entry in bf16: forward reads 4 bytes, backward reads 4 and writes 2 (10
+in all; nothing ``[N, V]`` is allocated besides the gradient, and a forward-only call reads each
+logit once). The 6-byte bound (read both, write the gradient, once) needs the whole row on chip
+(512 KiB at V=131072), so streaming kernels pay the second read. Offsets are int64 (``row *
+stride`` overflows int32 at N*V >= 2**31); the logits are read through their row strides.
+
+On GPU the block size and warps are autotuned per (V, kind); under ``TRITON_INTERPRET=1`` (the
+CPU tests) a fixed config is used, values are upcast right after loading (the interpreter's bf16
+arithmetic is wrong) and only core ``tl`` math is used. ``BLOCK_V`` (module attribute, ``None``
+= automatic) fixes the block size everywhere, so tests reach the multi-block path with small V.
 """
 
 from __future__ import annotations
@@ -34,17 +56,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .chunked import Options, StoredGradLoss
+from .chunked import Options
 
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
-NEG_BIG = -3.0e38  # running-max start: finite, so exp(-inf - NEG_BIG) = 0 instead of NaN
+NEG_BIG = -3.0e38  # running-max start: finite, so (-inf) - NEG_BIG = -inf and exp gives 0, not NaN
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+N_STATS = 6  # M_s, M_t, log d_s, log d_t, log d_1, D
+BLOCK_V: int | None = None  # override (tests: force several blocks per row); None = autotune / default
+INTERPRET_BLOCK_V = 16384  # fixed block under the interpreter (numpy vectorises a block)
 
 
-@triton.jit
-def _lse_update(x, m, d):
-    """One online log-sum-exp step: returns the new running max and rescaled sum."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    return m_new, d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -57,12 +81,12 @@ def _log_m(log_q, log_p, log_beta, log_1mbeta):
 
 
 @triton.jit
-def softmax_kl_kernel(s_ptr, t_ptr, labels_ptr, loss_ptr, grad_ptr, s_stride, t_stride, g_stride, V,
-                      inv_t, beta, log_beta, log_1mbeta, soft_w, grad_w, alpha, ignore_index,
-                      KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-                      NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _forward_kernel(s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, s_stride, t_stride, V,
+                    inv_t, beta, log_beta, log_1mbeta, soft_w, alpha, ignore_index,
+                    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    s_row, t_row = s_ptr + row * s_stride, t_ptr + row * t_stride
+    s_row = s_ptr + row * s_stride  # int64: row * stride passes 2**31 on large N x V
+    t_row = t_ptr + row * t_stride
     cols = tl.arange(0, BLOCK_V)
     keep = True
     label = 0
@@ -70,106 +94,209 @@ def softmax_kl_kernel(s_ptr, t_ptr, labels_ptr, loss_ptr, grad_ptr, s_stride, t_
         label = tl.load(labels_ptr + row)
         keep = label != ignore_index
         label = tl.where(keep, label, 0)  # an ignored row must not read z_s[-100]
+    c = inv_t * LOG2E  # exp(x / T) = exp2(x * c)
 
-    # pass 1: log-sum-exp of z_s/T, z_t/T and (for the CE term) z_s
-    m_s = NEG_BIG; d_s = 0.0; m_t = NEG_BIG; d_t = 0.0; m_1 = NEG_BIG; d_1 = 0.0  # noqa: E702
+    m_s = NEG_BIG; d_s = 0.0; m_t = NEG_BIG; d_t = 0.0; d_1 = 0.0; acc = 0.0  # noqa: E702
     for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        z = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        zt = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        m_s, d_s = _lse_update(z * inv_t, m_s, d_s)
-        m_t, d_t = _lse_update(zt * inv_t, m_t, d_t)
+        offs = start + cols
+        mask = offs < V
+        z = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        zt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        ms_new = tl.maximum(m_s, tl.max(z, axis=0))
+        mt_new = tl.maximum(m_t, tl.max(zt, axis=0))
+        w = (z - ms_new) * inv_t  # <= 0; exact subtraction first, then the scale
+        u = (zt - mt_new) * inv_t
+        ew = tl.exp2(w * LOG2E)
+        eu = tl.exp2(u * LOG2E)
+        if KIND == 0:  # A = sum e^u (u - w), rescaled to the new maxima
+            shift = ((ms_new - m_s) - (mt_new - m_t)) * inv_t
+            acc = tl.where(d_t > 0, (acc + shift * d_t) * tl.exp2((m_t - mt_new) * c), 0.0)
+            acc += tl.sum(tl.where(eu > 0, eu * (u - w), 0.0), axis=0)
+        elif KIND == 1:  # B = sum e^w (w - u)
+            shift = ((mt_new - m_t) - (ms_new - m_s)) * inv_t
+            acc = tl.where(d_s > 0, (acc + shift * d_s) * tl.exp2((m_s - ms_new) * c), 0.0)
+            acc += tl.sum(tl.where(ew > 0, ew * (w - u), 0.0), axis=0)
         if HAS_CE:
-            m_1, d_1 = _lse_update(z, m_1, d_1)
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
-    lse_1 = 0.0
-    if HAS_CE:
-        lse_1 = m_1 + tl.log(d_1)
-
-    # pass 2: the divergence; `inner` is the row total the reverse-KL / JSD gradient needs
-    soft = 0.0
+            d_1 = d_1 * tl.exp2((m_s - ms_new) * LOG2E) + tl.sum(tl.exp2((z - ms_new) * LOG2E), axis=0)
+        d_s = d_s * tl.exp2((m_s - ms_new) * c) + tl.sum(ew, axis=0)
+        d_t = d_t * tl.exp2((m_t - mt_new) * c) + tl.sum(eu, axis=0)
+        m_s = ms_new
+        m_t = mt_new
+    log_ds = tl.log2(d_s) * LN2
+    log_dt = tl.log2(d_t) * LN2
     inner = 0.0
-    for start in range(0, V, BLOCK_V):
-        mask = start + cols < V
-        log_p = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t - lse_s
-        log_q = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t - lse_t
-        p = tl.exp(log_p)
-        q = tl.exp(log_q)
-        if KIND == 0:
-            soft += tl.sum(tl.where(q > 0, q * (log_q - log_p), 0.0), axis=0)
-        elif KIND == 1:
-            inner += tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), axis=0)
-        else:
-            log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
-            soft += beta * tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=0)
-            inner += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=0)
-    if KIND == 1:
-        soft = inner
-    elif KIND == 2:
-        soft += (1.0 - beta) * inner
-    loss = soft_w * soft
-    if HAS_CE:
-        loss += alpha * (lse_1 - tl.load(s_row + label).to(tl.float32))
-    tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
-
-    # pass 3: d loss / d z_s
-    if NEED_GRAD:
-        g_row = grad_ptr + row * g_stride
+    if KIND == 0:
+        soft = acc / d_t + log_ds - log_dt
+    elif KIND == 1:
+        soft = acc / d_s + log_dt - log_ds
+        inner = soft
+    else:  # JSD: log M needs both final normalisers, so a second sweep
+        soft = 0.0
         for start in range(0, V, BLOCK_V):
-            mask = start + cols < V
-            z = tl.load(s_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            log_p = z * inv_t - lse_s
-            log_q = tl.load(t_row + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t - lse_t
-            p = tl.exp(log_p)
-            if KIND == 0:
-                g = p - tl.exp(log_q)
-            elif KIND == 1:
-                g = p * (tl.where(p > 0, log_p - log_q, 0.0) - inner)
-            else:
-                log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
-                g = (1.0 - beta) * p * (tl.where(p > 0, log_p - log_m, 0.0) - inner)
-            g = g * grad_w
-            if HAS_CE:
-                g += alpha * (tl.exp(z - lse_1) - tl.where(start + cols == label, 1.0, 0.0))
-            g = tl.where(keep, g, 0.0)
-            tl.store(g_row + start + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            offs = start + cols
+            mask = offs < V
+            log_p = (tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32) - m_s) * inv_t - log_ds
+            log_q = (tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32) - m_t) * inv_t - log_dt
+            p = tl.exp2(log_p * LOG2E)
+            q = tl.exp2(log_q * LOG2E)
+            log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+            soft += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=0)
+            inner += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=0)
+        soft = beta * soft + (1.0 - beta) * inner
+    loss = soft_w * soft
+    log_d1 = 0.0
+    if HAS_CE:
+        log_d1 = tl.log2(d_1) * LN2
+        loss += alpha * (log_d1 - (tl.load(s_row + label).to(tl.float32) - m_s))
+    tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
+    st = stats_ptr + row * 6
+    tl.store(st + 0, m_s)
+    tl.store(st + 1, m_t)
+    tl.store(st + 2, log_ds)
+    tl.store(st + 3, log_dt)
+    tl.store(st + 4, log_d1)
+    tl.store(st + 5, inner)
+
+
+@triton.jit
+def _backward_kernel(s_ptr, t_ptr, labels_ptr, stats_ptr, up_ptr, g_ptr, s_stride, t_stride, g_stride, up_stride, V,
+                     inv_t, beta, log_beta, log_1mbeta, grad_w, alpha, ignore_index,
+                     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = offs < V
+    keep = True
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        keep = label != ignore_index
+    up = tl.load(up_ptr + row * up_stride).to(tl.float32)  # upstream gradient of this row (1/count for mean)
+    st = stats_ptr + row * 6
+    m_s = tl.load(st + 0)
+    m_t = tl.load(st + 1)
+    log_ds = tl.load(st + 2)
+    log_dt = tl.load(st + 3)
+    z = tl.load(s_ptr + row * s_stride + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    zt = tl.load(t_ptr + row * t_stride + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    log_p = (z - m_s) * inv_t - log_ds
+    log_q = (zt - m_t) * inv_t - log_dt
+    p = tl.exp2(log_p * LOG2E)
+    if KIND == 0:
+        g = p - tl.exp2(log_q * LOG2E)
+    elif KIND == 1:
+        g = p * (tl.where(p > 0, log_p - log_q, 0.0) - tl.load(st + 5))
+    else:
+        log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+        g = (1.0 - beta) * p * (tl.where(p > 0, log_p - log_m, 0.0) - tl.load(st + 5))
+    g = g * (grad_w * up)
+    if HAS_CE:
+        p1 = tl.exp2(((z - m_s) - tl.load(st + 4)) * LOG2E)
+        g += (alpha * up) * (p1 - tl.where(offs == label, 1.0, 0.0))
+    g = tl.where(keep, g, 0.0)  # ignored rows may hold NaN padding
+    tl.store(g_ptr + row * g_stride + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_V": b}, num_warps=w) for b in (2048, 4096, 8192) for w in (4, 8, 16)
+            if not (b == 2048 and w == 16)]
+
+
+_tuned: dict[str, Any] = {}
+
+
+def _kernel(name: str) -> Any:
+    """The raw kernel (interpreter or a fixed ``BLOCK_V``) or its autotuned wrapper (GPU)."""
+    raw = {"forward": _forward_kernel, "backward": _backward_kernel}[name]
+    if interpreting() or BLOCK_V is not None:
+        return raw
+    if name not in _tuned:
+        # the backward may write its gradient over the logits (out=student): trials restore them
+        restore = ["g_ptr"] if name == "backward" else None
+        _tuned[name] = triton.autotune(_configs(), key=["V", "KIND", "HAS_CE"], restore_value=restore)(raw)
+    return _tuned[name]
+
+
+def _fixed(vocab: int) -> dict[str, Any]:
+    """Launch options when not autotuning: the override, or the interpreter's block."""
+    if BLOCK_V is not None:
+        return {"BLOCK_V": BLOCK_V, "num_warps": 1 if interpreting() else 8}
+    return {"BLOCK_V": min(triton.next_power_of_2(max(vocab, 1)), INTERPRET_BLOCK_V), "num_warps": 1}
+
+
+def _launch_options(vocab: int) -> dict[str, Any]:
+    return _fixed(vocab) if interpreting() or BLOCK_V is not None else {}
 
 
 def check_device(backend: str, *tensors: Tensor) -> None:
     """CPU tensors run only under the interpreter; say so instead of failing inside triton."""
-    if any(not t.is_cuda for t in tensors) and os.environ.get("TRITON_INTERPRET") != "1":
+    if any(not t.is_cuda for t in tensors) and not interpreting():
         raise RuntimeError(f"backend {backend!r} needs CUDA tensors (got {sorted({str(t.device) for t in tensors})}); "
                            "on CPU set TRITON_INTERPRET=1 before importing triton, or use backend='chunked'")
 
 
-def block_v(vocab: int, limit: int) -> int:
-    return min(triton.next_power_of_2(vocab), limit)
+def _row_major(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def launch(student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options,
-           need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """Row losses ``[N]`` (fp32) and, if ``need_grad``, the gradient w.r.t. ``student`` (its dtype)."""
-    n, vocab = student.shape
-    student = student if student.stride(-1) == 1 else student.contiguous()
-    teacher = teacher if teacher.stride(-1) == 1 else teacher.contiguous()
-    rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else rows
-    labels_arg = labels.contiguous() if labels is not None else rows
+def _scalars(o: Options) -> tuple[float, float, float, float]:
     beta = o.beta if o.kind == "jsd" else 0.5  # log(0) is never needed outside jsd
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    return 1.0 / o.temperature, beta, math.log(beta), math.log(1.0 - beta)
+
+
+def forward(student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options) -> tuple[Tensor, Tensor]:
+    """Row losses ``[N]`` (fp32) and the per-row statistics ``[N, 6]`` the backward reads."""
+    n, vocab = student.shape
+    rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    stats = torch.empty(n, N_STATS, dtype=torch.float32, device=student.device)
     if n:
-        softmax_kl_kernel[(n,)](
-            student, teacher, labels_arg, rows, grad, student.stride(0), teacher.stride(0),
-            grad.stride(0) if need_grad else 0, vocab, 1.0 / o.temperature, beta, math.log(beta),
-            math.log(1.0 - beta), o.soft_weight, o.soft_weight / o.temperature, o.alpha, o.ignore_index,
-            KIND=KINDS[o.kind], HAS_LABELS=labels is not None, HAS_CE=o.alpha > 0, NEED_GRAD=need_grad,
-            BLOCK_V=block_v(vocab, 16384 if interpreting else 4096), num_warps=1 if interpreting else 8,
-        )
-    return rows, grad if need_grad else None
+        inv_t, beta, log_beta, log_1mbeta = _scalars(o)
+        _kernel("forward")[(n,)](
+            student, teacher, rows if labels is None else labels, rows, stats, student.stride(0), teacher.stride(0),
+            vocab, inv_t, beta, log_beta, log_1mbeta, o.soft_weight, o.alpha, o.ignore_index,
+            KIND=KINDS[o.kind], HAS_LABELS=labels is not None, HAS_CE=o.alpha > 0, **_launch_options(vocab))
+    return rows, stats
+
+
+def backward(student: Tensor, teacher: Tensor, labels: Tensor | None, stats: Tensor, upstream: Tensor, o: Options,
+             out: Tensor | None = None) -> Tensor:
+    """``upstream[i] * d loss_i / d z_s`` into ``out`` (default: a new tensor of the student's dtype;
+    ``out=student`` overwrites the logits with their gradient, as the fused LM head does).
+    ``upstream`` is ``[N]`` fp32 with any stride (0 for a scalar broadcast to every row)."""
+    n, vocab = student.shape
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if out is None else out
+    if n and vocab:
+        inv_t, beta, log_beta, log_1mbeta = _scalars(o)
+        opts = _launch_options(vocab)
+        grid = (lambda meta: (n, triton.cdiv(vocab, meta["BLOCK_V"]))) if not opts else (
+            n, triton.cdiv(vocab, opts["BLOCK_V"]))
+        _kernel("backward")[grid](
+            student, teacher, stats if labels is None else labels, stats, upstream, grad, student.stride(0),
+            teacher.stride(0), grad.stride(0), upstream.stride(0), vocab, inv_t, beta, log_beta, log_1mbeta,
+            o.soft_weight / o.temperature, o.alpha, o.ignore_index,
+            KIND=KINDS[o.kind], HAS_LABELS=labels is not None, HAS_CE=o.alpha > 0, **opts)
+    return grad
+
+
+class SoftmaxKL(torch.autograd.Function):
+    """Forward saves the per-row statistics; backward is one pass that writes the scaled gradient.
+    Nothing is consumed, so ``retain_graph=True`` and a second backward work."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Tensor, labels: Tensor | None, o: Options) -> Tensor:
+        rows, stats = forward(student, teacher, labels, o)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(student, teacher, labels, stats)
+        ctx.o = o
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
+        student, teacher, labels, stats = ctx.saved_tensors
+        upstream = grad_rows if grad_rows.dtype == torch.float32 else grad_rows.float()
+        return backward(student, teacher, labels, stats, upstream, ctx.o), None, None, None
 
 
 def triton_row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, **options: Any) -> Tensor:
     """``distill_loss`` backend: per-row losses ``[N]`` (fp32)."""
     check_device("triton", student_logits, teacher_logits)
-    return StoredGradLoss.apply(launch, student_logits, teacher_logits.detach(), labels, Options(**options))
+    return SoftmaxKL.apply(_row_major(student_logits), _row_major(teacher_logits.detach()), labels, Options(**options))
