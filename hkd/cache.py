@@ -44,7 +44,7 @@ from hkd.config import Config, ModelConfig
 from hkd.data import collate, encode_dataset
 from hkd.errors import ConfigError, HkdError
 from hkd.manager import build_manager
-from hkd.models import check_compatible, freeze, load_model, load_tokenizer, preset_dir
+from hkd.models import check_compatible, freeze, load_model, load_tokenizer, preset_dir, safetensors_shapes
 from hkd.schedule import Schedule
 from hkd.stage import StageContext, build_stages
 from hkd.taps import ModelView, TapRequest, forward_with_taps
@@ -167,7 +167,7 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int, hidden: bool = Tru
         save_file(tensors, str(tmp))
         os.replace(tmp, out_dir / name)
         first = sum(s["num_examples"] for s in shards)
-        shards.append({"file": name, "first_example": first, "num_examples": len(pending)})
+        shards.append({"file": name, "first_example": first, "num_examples": len(pending), "bytes": (out_dir / name).stat().st_size})
         pending.clear()
 
     pad = tokenizer.pad_token_id or 0
@@ -208,6 +208,113 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int, hidden: bool = Tru
 # --------------------------------------------------------------------------- reading
 
 
+def _index_problem(index: Any) -> str | None:
+    """What is wrong with a parsed ``index.json``, or ``None``: types, ranges, and a shard table that
+    covers examples ``0..num_examples-1`` contiguously."""
+
+    def count(value: Any, low: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+    if not isinstance(index, dict):
+        return f"expected a JSON object, got {type(index).__name__}"
+    if index.get("version") != VERSION:
+        return f"format version {index.get('version')!r}, this hkd reads version {VERSION}"
+    missing = [k for k in ("fingerprint", "top_k", "vocab_size", "layers", "num_examples", "shards") if k not in index]
+    if missing:
+        return f"missing key(s) {missing}"
+    fingerprint = index["fingerprint"]
+    keys = ("teacher_config", "teacher_weights", "tokenizer", "data")
+    if not isinstance(fingerprint, dict) or not all(isinstance(fingerprint.get(k), str) for k in keys):
+        return f"fingerprint: expected a mapping with string values for {list(keys)}"
+    if not count(index["vocab_size"], 1):
+        return f"vocab_size: expected an integer >= 1, got {index['vocab_size']!r}"
+    if not count(index["top_k"], 1) or index["top_k"] > index["vocab_size"]:
+        return f"top_k: expected an integer in [1, vocab_size={index['vocab_size']}], got {index['top_k']!r}"
+    layers = index["layers"]
+    if not isinstance(layers, list) or not all(count(x, 0) for x in layers) or len(set(layers)) != len(layers):
+        return f"layers: expected a list of distinct layer numbers >= 0, got {layers!r}"
+    if not count(index["num_examples"], 1):
+        return f"num_examples: expected an integer >= 1, got {index['num_examples']!r}"
+    shards = index["shards"]
+    if not isinstance(shards, list) or not shards:
+        return "shards: expected a non-empty list"
+    covered = 0
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            return f"shards[{i}]: expected an object, got {type(shard).__name__}"
+        name = shard.get("file")
+        if not isinstance(name, str) or not name.endswith(".safetensors") or Path(name).name != name:
+            return f"shards[{i}].file: expected a *.safetensors file name in the cache directory, got {name!r}"
+        if shard.get("first_example") != covered or not count(shard.get("first_example"), 0):
+            return f"shards[{i}].first_example: expected {covered} (shards cover examples in order), got " \
+                   f"{shard.get('first_example')!r}"
+        if not count(shard.get("num_examples"), 1):
+            return f"shards[{i}].num_examples: expected an integer >= 1, got {shard.get('num_examples')!r}"
+        if "bytes" in shard and not count(shard["bytes"], 8):
+            return f"shards[{i}].bytes: expected a file size, got {shard['bytes']!r}"
+        covered += shard["num_examples"]
+    if covered != index["num_examples"]:
+        return f"num_examples is {index['num_examples']} but the shards hold {covered}"
+    return None
+
+
+def read_index(index_file: Path) -> dict[str, Any]:
+    """``index.json`` parsed and checked against its schema; a problem names the file and what is wrong."""
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HkdError(f"teacher_cache: {str(index_file)!r} is not valid JSON ({exc}); the cache is damaged, "
+                       "rebuild it with hkd cache-teacher") from None
+    problem = _index_problem(index)
+    if problem is not None:
+        raise HkdError(f"teacher_cache: {str(index_file)!r}: {problem}; rebuild it with hkd cache-teacher")
+    return index
+
+
+def open_shard(cache_dir: Path, shard: dict[str, Any], index: dict[str, Any]) -> tuple[Any, list[int]]:
+    """(safetensors handle, row offsets) of one shard, after checking its file against the index.
+
+    The size recorded at build time, the safetensors header (nothing truncated), the tensors
+    and their shapes (``offsets`` [E+1], ``topk_*`` [R, top_k], ``hidden.L`` [R, H] for every
+    indexed layer) and the offsets themselves (0, non-decreasing, ending at R) must all agree.
+    """
+    path = cache_dir / shard["file"]
+
+    def damaged(what: str) -> HkdError:
+        return HkdError(f"teacher_cache: shard {str(path)!r} {what}; the cache is damaged, rebuild it with "
+                        "hkd cache-teacher")
+
+    if not path.is_file():
+        raise damaged("is missing")
+    size = path.stat().st_size
+    if "bytes" in shard and size != shard["bytes"]:
+        raise damaged(f"has {size} bytes, the index recorded {shard['bytes']}")
+    try:
+        shapes = safetensors_shapes(path)
+    except HkdError as exc:
+        raise damaged(f"is unreadable ({exc})") from None
+    examples, k = shard["num_examples"], index["top_k"]
+    if shapes.get("offsets") != [examples + 1]:
+        raise damaged(f"has offsets of shape {shapes.get('offsets')}, expected [{examples + 1}]")
+    rows = (shapes.get("topk_values") or [None])[0]
+    expected = {"topk_values": [rows, k], "topk_ids": [rows, k]}
+    for name, want in expected.items():
+        if shapes.get(name) != want:
+            raise damaged(f"has {name} of shape {shapes.get(name)}, expected {want}")
+    for layer in index["layers"]:
+        got = shapes.get(f"hidden.{layer}")
+        if got is None or len(got) != 2 or got[0] != rows:
+            raise damaged(f"has hidden.{layer} of shape {got}, expected [{rows}, hidden size]")
+    try:
+        handle = safe_open(str(path), framework="pt")
+        offsets = handle.get_tensor("offsets").tolist()
+    except Exception as exc:  # safetensors raises its own error types
+        raise damaged(f"is unreadable ({exc})") from None
+    if offsets[0] != 0 or offsets[-1] != rows or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise damaged("has row offsets that are not 0, non-decreasing and ending at its row count")
+    return handle, offsets
+
+
 class TeacherCache:
     """Read side of the cache: checks it fits the run, then serves the teacher's targets per batch."""
 
@@ -217,10 +324,7 @@ class TeacherCache:
         if not index_file.is_file():
             raise HkdError(f"teacher_cache: {str(self.path)!r} has no {INDEX} (not a cache, or its build did not "
                            "finish); build it with hkd cache-teacher")
-        self.index = json.loads(index_file.read_text())
-        if self.index.get("version") != VERSION:
-            raise HkdError(f"teacher_cache: {str(self.path)!r} has format version {self.index.get('version')}, "
-                           f"this hkd reads version {VERSION}; rebuild it")
+        self.index = read_index(index_file)
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, tuple[Any, list[int]]] = OrderedDict()  # shard -> (handle, offsets)
 
@@ -247,8 +351,7 @@ class TeacherCache:
         else:
             raise HkdError(f"teacher_cache: example {example} is not in the cache ({self.index['num_examples']} held)")
         if number not in self._open:
-            handle = safe_open(str(self.path / shard["file"]), framework="pt")
-            self._open[number] = (handle, handle.get_tensor("offsets").tolist())
+            self._open[number] = open_shard(self.path, shard, self.index)
             if len(self._open) > self.max_open_shards:
                 self._open.popitem(last=False)
         self._open.move_to_end(number)

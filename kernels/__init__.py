@@ -15,9 +15,10 @@ if __name__ == "hkd.kernels":
         fused_linear_distill_loss,
         get_backend,
         register_backend,
+        sparse_distill_loss,
     )
 
     __all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "get_backend",
-               "register_backend"]
+               "register_backend", "sparse_distill_loss"]
 else:
     __file__ = None  # type: ignore[assignment]

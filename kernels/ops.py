@@ -27,10 +27,11 @@ import torch
 from torch import Tensor
 
 from hkd.kernels import registry
-from hkd.kernels.reference import distill_loss_torch, fused_linear_distill_loss_torch
+from hkd.kernels.reference import distill_loss_torch, fused_linear_distill_loss_torch, sparse_row_losses
 from hkd.kernels.registry import KernelBackend, get_backend, register_backend
 
-OPS = ("distill_loss", "fused_linear_distill_loss")
+OPS = ("distill_loss", "fused_linear_distill_loss", "sparse_distill_loss")
+TAILS = ("renormalize", "bucket")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -67,6 +68,11 @@ for _op, _reference, _chunked, _triton in (
     register_backend(KernelBackend(_op, "chunked", _lazy(*_chunked), priority=10), replace=True)
     register_backend(KernelBackend(_op, "triton", _lazy(*_triton), priority=20, is_available=triton_available,
                                    supports=_all_cuda), replace=True)
+
+
+register_backend(KernelBackend("sparse_distill_loss", "torch", sparse_row_losses, priority=0), replace=True)
+register_backend(KernelBackend("sparse_distill_loss", "chunked", _lazy("sparse", "chunked_sparse_row_losses"),
+                               priority=10), replace=True)
 
 
 def backends(op: str) -> list[dict[str, Any]]:
@@ -221,5 +227,80 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
     return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
 
 
+def sparse_distill_loss(student_logits: Tensor, topk_ids: Tensor, topk_values: Tensor, labels: Tensor | None = None,
+                        *, temperature: float = 1.0, tail: str = "renormalize", teacher_logsumexp: Tensor | None = None,
+                        divergence: str = "forward_kl", alpha: float = 0.0, scale_t2: bool = True,
+                        ignore_index: int = -100, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Distillation loss of student logits ``[..., V]`` against sparse teacher targets: the teacher's
+    logits ``topk_values [..., k]`` at token ids ``topk_ids [..., k]`` (an offline cache, a teacher
+    served elsewhere). Only ``divergence="forward_kl"``: the other divergences need the teacher's
+    whole distribution.
+
+    Per row: ``(1 - alpha) * c * soft + alpha * CE(z_s, label)`` with ``c = T**2`` if ``scale_t2``,
+    ``P_s = softmax(z_s / T)`` over the full vocabulary and the teacher tempered from its cached values:
+
+    * ``tail="renormalize"``: ``q = softmax(topk_values / T)`` over the ``k`` slots (the tail is
+      dropped); ``soft = sum_j q_j (log q_j - log P_s[id_j])``. This is the logits stage's top-k loss.
+      Values may be logits or log-probs (a per-row shift cancels).
+    * ``tail="bucket"``: the tokens outside the top-k form one more bucket, so ``soft`` is the KL
+      over ``k + 1`` outcomes and the student is also taught how much mass to leave outside.
+      Needs ``teacher_logsumexp [...]``: the teacher's full log-normaliser at ``T = 1`` of the same
+      logits as ``topk_values`` (0 if the values are already log-probs). At ``T = 1`` this is exact;
+      at another ``T`` the cached tokens are re-tempered exactly (``q_j^(1/T)``, renormalised) and the
+      tail as if its mass were spread evenly over its ``V - k`` tokens (see
+      :func:`hkd.kernels.reference.sparse_teacher_log_probs`). Ids in a row must be distinct.
+
+    Slots whose value is ``-inf`` are empty (fewer than ``k`` targets). ``labels``, ``ignore_index``,
+    ``reduction``, ``backend`` and the fp32 result are as in :func:`distill_loss`; only
+    ``student_logits`` gets a gradient. Ids of non-ignored rows must lie in ``[0, V)`` (on CPU
+    they are checked; on CUDA a bad row's loss comes back NaN, without a host sync).
+    """
+    _check_floating(student_logits=student_logits, topk_values=topk_values, teacher_logsumexp=teacher_logsumexp)
+    if divergence != "forward_kl":
+        raise ValueError(f"sparse_distill_loss supports divergence='forward_kl' only, got {divergence!r}: "
+                         "reverse KL and JSD need the teacher's probability of every token, not its top-k")
+    if tail not in TAILS:
+        raise ValueError(f"unknown tail {tail!r}; use one of {list(TAILS)}")
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
+        raise TypeError(f"topk_ids must be integer token ids, got {topk_ids.dtype}")
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if topk_ids.shape != topk_values.shape or topk_ids.shape[:-1] != lead:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_values {tuple(topk_values.shape)} must both be "
+                         f"[..., k] with the student logits' leading shape {tuple(lead)}")
+    k = topk_ids.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"need 1 <= k <= V top-k targets per row, got k={k} for V={vocab}")
+    if tail == "bucket":
+        if teacher_logsumexp is None:
+            raise ValueError("tail='bucket' needs teacher_logsumexp (the teacher's log-normaliser at T=1 per row) "
+                             "to know the mass outside the top-k")
+        if teacher_logsumexp.shape != lead:
+            raise ValueError(f"teacher_logsumexp must have the leading shape {tuple(lead)}, "
+                             f"got {tuple(teacher_logsumexp.shape)}")
+    _check_options("forward_kl", 0.5, temperature, alpha, reduction, labels)
+    flat_labels, bad = _flat_labels(labels, lead, vocab, ignore_index, alpha)
+    student = student_logits.reshape(-1, vocab)
+    ids = topk_ids.reshape(-1, k).long()
+    keep = None if flat_labels is None else (flat_labels != ignore_index)[:, None]
+    out_of_range = (ids < 0) | (ids >= vocab)
+    if keep is not None:
+        out_of_range &= keep
+    bad_ids = out_of_range.any(-1)
+    if not ids.is_cuda:
+        if bool(bad_ids.any()):
+            first = int(bad_ids.nonzero()[0, 0])
+            raise ValueError(f"topk_ids must be token ids in [0, {vocab}); row {first} has "
+                             f"{ids[first].tolist()} ({int(bad_ids.sum())} such rows)")
+    else:  # no host sync: such rows are clamped to id 0 here and their loss is NaN below
+        ids = torch.where(out_of_range, 0, ids)
+        bad = bad_ids if bad is None else bad | bad_ids
+    values = topk_values.reshape(-1, k)
+    lse = None if tail == "renormalize" or teacher_logsumexp is None else teacher_logsumexp.reshape(-1)
+    chosen = registry.resolve("sparse_distill_loss", backend, student, values)
+    rows = chosen.fn(student, ids, values, lse, flat_labels, ignore_index=ignore_index, temperature=temperature,
+                     tail=tail, scale_t2=scale_t2, alpha=alpha)
+    return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
+
+
 __all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "get_backend",
-           "register_backend"]
+           "register_backend", "sparse_distill_loss"]

@@ -98,3 +98,89 @@ def fused_linear_distill_loss_torch(student_hidden: Tensor, student_weight: Tens
     if teacher_bias is not None:
         teacher_logits = teacher_logits + teacher_bias.detach().to(acc)
     return row_losses(student_logits, teacher_logits, labels, **options)
+
+
+# --------------------------------------------------------------------------- sparse (top-k) teacher targets
+
+def sparse_teacher_log_probs(topk_values: Tensor, teacher_logsumexp: Tensor | None, *, vocab: int, temperature: float,
+                             tail: str) -> tuple[Tensor, Tensor | None]:
+    """Tempered teacher log-probabilities on its ``k`` cached tokens ``[N, k]`` and, for ``tail="bucket"``,
+    on the bucket of the other ``V - k`` tokens ``[N]`` (``None`` for ``renormalize``).
+
+    ``renormalize``: ``log_softmax(values / T)`` over the ``k`` slots (the tail is dropped; values may be
+    logits or log-probs, a per-row shift changes nothing). ``bucket``: at ``T = 1`` the cached values
+    and the teacher's full log-normaliser ``L`` give exact probabilities ``q_j = exp(v_j - L)`` and the
+    tail mass ``r = 1 - sum q_j``. Re-tempering needs each tail token's probability, which the cache
+    does not hold, so the tail mass is taken as spread evenly over its ``m = V - k`` tokens:
+    ``q_j^(1/T)`` for the cached tokens and ``m (r / m)^(1/T)`` for the bucket, renormalised. Exact
+    at ``T = 1``; for ``T > 1`` it is the largest tail mass any spread could give (``x^(1/T)`` is
+    concave), for ``T < 1`` the smallest. Slots whose value is ``-inf`` are empty (probability 0).
+    """
+    acc = torch.float64 if topk_values.dtype == torch.float64 else torch.float32
+    v = topk_values.to(acc)
+    if tail == "renormalize":
+        return tempered(v, temperature).log_softmax(-1), None
+    assert teacher_logsumexp is not None
+    log_q1 = v - teacher_logsumexp.to(acc)[:, None]  # exact log-probabilities at T = 1
+    covered = log_q1.logsumexp(-1)
+    # log r = log(1 - exp(covered)); an exhausted tail (covered >= 0, rounding) is probability 0
+    log_r = torch.where(covered < 0, torch.log(-torch.expm1(torch.clamp(covered, max=-1e-30))), float("-inf"))
+    log_m = math.log(max(vocab - topk_values.shape[-1], 1))
+    scaled = torch.cat([log_q1 / temperature, (log_m + (log_r - log_m) / temperature)[:, None]], dim=-1)
+    log_all = scaled.log_softmax(-1)
+    return log_all[:, :-1], log_all[:, -1]
+
+
+def sparse_row_losses(student_logits: Tensor, topk_ids: Tensor, topk_values: Tensor, teacher_logsumexp: Tensor | None,
+                      labels: Tensor | None, *, ignore_index: int, temperature: float, tail: str, scale_t2: bool,
+                      alpha: float) -> Tensor:
+    """``[N]`` per-row losses against sparse targets (autograd backward); see ``sparse_distill_loss``.
+
+    ``soft = sum_j q_j (log q_j - log p_j) [+ q_tail (log q_tail - log p_tail)]`` with ``p = softmax(z_s / T)``
+    over the whole vocabulary, ``p_j`` at the cached ids and ``p_tail`` the student's mass on all other
+    tokens (a log-sum-exp over them, not ``1 - sum p_j``, which cancels when the top-k hold most mass).
+    """
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    student = student_logits.to(acc)
+    ids = topk_ids.long()
+    keep = None if labels is None else labels != ignore_index
+    if keep is not None:  # ignored rows may hold anything: compute on zeros / id 0, then zero them
+        student = torch.where(keep[:, None], student, 0.0)
+        ids = torch.where(keep[:, None], ids, 0)
+        topk_values = torch.where(keep[:, None], topk_values, 0.0)
+        if teacher_logsumexp is not None:
+            teacher_logsumexp = torch.where(keep, teacher_logsumexp, 1.0)
+    log_q, log_q_tail = sparse_teacher_log_probs(topk_values.detach(), None if teacher_logsumexp is None
+                                                 else teacher_logsumexp.detach(), vocab=student.shape[-1],
+                                                 temperature=temperature, tail=tail)
+    log_p = tempered(student, temperature).log_softmax(-1)
+    q = log_q.exp()
+    soft = (q * torch.where(q > 0, log_q - log_p.gather(-1, ids), 0.0)).sum(-1)
+    if log_q_tail is not None:
+        log_p_tail = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1)
+        q_tail = log_q_tail.exp()
+        soft = soft + q_tail * torch.where(q_tail > 0, log_q_tail - log_p_tail, 0.0)
+    loss = soft * ((1 - alpha) * (temperature**2 if scale_t2 else 1.0))
+    if alpha > 0:
+        assert labels is not None and keep is not None
+        safe = torch.where(keep, labels, torch.zeros_like(labels))
+        loss = loss + alpha * (student.logsumexp(-1) - student.gather(-1, safe[:, None]).squeeze(-1))
+    return loss if keep is None else torch.where(keep, loss, torch.zeros_like(loss))
+
+
+def logits_stage_sparse_loss(student_logits: Tensor, topk_values: Tensor, topk_ids: Tensor, labels: Tensor,
+                             temperature: float, alpha: float, scale_t2: bool) -> Tensor:
+    """The logits stage's summed top-k loss as written before this op existed (a copy of the
+    formula, kept to pin ``sparse_distill_loss(tail="renormalize", reduction="sum")`` to it):
+    teacher renormalised within its top-k, student log-probs over the full vocabulary."""
+    keep = labels != -100
+    student_logits = student_logits[keep].float()
+    teacher_logp = (topk_values[keep].float() / temperature).log_softmax(-1)
+    student_logp = (student_logits / temperature).log_softmax(-1).gather(-1, topk_ids[keep])
+    soft = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+    if scale_t2:
+        soft = soft * temperature**2
+    if alpha == 0:
+        return soft
+    hard = torch.nn.functional.cross_entropy(student_logits, labels[keep], reduction="sum")
+    return (1 - alpha) * soft + alpha * hard

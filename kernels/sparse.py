@@ -1,0 +1,121 @@
+r"""Chunked torch backend for ``sparse_distill_loss``: student logits against cached top-k teacher targets.
+
+Per row, with :math:`p = \mathrm{softmax}(z_s/T)` over the whole vocabulary, teacher targets
+:math:`q_j` on the ``k`` cached ids (and :math:`q_\text{tail}` on the bucket of all other tokens
+with ``tail="bucket"``; both from :func:`hkd.kernels.reference.sparse_teacher_log_probs`, only
+``[N, k]``), the soft term is
+
+.. math:: \sum_j q_j(\log q_j - \log p_{id_j}) + q_\text{tail}(\log q_\text{tail} - \log p_\text{tail}),
+          \qquad \log p_\text{tail} = \operatorname{logsumexp}_{v \notin ids} \log p_v .
+
+Since :math:`\sum_j q_j + q_\text{tail} = 1`, its gradient w.r.t. the tempered logits is
+
+* a cached token: :math:`p_v - q_v` (``renormalize`` is the case :math:`q_\text{tail} = 0`);
+* any other token: :math:`p_v - q_\text{tail}\, p_v / p_\text{tail}`;
+
+times :math:`(1-\alpha)c/T`, plus :math:`\alpha(\mathrm{softmax}(z_s) - \mathrm{onehot})` for the
+cross-entropy term, exactly as :mod:`hkd.kernels.chunked` does for dense targets: one row block
+(about 4M elements) at a time, the gradient written during the forward into one ``[N, V]`` buffer
+of the student's dtype, scaled by the upstream gradient (fp32) in the backward. The cached ids of
+a row must be distinct for ``bucket`` (top-k ids are); ``renormalize`` counts a repeated id twice,
+like the formula it reproduces.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import chunked
+from .chunked import StoredGradLoss, accumulation_dtype, tempered
+from .reference import sparse_teacher_log_probs
+
+
+class SparseOptions(NamedTuple):
+    ignore_index: int
+    temperature: float
+    tail: str
+    scale_t2: bool
+    alpha: float
+
+    @property
+    def soft_weight(self) -> float:
+        return (1.0 - self.alpha) * (self.temperature**2 if self.scale_t2 else 1.0)
+
+
+def block_loss_and_grad(student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor | None,
+                        labels: Tensor | None, o: SparseOptions, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Row losses ``[R]`` and their gradient w.r.t. the student logits ``[R, V]`` (accumulation dtype)."""
+    acc = accumulation_dtype(student)
+    s = student.to(acc)
+    keep = None if labels is None else labels != o.ignore_index
+    if keep is not None:  # ignored rows may hold NaN padding and garbage ids: compute on zeros / id 0
+        s = torch.where(keep[:, None], s, 0.0)
+        ids = torch.where(keep[:, None], ids, 0)
+        values = torch.where(keep[:, None], values, 0.0)
+        if teacher_lse is not None:
+            teacher_lse = torch.where(keep, teacher_lse, 1.0)
+    log_q, log_q_tail = sparse_teacher_log_probs(values, teacher_lse, vocab=s.shape[-1], temperature=o.temperature,
+                                                 tail=o.tail)
+    log_q = log_q.to(acc)
+    q = log_q.exp()
+    log_p = F.log_softmax(tempered(s, o.temperature), dim=-1)
+    loss = (q * torch.where(q > 0, log_q - log_p.gather(-1, ids), 0.0)).sum(-1)
+    rest = q_tail = log_p_tail = None
+    if log_q_tail is not None:
+        rest = log_p.scatter(-1, ids, float("-inf"))  # log p of the tail tokens, -inf at the cached ids
+        log_p_tail = rest.logsumexp(-1)
+        q_tail = log_q_tail.to(acc).exp()
+        loss = loss + q_tail * torch.where(q_tail > 0, log_q_tail.to(acc) - log_p_tail, 0.0)
+    loss = loss * o.soft_weight
+    grad = None
+    if need_grad:
+        grad = log_p.exp_().scatter_add_(-1, ids, -q)  # p - q on the cached ids, p elsewhere
+        if rest is not None:
+            assert q_tail is not None and log_p_tail is not None
+            # -q_tail * p_v / p_tail on tail tokens (exp(-inf) = 0 on the cached ids)
+            # (no tail tokens at k = V: log p_tail = -inf, clamped so that -inf - (-inf) gives no NaN)
+            floor = torch.finfo(acc).min
+            grad.sub_(rest.sub_(log_p_tail.clamp_min(floor)[:, None]).exp_().mul_(q_tail[:, None]))
+        grad.mul_(o.soft_weight / o.temperature)
+    if o.alpha > 0:
+        assert labels is not None and keep is not None
+        target = torch.where(keep, labels, 0)[:, None]
+        log_p1 = F.log_softmax(s, dim=-1)
+        loss = loss - o.alpha * log_p1.gather(-1, target).squeeze(-1)
+        if grad is not None:
+            grad.add_(log_p1.exp_().scatter_add_(-1, target, torch.full_like(log_p1[:, :1], -1.0)), alpha=o.alpha)
+    if keep is not None:
+        loss = torch.where(keep, loss, 0.0)
+        if grad is not None:
+            grad.masked_fill_(~keep[:, None], 0.0)
+    return loss, grad
+
+
+def sparse_block_pass(student: Tensor, targets: tuple[Tensor, Tensor, Tensor | None], labels: Tensor | None,
+                      o: SparseOptions, need_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """Row losses ``[N]`` and the ``[N, V]`` gradient (student dtype), one row block at a time."""
+    ids, values, teacher_lse = targets
+    n, vocab = student.shape
+    rows = torch.empty(n, dtype=accumulation_dtype(student), device=student.device)
+    grad = torch.empty_like(student) if need_grad else None
+    step = max(1, chunked.BLOCK_ELEMENTS // max(vocab, 1))
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        loss, g = block_loss_and_grad(student[i:j], ids[i:j], values[i:j],
+                                      None if teacher_lse is None else teacher_lse[i:j],
+                                      None if labels is None else labels[i:j], o, need_grad)
+        rows[i:j] = loss
+        if grad is not None and g is not None:
+            grad[i:j] = g
+    return rows, grad
+
+
+def chunked_sparse_row_losses(student_logits: Tensor, topk_ids: Tensor, topk_values: Tensor,
+                              teacher_logsumexp: Tensor | None, labels: Tensor | None, **options: Any) -> Tensor:
+    """``sparse_distill_loss`` backend: per-row losses ``[N]`` (fp32)."""
+    targets = (topk_ids, topk_values.detach(), None if teacher_logsumexp is None else teacher_logsumexp.detach())
+    return StoredGradLoss.apply(sparse_block_pass, student_logits, targets, labels, SparseOptions(**options))
