@@ -22,7 +22,9 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.config import load_config
+    from hkd.distributed import barrier, init_distributed
     from hkd.loop import distill
+    from hkd.rundir import prepare_run_dir
 
     overrides = _split_overrides(extra)
     config = load_config(args.config, overrides)
@@ -30,6 +32,12 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     if args.no_progress:
         config.train.progress = False
     run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    info = init_distributed()  # the run-directory guard decides before anything is written; rank 0 clears
+    plan = prepare_run_dir(run_dir, config, resume=args.resume, overwrite=args.overwrite,
+                           allow_config_change=args.allow_config_change, write=info.is_main)
+    barrier(info)
+    if info.is_main:
+        plan.record_config()
     result = distill(config, run_dir, resume=args.resume)
     print(f"done: {result.steps} steps; final student in {result.final_dir}")
     loader = "AutoModel" if config.student.encoder else "AutoModelForCausalLM"
@@ -221,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--out", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its outputs are deleted)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: continue although the config differs from the run's saved config.yaml")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add("plugins", cmd_plugins, "list installed plugins: name, module, distribution, stages")
     add("stages", cmd_stages, "list available distillation stages")
