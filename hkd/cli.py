@@ -39,9 +39,8 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     if info.is_main:
         plan.record_config()
     result = distill(config, run_dir, resume=args.resume)
-    print(f"done: {result.steps} steps; final student in {result.final_dir}")
     loader = "AutoModel" if config.student.encoder else "AutoModelForCausalLM"
-    print(f"load it with: {loader}.from_pretrained({str(result.final_dir)!r})")
+    print(f"done: {result.steps} steps; load the student with {loader}.from_pretrained({_shown(result.final_dir)!r})")
     return 0
 
 
@@ -122,7 +121,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     if not init_distributed().is_main:  # under torchrun rank 0 reports for everyone
         return 0
     print(f"{summary.prompts} prompts, {summary.samples} samples: kept {summary.kept}, "
-          f"rejected {summary.samples - summary.kept}; written to {summary.output}")
+          f"rejected {summary.samples - summary.kept}; written to {_shown(summary.output)}")
     if summary.rejected:
         _table(["rejected because", "count"], sorted(summary.rejected.items()))
     return 0
@@ -153,7 +152,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if args.no_progress:
         config.progress = False
     _table(["metric", "value"], result_rows(run_eval(config)))
-    print(f"results written to {config.output}")
+    print(f"results written to {_shown(Path(config.output))}")
     return 0
 
 
@@ -179,7 +178,13 @@ def cmd_init_config(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.report import build_report
+    try:
+        from hkd.report import build_report
+    except ModuleNotFoundError as exc:
+        if exc.name != "matplotlib":
+            raise
+        raise HkdError("report draws with matplotlib, which is not installed: pip install 'hkd[plot]' "
+                       "(or pip install matplotlib)") from None
 
     steps = None
     if args.steps:
@@ -188,7 +193,7 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
         except ValueError:
             raise HkdError(f"report --steps: expected comma-separated step numbers, got {args.steps!r}") from None
     page = build_report(Path(args.run_dir), Path(args.out) if args.out else None, steps)
-    print(f"report written: {page}  (open file://{page.resolve()})")
+    print(f"report written: {_shown(page)}  (open {page.resolve().as_uri()})")
     return 0
 
 
@@ -208,6 +213,15 @@ def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _shown(path: Path) -> str:
+    """A path to print: relative to the working directory when inside it, else absolute; never ``..``."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        return str(absolute)
+
+
 def _table(header: list[str], rows: Sequence[Sequence[object]]) -> None:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
@@ -215,7 +229,12 @@ def _table(header: list[str], rows: Sequence[Sequence[object]]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hkd", description="Progressive hierarchical knowledge distillation.")
+    from hkd import __version__  # hkd/__init__ imports nothing heavy: --help and --version stay fast
+
+    parser = argparse.ArgumentParser(
+        prog="hkd", description="Progressive hierarchical knowledge distillation. Start with: hkd demo",
+        epilog="hkd COMMAND --help says more about each command; README.md has the config reference.")
+    parser.add_argument("--version", action="version", version=f"hkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace, list[str]], int], help: str) -> argparse.ArgumentParser:
@@ -226,20 +245,28 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = add("distill", cmd_distill, "distil a teacher into a student (overrides: --key.path=value)")
+    p.description = (
+        "Distil a teacher into a student through the config's phases. Any config key can be overridden: "
+        "--optim.lr=3e-4 --stages.logits.divergence=jsd; --teacher.path=DIR replaces a preset teacher. "
+        "Config reference: README.md, section Configuration (every key: hkd/config.py). "
+        "A starter config for your models: hkd init-config --teacher DIR --student DIR --out cfg.yaml. "
+        "Paths: --out and paths in overrides are relative to the working directory; paths inside the "
+        "YAML file (model and data paths, teacher_cache) are relative to the YAML file.")
     p.add_argument("config", help="YAML config file")
-    p.add_argument("--out", help="run directory (default runs/<config name>)")
+    p.add_argument("--out", help="run directory, relative to the working directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its outputs are deleted)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="with --resume: continue although the config differs from the run's saved config.yaml")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar or periodic progress lines (resume, phase and end lines stay)")
     add("plugins", cmd_plugins, "list installed plugins: name, module, distribution, stages")
     add("stages", cmd_stages, "list available distillation stages")
     add("kernels", cmd_kernels, "list kernel ops, backends and what auto picks here")
     p = add("init-model", cmd_init_model, "write a tiny preset model + tokenizer (overrides: --num_hidden_layers=2)")
     p.add_argument("preset", help="tiny-llama, tiny-qwen2 or tiny-bert")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     p = add("init-student", cmd_init_student, "cut a student out of a teacher: fewer blocks, pruned width "
                                               "(Minitron), records hkd-init.json")
     p.add_argument("--teacher", required=True, help="teacher model directory")
@@ -273,8 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", cmd_demo, "the whole pipeline on synthetic addition: teacher, data distillation, "
                               "progressive distillation + RL, pass@1 table (CPU, no downloads)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; the teacher is cached there)")
-    p.add_argument("--quick", action="store_true", help="a ~2-minute version (CI smoke test)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="the CI smoke version: about 1 minute on 2 idle CPU cores (the full demo: about 3); checks the plumbing, its students train too little to score")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed for the problem splits, the teacher's and students' initialisation and batch order "
+                        "(default 0; README: the spread across seeds)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = add("init-config", cmd_init_config, "write an annotated starter distill config for a teacher/student pair")

@@ -1,0 +1,48 @@
+"""What the CLI says about itself: version, help texts, a missing optional dependency."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from hkd import __version__
+from hkd.cli import build_parser, main
+
+
+def test_version_is_printed_without_importing_torch():
+    # bugs: `hkd --version` did not exist; every command paid for importing torch first
+    proc = subprocess.run([sys.executable, "-c", "import runpy, sys\nsys.argv = ['hkd', '--version']\n"
+                           "try:\n    runpy.run_module('hkd.cli', run_name='__main__')\n"
+                           "except SystemExit:\n    pass\nprint('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["hkd", __version__, "False"], (proc.stdout, proc.stderr)
+
+
+def test_distill_help_points_to_the_reference_the_starter_config_and_the_path_rules(capsys):
+    # bug: `distill --help` pointed nowhere and did not say what paths are relative to
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Config reference: README.md" in text and "hkd init-config --teacher DIR --student DIR" in text
+    assert "--out and paths in overrides are relative to the working directory" in text
+    assert "paths inside the YAML file (model and data paths, teacher_cache) are relative to the YAML file" in text
+
+
+def test_seed_and_the_demo_and_distill_options_have_help():
+    # bug: demo --seed and init-model --seed showed a bare "--seed SEED"
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    missing = [f"{name} {action.option_strings or action.dest}" for name, p in sub.choices.items()
+               if name in ("demo", "distill", "init-model") for action in p._actions if not action.help]
+    assert missing == []
+
+
+def test_report_without_matplotlib_is_one_error_line(tmp_path, capsys, monkeypatch):
+    # bug: a traceback ending in "No module named 'matplotlib'" instead of how to install it
+    monkeypatch.delitem(sys.modules, "hkd.report", raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("hkd: error: report draws with matplotlib, which is not installed: pip install 'hkd[plot]' "
+                   "(or pip install matplotlib)")
