@@ -202,7 +202,8 @@ def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
 
     from hkd.probe import probe
 
-    out = probe(Path(args.run_dir), args.step, args.batches, progress=not args.no_progress)
+    out = probe(Path(args.run_dir), args.step, args.batches, progress=not args.no_progress,
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     result = json.loads(out.read_text())
     for name, key in (("hidden-state CKA (1 = same)", "hidden_cka"), ("attention KL (0 = same)", "attention_kl")):
         first = 0 if key == "hidden_cka" else 1
@@ -315,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (the --out of hkd distill)")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest; 0 = the initial student)")
     p.add_argument("--batches", type=int, default=4, help="micro-batches of the run's data to measure on (default 4)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run model code from the run's model directories (never taken from the run's config.yaml)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle (*.bin) weights (never taken from the run's config.yaml)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = add("report", cmd_report, "HTML report of a run (finished or running): losses, schedule, layers, eval")
     p.add_argument("run_dir", help="run directory (the --out of hkd distill)")

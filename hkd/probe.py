@@ -26,17 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from hkd import checkpoint as ckpt
-from hkd.config import Config, from_dict
+from hkd.config import Config, from_dict, load_yaml
 from hkd.data import Batches, encode_dataset
 from hkd.errors import HkdError
 from hkd.layermap import build_layer_map
-from hkd.models import freeze, load_model
+from hkd.models import freeze, load_model, safetensors_shapes
 from hkd.plugins.attention import row_kl
 from hkd.taps import TapRequest, enable_taps, forward_with_taps
 
@@ -84,19 +83,43 @@ def mapped_pairs(config: Config, stage: str, student_layers: int, teacher_layers
     return [[s, t] for s, t in pairs]
 
 
-def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bool = True) -> Path:
-    """Compute both matrices for the student at ``step`` and write them as JSON; return the path."""
+def run_config(run_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> Config:
+    """The run's saved config, with code execution opted into only by the caller, never by the file.
+
+    A run directory may come from someone else: ``trust_remote_code`` or ``allow_pickle`` in
+    its ``config.yaml`` would run code from its model directories. Both are taken from the
+    command line (``--trust-remote-code``, ``--allow-pickle``) instead.
+    """
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise HkdError(f"probe: {str(config_path)!r} does not exist; is {str(run_dir)!r} a run directory?")
+    try:
+        config = from_dict(Config, load_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) or {})
+    except UnicodeDecodeError:
+        raise HkdError(f"probe: {str(config_path)!r} is not UTF-8 text") from None
+    for model in (config.teacher, config.student):
+        model.trust_remote_code = trust_remote_code
+        model.allow_pickle = allow_pickle
+    return config
+
+
+def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bool = True, *,
+          trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
+    """Compute both matrices for the student at ``step`` and write them as JSON; return the path."""
     if batches < 1:
         raise HkdError(f"probe --batches: must be >= 1, got {batches}")
-    config = from_dict(Config, yaml.safe_load(config_path.read_text()))
+    config = run_config(run_dir, trust_remote_code, allow_pickle)
     step, checkpoint = choose_checkpoint(run_dir, step)
     teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
     student, student_tok = load_model(config.student, "student", run_dir)
     if checkpoint is not None:
-        student.load_state_dict(load_file(str(checkpoint / "student.safetensors")))
+        weights = checkpoint / "student.safetensors"
+        try:
+            safetensors_shapes(weights)
+            student.load_state_dict(load_file(str(weights)))
+        except (HkdError, RuntimeError, OSError) as exc:
+            raise HkdError(f"probe: checkpoint {str(checkpoint)!r} does not fit the run's student: "
+                           f"{' '.join(str(exc).split())[:500]}") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for model in (teacher, student):
         freeze(model).to(device)  # type: ignore[arg-type]
