@@ -211,6 +211,11 @@ def resume_checkpoint(ckpt_root: Path) -> Path:
     return complete[newest]
 
 
+def cuda_rng_keys(rng: dict[str, Any]) -> list[str]:
+    """``cuda0, cuda1, ...`` in device order: numeric, since as strings "cuda10" sorts before "cuda2"."""
+    return sorted((k for k in rng if k.startswith("cuda") and k[len("cuda"):].isdigit()), key=lambda k: int(k[len("cuda"):]))
+
+
 def check_resume_step(step: Any, total_steps: int, path: Path | None = None) -> int:
     """The step a checkpoint resumes at, if the schedule reaches it; a step beyond it is refused."""
     where = f"checkpoint {str(path)!r}" if path is not None else "checkpoint"
@@ -271,8 +276,7 @@ def load_checkpoint(path: Path, trainable: torch.nn.Module, optimizer: torch.opt
             optimizer.state.pop(param, None)
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
-        # device order is numeric: as strings "cuda10" would sort before "cuda2"
-        cuda = [rng[k] for k in sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[len("cuda"):]))]
+        cuda = [rng[k] for k in cuda_rng_keys(rng)]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
     random.setstate(_tupled(trainer["python_rng"]))

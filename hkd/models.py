@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -263,10 +265,15 @@ def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tup
     loader = AutoModel if spec.encoder else AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
-        with _quiet_transformers():
+        with _quiet_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol notes; refusals are raised, not warned
             model, info = loader.from_pretrained(path, config=config, **kwargs)
     except (HkdError, KeyboardInterrupt, MemoryError):
         raise
+    except pickle.UnpicklingError as exc:  # allow_pickle, but torch's weights-only unpickler found more than tensors
+        reason = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "not only tensors")
+        raise HkdError(f"{role}: refused to unpickle the weights in {str(path)!r}: they hold something other than "
+                       f"tensors, which could run code ({reason}); get safetensors weights instead") from None
     except Exception as exc:  # transformers and safetensors raise many types for a bad directory
         raise HkdError(f"{role}: could not load the model in {str(path)!r}: {' '.join(str(exc).split())}") from exc
     check_loading_info(info, spec, role, path)
