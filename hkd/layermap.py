@@ -32,7 +32,10 @@ def build_layer_map(
     """Return ``[(student_layer, teacher_layer), ...]``.
 
     * ``uniform`` (TinyBERT): student block ``s`` learns from teacher block
-      ``round(s * L_t / L_s)``, so the last blocks always meet.
+      ``round(s * L_t / L_s)``, so the last blocks always meet. A student deeper than its
+      teacher maps block ``s`` to ``ceil(s * L_t / L_s)``, the teacher block whose share of the
+      depth holds the student block's end: several student blocks share a teacher block, and
+      none maps to 0 (the embeddings, which ``round`` gave the first blocks).
     * ``last``: only the two final blocks.
     * ``explicit``: ``pairs`` as given, each checked against both models.
     * ``init``: the layers the student was cut from (``hkd init-student`` records them in
@@ -49,7 +52,10 @@ def build_layer_map(
         strategy = "explicit"
         pairs = [p for p in json.loads(record.read_text())["layer_map"] if include_embeddings or p != [0, 0]]
     if strategy == "uniform":
-        mapping = [(s, round(s * teacher_layers / student_layers)) for s in range(1, student_layers + 1)]
+        if student_layers <= teacher_layers:
+            mapping = [(s, round(s * teacher_layers / student_layers)) for s in range(1, student_layers + 1)]
+        else:
+            mapping = [(s, -(-s * teacher_layers // student_layers)) for s in range(1, student_layers + 1)]
     elif strategy == "last":
         mapping = [(student_layers, teacher_layers)]
     elif strategy == "explicit":

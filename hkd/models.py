@@ -326,5 +326,7 @@ def num_layers(model: PreTrainedModel) -> int:
 
 
 def decoder_body(model: PreTrainedModel) -> torch.nn.Module:
-    """The transformer without its LM head (``model.model`` for Llama/Qwen, the model itself for encoders)."""
-    return model.get_decoder() if hasattr(model, "get_decoder") and hasattr(model, "lm_head") else model
+    """The transformer without its head: ``model.<base_model_prefix>`` (``model.model`` for Llama/Qwen,
+    ``model.gpt_neox`` for GPT-NeoX, ``model.roberta`` for an MLM head), the model itself for bare models."""
+    body = getattr(model, model.base_model_prefix, None) if model.base_model_prefix else None
+    return body if isinstance(body, torch.nn.Module) else model

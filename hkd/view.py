@@ -90,3 +90,4 @@ class ModelView:
     final_hidden: Tensor | None = None
     lm_head: torch.nn.Module | None = None
     sparse: SparseTargets | None = None
+    logit_softcap: float | None = None  # final-logit soft-cap c (Gemma 2): logits = c * tanh(final_hidden @ W.T / c)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from hkd.models import build_preset
-from hkd.taps import TapRequest, enable_taps, forward_with_taps
+from hkd import TapRequest
+from hkd.taps import enable_taps, forward_with_taps
 
 
 @pytest.mark.parametrize("preset,kv_heads", [("tiny-llama", 2), ("tiny-qwen2", 1), ("tiny-llama", 4)])
@@ -44,3 +45,39 @@ def test_student_attention_carries_gradients():
     view = forward_with_taps(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, TapRequest(attention={1}))
     view.attention[1].attention_logprobs().exp()[..., 0].sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_taps_keep_a_model_on_its_own_eager_attention():
+    """Catches: the tap swapping an eager model's attention for SDPA (for Gemma 2 and gpt-oss that silently
+    drops soft-capping and sinks); eager must get its own additive mask, never SDPA's skipped one (None)."""
+    model = build_preset("tiny-llama", {"num_hidden_layers": 2}, seed=0).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(4, 99, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        before = model(**batch, output_attentions=True)
+        enable_taps(model)
+        view = forward_with_taps(model, batch, TapRequest(attention={1, 2}, logits=True))
+    torch.testing.assert_close(view.logits, before.logits)
+    assert view.attention[1].mask is not None and view.attention[1].mask.dtype == torch.float32  # eager's own format
+    torch.testing.assert_close(view.attention[2].attention_logprobs().exp(), before.attentions[1], atol=1e-5, rtol=1e-4)
+
+
+def test_allowed_rebuilds_window_and_padding_from_flags():
+    """Catches: a 2-D padding mask or no mask (flash kernels take the pattern from flags) read as a
+    4-D mask, or the sliding window lost when the mask carries no pattern."""
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    from hkd.taps import QKV
+
+    batch, seq, window = 2, 9, 3
+    padding = torch.ones(batch, seq, dtype=torch.bool)
+    padding[1, 6:] = False
+    full = sdpa_mask(batch_size=batch, q_length=seq, kv_length=seq, attention_mask=padding,
+                     mask_function=sliding_window_causal_mask_function(window), allow_is_causal_skip=False)
+    q = torch.randn(batch, 2, seq, 4)
+    as_4d = QKV(q, q, q, full, scaling=0.5, causal=True, sliding_window=window)
+    as_2d = QKV(q, q, q, padding, scaling=0.5, causal=True, sliding_window=window)
+    real = padding[:, None, :, None]  # compare real query rows (fully masked rows are opened on purpose)
+    assert torch.equal(as_4d.allowed() & real, as_2d.allowed() & real)
+    assert not as_2d.allowed()[0, 0, 8, :6].any()  # the window
