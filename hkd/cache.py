@@ -44,10 +44,11 @@ from hkd.config import Config, ModelConfig
 from hkd.data import collate, encode_dataset
 from hkd.errors import ConfigError, HkdError
 from hkd.manager import build_manager
-from hkd.models import check_compatible, freeze, load_model, load_tokenizer, preset_dir, safetensors_shapes
+from hkd.models import check_compatible, freeze, load_model, load_tokenizer, num_layers, preset_dir, safetensors_shapes
 from hkd.schedule import Schedule
 from hkd.stage import StageContext, build_stages
-from hkd.taps import ModelView, TapRequest, forward_with_taps
+from hkd.taps import forward_with_taps
+from hkd.view import ModelView, SparseTargets, TapRequest, unserved
 
 INDEX = "index.json"
 VERSION = 1
@@ -108,17 +109,6 @@ def teacher_skeleton(spec: ModelConfig, run_dir: Path) -> tuple[PreTrainedModel,
     return model, load_tokenizer(path, spec.trust_remote_code)
 
 
-def needed_request(stages: torch.nn.ModuleDict) -> TapRequest:
-    """Everything any stage of the schedule asks of the teacher."""
-    request = TapRequest()
-    for stage in stages.values():
-        request = request.merge(stage.teacher_request())  # type: ignore[operator]
-    if request.attention:
-        raise ConfigError("teacher_cache: the schedule has a stage that needs the teacher's attention, which the "
-                          "offline cache does not hold; remove that stage or train with the live teacher")
-    return request
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -139,11 +129,19 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int, hidden: bool = Tru
     if not 1 <= top_k <= vocab:
         raise ConfigError(f"--top-k: must be between 1 and the vocabulary size {vocab}, got {top_k}")
 
+    # the stages as training from this cache will build them, asking what a cache can serve
+    serves = TapRequest(hidden=set(range(num_layers(teacher) + 1)), sparse_logits=True)
+
     def context(name: str) -> StageContext:
-        return StageContext(name, teacher, student, config.kernels, f"stages.{name}", pm, tokenizer)
+        return StageContext(name, teacher, student, config.kernels, f"stages.{name}", pm, tokenizer,
+                            teacher_serves=serves, teacher_live=False)
 
     stages = build_stages(pm, Schedule(config.schedule, config.optim).stage_names, config.stages, context)
-    layers = sorted(needed_request(stages).hidden) if hidden else []
+    requests = {name: stage.teacher_request() for name, stage in stages.items()}  # type: ignore[operator]
+    problems = unserved(serves, requests)
+    if problems:
+        raise ConfigError(f"cache-teacher: an offline cache cannot serve what the schedule asks: {'; '.join(problems)}")
+    layers = sorted(set().union(*(request.hidden for request in requests.values()))) if hidden else []
     encoded = encode_dataset(tokenizer, config.data, config.train.seed)
     if not encoded:
         raise HkdError("cache-teacher: the data set is empty")
@@ -328,16 +326,16 @@ class TeacherCache:
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, tuple[Any, list[int]]] = OrderedDict()  # shard -> (handle, offsets)
 
-    def check(self, expected: dict[str, str], request: TapRequest) -> None:
-        """Refuse a cache built for another teacher, tokenizer or data set, or lacking needed layers."""
+    def check(self, expected: dict[str, str]) -> None:
+        """Refuse a cache built for another teacher, tokenizer or data set.
+
+        Whether it holds what the stages need (layers, top-k targets) is checked against
+        :meth:`hkd.sources.CachedTeacher.serves` by the loop, for every request field.
+        """
         what = {"teacher_config": "teacher config", "teacher_weights": "teacher weights",
                 "tokenizer": "tokenizer vocabulary", "data": "data (records, fields, max_length or tokenizer)"}
         found = self.index["fingerprint"]
         differs = [label for key, label in what.items() if found.get(key) != expected[key]]
-        missing = sorted(request.hidden - set(self.index["layers"]))
-        if missing:
-            differs.append(f"layer map (stages need teacher layers {sorted(request.hidden)}, the cache holds "
-                           f"{self.index['layers']})")
         if differs:
             raise HkdError(f"teacher_cache {str(self.path)!r} was built for a different setup: {'; '.join(differs)} "
                            "differ; rebuild it with hkd cache-teacher")
@@ -358,12 +356,12 @@ class TeacherCache:
         handle, offsets = self._open[number]
         return handle, offsets[local], offsets[local + 1]
 
-    def view(self, batch: dict[str, Tensor], request: TapRequest) -> tuple[ModelView, dict[str, Tensor]]:
-        """The teacher's side of ``batch``: a view with the cached hidden states, and top-k targets.
+    def view(self, batch: dict[str, Tensor], request: TapRequest) -> ModelView:
+        """The teacher's side of ``batch``: cached hidden states and top-k targets in a view.
 
         Targets are scattered to the batch's target positions (``loss_mask``); other positions
-        hold zeros, which every stage masks out. The top-k targets come back as
-        ``teacher_topk_values`` / ``teacher_topk_ids`` ``[B, S, k]`` for the batch.
+        hold zeros, which every stage masks out. The top-k targets travel as
+        ``view.sparse`` (:class:`hkd.view.SparseTargets`, ``[B, S, k]``).
         """
         mask = batch["loss_mask"]
         device = mask.device
@@ -378,14 +376,14 @@ class TeacherCache:
             if len(positions) != end - begin:
                 raise HkdError(f"teacher_cache: example {example} has {end - begin} cached targets but the batch has "
                                f"{len(positions)}; the cache was built for different data, rebuild it")
-            values[row, positions] = handle.get_slice("topk_values")[begin:end].to(device)
-            ids[row, positions] = handle.get_slice("topk_ids")[begin:end].to(device).long()
+            if request.sparse_logits:
+                values[row, positions] = handle.get_slice("topk_values")[begin:end].to(device)
+                ids[row, positions] = handle.get_slice("topk_ids")[begin:end].to(device).long()
             for layer in request.hidden:
                 rows = handle.get_slice(f"hidden.{layer}")[begin:end].to(device)
                 if layer not in hidden:
                     hidden[layer] = torch.zeros(shape + (rows.shape[-1],), dtype=rows.dtype, device=device)
                 hidden[layer][row, positions] = rows
         states = tuple(hidden.get(layer) for layer in range(max(hidden, default=-1) + 1))
-        view = ModelView(hidden_states=states if hidden else None, attention={}, logits=None,  # type: ignore[arg-type]
-                         final_hidden=None, lm_head=None)
-        return view, {"teacher_topk_values": values, "teacher_topk_ids": ids}
+        return ModelView(hidden_states=states if hidden else None,
+                         sparse=SparseTargets(ids, values) if request.sparse_logits else None)

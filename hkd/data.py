@@ -183,9 +183,21 @@ class Batches:
             self._orders = {epoch: order}  # keep one epoch: memory stays O(dataset)
         return self._orders[epoch]
 
-    def batch(self, index: int) -> dict[str, Tensor]:
+    def _indices(self, index: int) -> list[int]:
         size, n = self.config.batch_size, len(self.encoded)
-        indices = [self._order(k // n)[k % n] for k in range(index * size, (index + 1) * size)]
+        return [self._order(k // n)[k % n] for k in range(index * size, (index + 1) * size)]
+
+    def counts(self, index: int) -> tuple[int, int]:
+        """``(targets, tokens)`` of ``batch(index)``: ``loss_mask`` and ``attention_mask`` sums,
+        counted from the encoded lists so the loop never reads a tensor for them."""
+        rows = [self.encoded[i] for i in self._indices(index)]
+        tokens = sum(len(ids) for ids, _ in rows)
+        if not self.causal:
+            return tokens, tokens
+        return sum(sum(1 for label in labels[1:] if label != -100) for _, labels in rows), tokens
+
+    def batch(self, index: int) -> dict[str, Tensor]:
+        indices = self._indices(index)
         batch = collate([self.encoded[i] for i in indices], self.pad_id, self.causal)
         batch["example_index"] = torch.tensor(indices, dtype=torch.long)
         return batch

@@ -103,15 +103,20 @@ def shard_model(model: Any, reshard_after_forward: bool) -> None:
 def sync_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Average gradients over ranks, except FSDP-sharded ones (FSDP already reduced those).
 
-    Parameters without a gradient (stages inactive this phase) are left without one on every
-    rank alike, so AdamW skips them exactly as it would in a single process.
+    Ranks first agree on which parameters have a gradient: one whose backward was skipped (its
+    total had no gradient) joins with zeros where another rank has one. Parameters without a
+    gradient anywhere (stages inactive this phase) stay without one on every rank alike, so
+    AdamW skips them exactly as it would in a single process.
     """
     if not info.enabled:
         return
-    with_grad = [p for p in params if p.grad is not None and not is_sharded(p)]
+    plain = [p for p in params if not is_sharded(p)]
+    has_grad = torch.tensor([p.grad is not None for p in plain], dtype=torch.int32, device=_device_of(plain))
+    dist.all_reduce(has_grad)
+    with_grad = [p for p, anywhere in zip(plain, has_grad.tolist()) if anywhere]
     if not with_grad:
         return
-    flat = torch.cat([p.grad.reshape(-1) for p in with_grad])  # type: ignore[union-attr]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in with_grad])
     dist.all_reduce(flat)
     flat /= info.world_size
     offset = 0
@@ -119,6 +124,17 @@ def sync_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         n = p.numel()
         p.grad = flat[offset: offset + n].view_as(p).clone()
         offset += n
+
+
+def _device_of(params: list[torch.nn.Parameter]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
+
+
+def all_reduce_tensor(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum a device tensor over ranks without reading it on the host (identity in one process)."""
+    if info.enabled:
+        dist.all_reduce(values)
+    return values
 
 
 def shutdown_distributed() -> None:
@@ -136,14 +152,18 @@ def barrier(info: DistInfo) -> None:
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Global-norm clipping over plain and FSDP-sharded gradients together; returns the norm."""
+    """Global-norm clipping over plain and FSDP-sharded gradients together; returns the norm.
+
+    No host read: a non-finite norm scales the gradients to NaN, and the loop, which reads the
+    norm once per step, then skips the optimizer step.
+    """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=_device_of(params))
     norms = [torch.linalg.vector_norm(g) for g in grads]
     squares = [(n.full_tensor() if is_sharded(n) else n).float().pow(2) for n in norms]
     total = torch.stack(squares).sum().sqrt()
-    if max_norm > 0 and torch.isfinite(total):
+    if max_norm > 0:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(scale.to(g.device) if not is_sharded(g) else scale.item())

@@ -27,7 +27,9 @@ from transformers import PreTrainedModel
 from hkd.config import DataConfig, ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
 from hkd.data import collate, encode, encode_dataset, read_jsonl
 from hkd.errors import ConfigError, HkdError
-from hkd.generate import VerifierConfig, derive_seed, pick_device
+from hkd.generate import pick_device
+from hkd.seeding import derive_seed
+from hkd.verify import VerifierConfig
 from hkd.manager import build_manager
 from hkd.models import check_compatible, freeze, load_model
 from hkd.sampling import sample

@@ -25,7 +25,6 @@ its number of ranks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections import Counter
@@ -42,15 +41,9 @@ from hkd.distributed import barrier, init_distributed
 from hkd.errors import ConfigError, HkdError
 from hkd.manager import build_manager
 from hkd.models import freeze, load_model
-from hkd.plugins.verifiers import answer_extractor
 from hkd.sampling import sample
-from hkd.verify import Verdict, Verifier, build_verifier
-
-
-@dataclass
-class VerifierConfig:
-    name: str  # a verifier some plugin registers (``exact_answer``, ``regex_format``, ...)
-    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
+from hkd.seeding import derive_seed
+from hkd.verify import Verdict, Verifier, VerifierConfig, answer_extractor, build_verifier
 
 
 @dataclass
@@ -120,11 +113,6 @@ class GenerateSummary:
     kept: int
     rejected: dict[str, int]  # reason -> count
     output: Path
-
-
-def derive_seed(base: int, key: str) -> int:
-    """A 63-bit seed that depends only on the base seed and ``key`` (stable across runs and machines)."""
-    return int.from_bytes(hashlib.sha256(f"{base}:{key}".encode()).digest()[:8], "big") >> 1
 
 
 def pick_device(name: str) -> torch.device:

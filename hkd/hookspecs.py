@@ -71,11 +71,15 @@ def hkd_add_verifiers() -> list[VerifierSpec] | None:
 
 @hookspec
 def hkd_on_train_start(
-    config: Config, run_dir: Path, student: torch.nn.Module, teacher: torch.nn.Module | None, start_step: int
+    config: Config, run_dir: Path, student: torch.nn.Module, teacher: torch.nn.Module | None, start_step: int,
+    total_steps: int, resumed_from: Path | None,
 ) -> None:
-    """Called once after models, stages and optimizer exist, before the first step.
+    """Called once after models, stages and optimizer exist, before the first step (rank 0 only).
 
-    ``start_step`` is 0 for a fresh run and the checkpoint's step on ``--resume``.
+    ``start_step`` is 0 for a fresh run and the checkpoint's step on ``--resume``, when
+    ``resumed_from`` is the checkpoint directory (``None`` for a fresh run). ``total_steps``
+    is the schedule's length. ``teacher`` is the first teacher's model (an architecture without
+    weights when it comes from an offline cache).
     """
 
 

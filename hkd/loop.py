@@ -1,42 +1,77 @@
-"""The distillation loop. Read it top to bottom: set up, then one optimizer step at a time.
+"""The distillation loop, in three parts: ``build_run``, ``train_step``, ``finish``.
 
-    batch ─► teacher (no_grad, only the taps active stages need) ─► TeacherView
-          └► student (taps)                                       ─► StudentView
-    total = Σ weight_i(step) · stage_i.loss(...)  ─► backward ─► clip ─► AdamW step
-    hooks: hkd_after_step (loggers), checkpoints every N steps, final save_pretrained
+    batch ─► teacher source (live forward or offline cache; only what active stages need) ─► ModelView
+          └► student forward (taps; skipped when no active stage needs it)                ─► ModelView
+    total = Σ weight_i(step) · stage_i.loss(...)  ─► backward (skipped without gradient) ─► clip ─► AdamW
+    losses stay on the device; the host reads them once per optimizer step
+    hooks: hkd_after_step (loggers, console), checkpoints every N steps, final save_pretrained
 
-With ``teacher_cache`` set, the teacher is never loaded (only its config, on the meta device)
-and its side of each micro-batch comes from the offline cache (:mod:`hkd.cache`).
+:func:`distill` strings the three together; a notebook can call them one by one.
 """
 
 from __future__ import annotations
 
 import math
-import random
+import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import yaml
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from hkd import checkpoint as ckpt
+from hkd.cache import TeacherCache, teacher_dir, teacher_skeleton
 from hkd.config import Config
-from hkd.cache import TeacherCache, fingerprint, needed_request, teacher_dir, teacher_skeleton
 from hkd.data import Batches, encode_dataset
 from hkd.distributed import (
-    DistInfo, all_reduce_sum, barrier, clip_gradients, init_distributed, shard_model, sync_gradients,
+    DistInfo, all_reduce_sum, all_reduce_tensor, barrier, clip_gradients, init_distributed, shard_model,
+    sync_gradients,
 )
 from hkd.errors import ConfigError, HkdError, StoppedEarly
 from hkd.manager import HkdPluginManager, build_manager
 from hkd.models import check_compatible, freeze, load_model
 from hkd.schedule import Schedule
-from hkd.stage import StageContext, StepState, build_stages
-from hkd.taps import ModelView, TapRequest, enable_taps, forward_with_taps
+from hkd.seeding import seed_everything
+from hkd.sources import CachedTeacher, LiveTeacher, TeacherSource, check_requests
+from hkd.stage import Stage, StageContext, StepState, build_stages
+from hkd.taps import enable_taps, forward_with_taps
+from hkd.view import ModelView, TapRequest
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between steps."""
+
+    config: Config
+    run_dir: Path
+    pm: HkdPluginManager
+    info: DistInfo
+    device: torch.device
+    student: PreTrainedModel
+    tokenizer: Any
+    teachers: list[TeacherSource]  # one today; several teachers are several sources
+    stages: torch.nn.ModuleDict  # every stage named anywhere in the schedule
+    schedule: Schedule
+    batches: Batches
+    optimizer: torch.optim.AdamW
+    trainable: torch.nn.ModuleDict  # what checkpoints hold: the student and the stages' parameters
+    start_step: int = 0
+    resumed_from: Path | None = None
+    phase_index: int = -1  # the phase the previous step ran in
+    nonfinite_in_row: int = 0
+    saved_step: int = -1  # the step of the newest checkpoint this process wrote
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    def hook(self, name: str, **kwargs: Any) -> None:
+        """Lifecycle hooks run on rank 0 only (loggers, console)."""
+        if self.info.is_main:
+            self.pm.call(name, **kwargs)
 
 
 @dataclass
@@ -64,27 +99,216 @@ def make_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.op
     return torch.optim.AdamW(groups, lr=config.optim.lr, betas=tuple(config.optim.betas))  # type: ignore[arg-type]
 
 
-@contextmanager
-def stop_requests() -> Iterator[dict[str, bool]]:
-    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and exits cleanly."""
-    flag = {"stop": False}
+# --------------------------------------------------------------------------- 1. build
 
-    def handler(signum: int, frame: Any) -> None:
-        flag["stop"] = True
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+def build_run(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> Run:
+    """Models, teacher sources, stages, data, optimizer and (with ``resume``) the newest checkpoint.
+
+    Everything is validated before the run directory gets its ``config.yaml``; a setup that
+    fails removes the directory again if this call created it (preset models are written into
+    it to be loaded the way real ones are).
+    """
+    pm = pm or build_manager(config.plugins.disable)
+    info = init_distributed()
+    created = info.is_main and not run_dir.exists()
     try:
-        yield flag
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        run = _build(config, run_dir, resume, pm, info)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    if info.is_main and not resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return run
+
+
+def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, info: DistInfo) -> Run:
+    if info.is_main:  # only rank 0 writes presets; the others wait for them to exist
+        teacher_dir(config.teacher, run_dir)
+        load_model(config.student, "student", run_dir)
+    barrier(info)
+    seed_everything(config.train.seed)
+    device = resolve_device(config.train.device, info)
+
+    # --- models: the teacher frozen (or only its architecture, with an offline cache)
+    student, student_tok = load_model(config.student, "student", run_dir)
+    source: TeacherSource
+    if config.teacher_cache:
+        skeleton, teacher_tok = teacher_skeleton(config.teacher, run_dir)
+        source = CachedTeacher(TeacherCache(config.teacher_cache), skeleton)
+    else:
+        teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
+        source = LiveTeacher(freeze(teacher).to(device))  # type: ignore[arg-type]
+    check_compatible(source.model, student, teacher_tok, student_tok)
+    tokenizer = student_tok or teacher_tok
+    if tokenizer is None:
+        raise HkdError("neither the teacher nor the student directory has a tokenizer")
+    student.to(device).train()  # type: ignore[arg-type]
+
+    # --- stages named anywhere in the schedule, each checked against what the teacher serves
+    schedule = Schedule(config.schedule, config.optim)
+
+    def context(name: str) -> StageContext:
+        return StageContext(name, source.model, student, config.kernels, f"stages.{name}", pm, tokenizer,
+                            teacher_serves=source.serves(), teacher_live=source.live)
+
+    stages = build_stages(pm, schedule.stage_names, config.stages, context).to(device)
+    check_requests(source, {name: _stage(stages, name).teacher_request() for name in stages})
+    if any(_stage(stages, n).teacher_request().attention or _stage(stages, n).student_request().attention
+           for n in stages):
+        enable_taps(student)
+        if source.live:
+            enable_taps(source.model)
+    if info.enabled and config.train.parallel == "fsdp":
+        if any(getattr(_stage(stages, n).config, "fused", False) for n in stages):
+            raise ConfigError("train.parallel: fsdp cannot be combined with stages.logits.fused yet; use ddp")
+        if source.live:
+            shard_model(source.model, reshard_after_forward=True)
+        shard_model(student, reshard_after_forward=False)
+    trainable = torch.nn.ModuleDict({"student": student, "stages": stages})
+
+    # --- data (a cache must hold targets for exactly this data), optimizer, resume
+    encoded = encode_dataset(tokenizer, config.data, config.train.seed)
+    if isinstance(source, CachedTeacher):
+        source.check_fingerprint(teacher_dir(config.teacher, run_dir), tokenizer, encoded)
+    batches = Batches(encoded, config.data, tokenizer.pad_token_id or 0, config.train.seed,
+                      causal=not config.student.encoder)
+    params = list(trainable.parameters())
+    optimizer = make_optimizer(config, params)
+    run = Run(config, run_dir, pm, info, device, student, tokenizer, [source], stages, schedule, batches,
+              optimizer, trainable, params=params)
+    if resume:
+        found = ckpt.list_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise HkdError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
+        run.start_step = ckpt.load_checkpoint(found[-1], trainable, optimizer)["step"]
+        run.resumed_from = found[-1]
+        run.saved_step = run.start_step
+        if run.start_step > schedule.total_steps:
+            raise HkdError(f"--resume: checkpoint {str(found[-1])!r} is at step {run.start_step}, beyond this "
+                           f"schedule's {schedule.total_steps} steps; was the schedule shortened?")
+    return run
+
+
+def _stage(stages: torch.nn.ModuleDict, name: str) -> Stage:
+    stage = stages[name]
+    assert isinstance(stage, Stage)
+    return stage
+
+
+# --------------------------------------------------------------------------- 2. one optimizer step
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One optimizer step over ``optim.grad_accum`` micro-batches; returns the step's metrics."""
+    config, schedule, info = run.config, run.schedule, run.info
+    position = schedule.phase_at(step)
+    weights = schedule.weights(step)
+    active = {name: w for name, w in weights.items() if w > 0}
+    if position.index != run.phase_index:
+        run.phase_index = position.index
+        run.hook("hkd_on_phase_start", phase_name=position.name, phase_index=position.index, step=step,
+                 active_stages=sorted(active))
+    temperature = schedule.temperature(step)
+    lr = config.optim.lr * schedule.lr_factor(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+    # each model runs only for what active stages need, and not at all if nothing does
+    teacher_request, student_request = TapRequest(), TapRequest()
+    for name in active:
+        teacher_request = teacher_request.merge(_stage(run.stages, name).teacher_request())
+        student_request = student_request.merge(_stage(run.stages, name).student_request())
+
+    started = time.perf_counter()
+    accum = config.optim.grad_accum
+    # rank r takes micro-batches [r*A, (r+1)*A) of the step's world*A: the same data as one process
+    first = (step * info.world_size + info.rank) * accum
+    micro_counts = [run.batches.counts(first + i) for i in range(accum)]  # host ints: no tensor read
+    micro_batches = [run.batches.batch(first + i) for i in range(accum)] if active else []  # none if all paused
+    local = [sum(c for c, _ in micro_counts), sum(s for _, s in micro_counts)]
+    tokens, seen = (int(x) for x in all_reduce_sum(local, info, run.device))
+
+    # per-stage losses and token-weighted "metric/..." sums stay on the device until the end
+    stage_losses = torch.zeros(len(active), device=run.device)
+    metric_sums: dict[str, torch.Tensor] = {}
+    for index, (micro, (count, _)) in enumerate(zip(micro_batches, micro_counts)):
+        state = StepState(step=step, temperature=temperature, tokens=tokens, micro_batch=index,
+                          micro_batches=accum, rank=info.rank, world_size=info.world_size)
+        micro = {k: v.to(run.device) for k, v in micro.items()}
+        with out_of_memory_hint(config):
+            total = torch.zeros((), device=run.device)
+            terms_by_stage = micro_batch_terms(run, micro, list(active), teacher_request, student_request, state)
+            for slot, (name, terms) in enumerate(terms_by_stage.items()):
+                stage_loss = sum((v for k, v in terms.items() if not k.startswith("metric/")),
+                                 torch.zeros((), device=run.device))
+                stage_losses[slot] += stage_loss.detach()
+                total = total + active[name] * stage_loss
+                for key in (k for k in terms if k.startswith("metric/")):
+                    metric_sums[key] = metric_sums.get(key, 0) + terms[key].detach().float() * count
+            if total.requires_grad:  # e.g. the RL stage contributes on the first micro-batch only
+                (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
+    sync_gradients(run.params, info)
+    all_reduce_tensor(stage_losses, info)
+    grad_norm = clip_gradients(run.params, config.optim.grad_clip)
+
+    # the step's one host read: losses, metrics and the gradient norm together
+    metric_names = sorted(metric_sums)
+    tokens_for_metrics = sum(c for c, _ in micro_counts)
+    values = torch.cat([stage_losses, torch.stack([metric_sums[k] for k in metric_names]).reshape(-1)
+                        if metric_names else stage_losses.new_zeros(0), grad_norm.reshape(1).to(run.device)]).tolist()
+    losses = dict(zip(active, values[:len(active)]))
+    stage_metrics = {k: v / tokens_for_metrics if tokens_for_metrics else 0.0
+                     for k, v in zip(metric_names, values[len(active):-1])}
+    norm = values[-1]
+
+    bad = [name for name, value in losses.items() if not math.isfinite(value)]
+    if bad or not math.isfinite(norm):
+        run.optimizer.zero_grad(set_to_none=True)
+        run.nonfinite_in_row += 1
+        culprit = f"stage(s) {bad}" if bad else "the gradient"
+        tqdm.write(f"step {step + 1}: non-finite loss from {culprit}; step skipped")
+        if run.nonfinite_in_row >= config.train.max_nonfinite_steps:
+            raise HkdError(
+                f"{run.nonfinite_in_row} non-finite steps in a row (last from {culprit}) at step {step + 1}; "
+                "lower optim.lr, check the data, or raise train.max_nonfinite_steps"
+            )
+    else:
+        run.nonfinite_in_row = 0
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+
+    return {
+        "step": step + 1,
+        "phase": position.index,
+        "loss": sum(weights[n] * losses[n] for n in active),
+        **{f"loss/{n}": v for n, v in losses.items()},
+        **{f"weight/{n}": w for n, w in weights.items()},
+        "temperature": temperature,
+        "lr": lr,
+        "grad_norm": norm,
+        "tokens": tokens,
+        "tokens_per_s": seen / max(time.perf_counter() - started, 1e-9),
+        **stage_metrics,
+    }
+
+
+def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], active: list[str], teacher_request: TapRequest,
+                      student_request: TapRequest, state: StepState) -> dict[str, dict[str, torch.Tensor]]:
+    """Forward what the active stages need and return each stage's named loss terms."""
+    teacher_view = None if teacher_request.empty() else run.teachers[0].view(micro, teacher_request)
+    student_view: ModelView | None = None
+    if not student_request.empty():
+        student_view = forward_with_taps(run.student, micro, student_request)
+    return {name: stage_loss_terms(run.stages, name, micro, teacher_view, student_view, state) for name in active}
 
 
 def stage_loss_terms(stages: torch.nn.ModuleDict, name: str, *args: Any) -> dict[str, torch.Tensor]:
     """Call a stage's loss; a failure inside a plugin's stage names the stage."""
     try:
-        stage: Any = stages[name]
-        return stage.loss(*args)
+        return _stage(stages, name).loss(*args)
     except (HkdError, torch.OutOfMemoryError):
         raise
     except Exception as exc:
@@ -105,204 +329,70 @@ def out_of_memory_hint(config: Config) -> Iterator[None]:
         ) from exc
 
 
-def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> RunResult:
-    pm = pm or build_manager(config.plugins.disable)
-    info = init_distributed()
-    cache = TeacherCache(config.teacher_cache) if config.teacher_cache else None
-    if info.is_main:  # only rank 0 writes; the others wait for presets to exist
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        teacher_dir(config.teacher, run_dir)
-        load_model(config.student, "student", run_dir)
-    barrier(info)
-    torch.manual_seed(config.train.seed)
-    random.seed(config.train.seed)
-    device = resolve_device(config.train.device, info)
-
-    # --- models: teacher frozen, both from local directories (presets were written above);
-    # with an offline cache the teacher is only its architecture, without weights
-    if cache is None:
-        teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
-    else:
-        teacher, teacher_tok = teacher_skeleton(config.teacher, run_dir)
-    student, student_tok = load_model(config.student, "student", run_dir)
-    check_compatible(teacher, student, teacher_tok, student_tok)
-    tokenizer = student_tok or teacher_tok
-    if tokenizer is None:
-        raise HkdError("neither the teacher nor the student directory has a tokenizer")
-    freeze(teacher)
-    if cache is None:
-        teacher.to(device)  # type: ignore[arg-type]
-    student.to(device).train()  # type: ignore[arg-type]
-
-    # --- stages named anywhere in the schedule, with their own validated configs
-    schedule = Schedule(config.schedule, config.optim)
-
-    def context(name: str) -> StageContext:
-        return StageContext(name, teacher, student, config.kernels, f"stages.{name}", pm, tokenizer)
-
-    stages: Any = build_stages(pm, schedule.stage_names, config.stages, context).to(device)
-    if any(stage.teacher_request().attention or stage.student_request().attention for stage in stages.values()):
-        enable_taps(teacher)
-        enable_taps(student)
-    if info.enabled and config.train.parallel == "fsdp":
-        if any(getattr(stage.config, "fused", False) for stage in stages.values()):
-            raise ConfigError("train.parallel: fsdp cannot be combined with stages.logits.fused yet; use ddp")
-        if cache is None:
-            shard_model(teacher, reshard_after_forward=True)
-        shard_model(student, reshard_after_forward=False)
-    trainable = torch.nn.ModuleDict({"student": student, "stages": stages})  # what checkpoints hold
-
-    # --- data, optimizer, resume
-    causal = not config.student.encoder
-    encoded = encode_dataset(tokenizer, config.data, config.train.seed)
-    if cache is not None:  # refuse targets computed for another teacher, tokenizer, data or layer map
-        cache.check(fingerprint(teacher_dir(config.teacher, run_dir), tokenizer, encoded), needed_request(stages))
-    batches = Batches(encoded, config.data, tokenizer.pad_token_id or 0, config.train.seed, causal)
-    params = list(trainable.parameters())
-    optimizer = make_optimizer(config, params)
-    start_step = 0
-    if resume:
-        found = ckpt.list_checkpoints(run_dir / "checkpoints")
-        if not found:
-            raise HkdError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
-        start_step = ckpt.load_checkpoint(found[-1], trainable, optimizer)["step"]
-
-    if info.is_main:
-        pm.call("hkd_on_train_start", config=config, run_dir=run_dir, student=student, teacher=teacher,
-                start_step=start_step)
-
-    def teacher_side(micro: dict[str, torch.Tensor], request: TapRequest) -> ModelView:
-        """A live teacher forward, or the offline cache (which also adds top-k targets to ``micro``)."""
-        if cache is None:
-            return forward_with_taps(teacher, micro, request)
-        view, sparse_targets = cache.view(micro, request)
-        micro.update(sparse_targets)
-        return view
-
-    accum = config.optim.grad_accum
-    metrics: dict[str, float] = {}
-    phase_index = -1
-    nonfinite_in_row = 0
-    bar = tqdm(total=schedule.total_steps, initial=start_step, disable=not (config.train.progress and info.is_main),
-               unit="step")
-    with stop_requests() as stop:
-        step = start_step
-        while step < schedule.total_steps and not stop["stop"]:
-            position = schedule.phase_at(step)
-            weights = schedule.weights(step)
-            active = {name: w for name, w in weights.items() if w > 0}
-            if position.index != phase_index and info.is_main:
-                phase_index = position.index
-                pm.call("hkd_on_phase_start", phase_name=position.name, phase_index=position.index,
-                        step=step, active_stages=sorted(active))
-            temperature = schedule.temperature(step)
-            lr = config.optim.lr * schedule.lr_factor(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # teacher forward only for what active stages need; none at all if nothing does
-            teacher_request = TapRequest()
-            student_request = TapRequest()
-            for name in active:
-                teacher_request = teacher_request.merge(stages[name].teacher_request())
-                student_request = student_request.merge(stages[name].student_request())
-
-            started = time.perf_counter()
-            # rank r takes micro-batches [r*A, (r+1)*A) of the step's world*A: the same data as one process
-            first = (step * info.world_size + info.rank) * accum
-            micro_batches = [batches.batch(first + i) for i in range(accum)]
-            micro_tokens = [int(mb["loss_mask"].sum()) for mb in micro_batches]  # counted on the host: no sync
-            local_tokens = sum(micro_tokens)
-            local_seen = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-            tokens, seen = (int(x) for x in all_reduce_sum([local_tokens, local_seen], info, device))
-            state = StepState(step=step, temperature=temperature, tokens=tokens)
-            stage_losses = {name: 0.0 for name in active}
-            # a stage's "metric/..." terms: per-micro-batch values, logged as their token-weighted mean
-            metric_sums: dict[str, list[float]] = {}  # name -> [sum of value * tokens, sum of tokens]
-            # a phase may pause every stage: then no micro-batch runs
-            for micro, micro_count in zip(micro_batches, micro_tokens) if active else []:
-                micro = {k: v.to(device) for k, v in micro.items()}
-                with out_of_memory_hint(config):
-                    with torch.no_grad():
-                        teacher_view = None if teacher_request.empty() else teacher_side(micro, teacher_request)
-                    student_view = forward_with_taps(student, micro, student_request)
-                    total = torch.zeros((), device=device)
-                    for name, weight in active.items():
-                        terms = stage_loss_terms(stages, name, micro, teacher_view, student_view, state)
-                        stage_loss: Any = sum(v for k, v in terms.items() if not k.startswith("metric/"))
-                        stage_losses[name] += float(stage_loss.detach())
-                        for key in (k for k in terms if k.startswith("metric/")):
-                            acc = metric_sums.setdefault(key, [0.0, 0.0])
-                            acc[0] += float(terms[key]) * micro_count
-                            acc[1] += micro_count
-                        total = total + weight * stage_loss
-                    del teacher_view, student_view  # free activations before backward
-                    (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
-            sync_gradients(params, info)
-            stage_metrics = {k: weighted / count if count else 0.0 for k, (weighted, count) in metric_sums.items()}
-            stage_losses = dict(zip(stage_losses, all_reduce_sum(list(stage_losses.values()), info, device)))
-
-            bad = [name for name, value in stage_losses.items() if not math.isfinite(value)]
-            grad_norm = clip_gradients(params, config.optim.grad_clip)
-            if bad or not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite_in_row += 1
-                culprit = f"stage(s) {bad}" if bad else "the gradient"
-                tqdm.write(f"step {step + 1}: non-finite loss from {culprit}; step skipped")
-                if nonfinite_in_row >= config.train.max_nonfinite_steps:
-                    raise HkdError(
-                        f"{nonfinite_in_row} non-finite steps in a row (last from {culprit}) at step {step + 1}; "
-                        "lower optim.lr, check the data, or raise train.max_nonfinite_steps"
-                    )
-            else:
-                nonfinite_in_row = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            elapsed = time.perf_counter() - started
-            metrics = {
-                "step": step,
-                "phase": position.index,
-                "loss": sum(weights[n] * stage_losses[n] for n in active),
-                **{f"loss/{n}": v for n, v in stage_losses.items()},
-                **{f"weight/{n}": w for n, w in weights.items()},
-                "temperature": temperature,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens": tokens,
-                "tokens_per_s": seen / max(elapsed, 1e-9),
-                **stage_metrics,
-            }
-            if info.is_main:
-                pm.call("hkd_after_step", step=step, metrics=metrics, run_dir=run_dir)
-            bar.update(1)
-            bar.set_postfix(phase=position.name, loss=f"{metrics['loss']:.4f}")
-            every = config.train.checkpoint_every
-            if (every and step % every == 0) or stop["stop"]:
-                save(run_dir, step, trainable, optimizer, config, pm, info)
-    bar.close()
-    if stop["stop"] and step < schedule.total_steps:
-        raise StoppedEarly(f"stopped by signal after step {step}; checkpoint saved, continue with --resume")
-    save(run_dir, step, trainable, optimizer, config, pm, info)
-    final_dir = run_dir / "final"
-    student_state = ckpt.full_model_state(student)  # gathered from all shards under FSDP
-    if info.is_main:
-        student.save_pretrained(final_dir, state_dict=student_state, safe_serialization=True)
-        tokenizer.save_pretrained(final_dir)
-        pm.call("hkd_on_train_end", step=step, run_dir=run_dir, final_dir=final_dir, metrics=metrics)
-    barrier(info)
-    return RunResult(run_dir, final_dir, step, metrics)
+# --------------------------------------------------------------------------- 3. finish
 
 
-def save(run_dir: Path, step: int, trainable: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         config: Config, pm: HkdPluginManager, info: DistInfo) -> None:
+def save(run: Run, step: int) -> None:
     """Every rank helps gather the full state; rank 0 writes it while the others wait."""
     path = ckpt.save_checkpoint(
-        run_dir / "checkpoints", step, trainable, optimizer, {"config": config.to_dict()},
-        keep=config.train.keep_checkpoints, write=info.is_main,
+        run.run_dir / "checkpoints", step, run.trainable, run.optimizer, {"config": run.config.to_dict()},
+        keep=run.config.train.keep_checkpoints, write=run.info.is_main,
     )
-    if info.is_main:
-        pm.call("hkd_on_checkpoint", step=step, path=path)
-    barrier(info)
+    run.saved_step = step
+    run.hook("hkd_on_checkpoint", step=step, path=path)
+    barrier(run.info)
+
+
+def finish(run: Run, step: int, metrics: dict[str, float]) -> RunResult:
+    """The last checkpoint (unless this step's is already written), the final model, end hooks."""
+    if run.saved_step != step:
+        save(run, step)
+    final_dir = run.run_dir / "final"
+    student_state = ckpt.full_model_state(run.student)  # gathered from all shards under FSDP
+    if run.info.is_main:
+        run.student.save_pretrained(final_dir, state_dict=student_state, safe_serialization=True)
+        run.tokenizer.save_pretrained(final_dir)
+    run.hook("hkd_on_train_end", step=step, run_dir=run.run_dir, final_dir=final_dir, metrics=metrics)
+    barrier(run.info)
+    return RunResult(run.run_dir, final_dir, step, metrics)
+
+
+# --------------------------------------------------------------------------- all three
+
+
+@contextmanager
+def stop_requests() -> Iterator[dict[str, bool]]:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, checkpoints and exits cleanly."""
+    flag = {"stop": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        flag["stop"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> RunResult:
+    run = build_run(config, run_dir, resume=resume, pm=pm)
+    total = run.schedule.total_steps
+    run.hook("hkd_on_train_start", config=config, run_dir=run_dir, student=run.student, teacher=run.teachers[0].model,
+             start_step=run.start_step, total_steps=total, resumed_from=run.resumed_from)
+    step, metrics, stopped = run.start_step, {}, False
+    with stop_requests() as stop:
+        while step < total and not stopped:
+            metrics = train_step(run, step)
+            step += 1
+            run.hook("hkd_after_step", step=step, metrics=metrics, run_dir=run_dir)
+            # every rank must agree to stop at the same step, or one would enter the checkpoint's
+            # collectives while another runs the next step
+            stopped = bool(all_reduce_sum([float(stop["stop"])], run.info, run.device)[0])
+            every = config.train.checkpoint_every
+            if (every and step % every == 0) or stopped:
+                save(run, step)
+    if stopped and step < total:
+        raise StoppedEarly(f"stopped by signal after step {step}; checkpoint saved, continue with --resume")
+    return finish(run, step, metrics)

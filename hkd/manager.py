@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pluggy
+from pluggy import HookImpl
 
 from hkd import hookspecs
 from hkd.errors import HkdError
@@ -39,35 +41,72 @@ class PluginInfo:
 
 
 class HkdPluginManager(pluggy.PluginManager):
-    """A pluggy manager that also remembers where each plugin came from."""
+    """A pluggy manager that remembers where each plugin came from and names it when it fails.
+
+    Hooks are called through pluggy itself (``pm.hook.<name>(...)``), so ``firstresult``,
+    ``wrapper=True`` implementations, ``tryfirst``/``trylast`` and tracing all behave as
+    pluggy documents. Each implementation is wrapped once at registration so that an exception
+    it raises becomes an :class:`HkdError` naming the plugin and the hook.
+    """
 
     def __init__(self) -> None:
         super().__init__("hkd")
         self.add_hookspecs(hookspecs)
         self.origins: dict[str, str] = {}  # plugin name -> distribution
+        self._item_owner: list[tuple[Any, str]] = []  # (item a registration hook returned, its plugin)
 
-    def collect(self, hook_name: str) -> list[tuple[str, Any]]:
-        """Call a registration hook and return ``(plugin_name, item)`` for every item returned."""
-        items: list[tuple[str, Any]] = []
-        for impl in getattr(self.hook, hook_name).get_hookimpls():
-            try:
-                result = impl.function()
-            except Exception as exc:  # a broken plugin must be named, not buried in a traceback
-                raise HkdError(f"plugin {impl.plugin_name!r} failed in hook {hook_name}: {exc!r}") from exc
-            for item in result or []:
-                items.append((impl.plugin_name, item))
-        return items
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        plugin_name = super().register(plugin, name)
+        if plugin_name is not None:
+            for caller in self.get_hookcallers(plugin) or []:
+                for impl in caller.get_hookimpls():
+                    if impl.plugin is plugin:
+                        impl.function = self._named(impl, caller.name)
+        return plugin_name
 
-    def call(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook, naming the plugin if one raises."""
-        for impl in reversed(getattr(self.hook, hook_name).get_hookimpls()):
-            args = {name: kwargs[name] for name in impl.argnames}
+    def _named(self, impl: HookImpl, hook_name: str) -> Callable[..., Any]:
+        """``impl.function`` raising errors that name plugin and hook; items it returns are attributed."""
+        function, plugin_name = impl.function, impl.plugin_name
+
+        def fail(exc: Exception) -> HkdError:
+            return HkdError(f"plugin {plugin_name!r} failed in hook {hook_name}: {exc!r}")
+
+        def attribute(result: Any) -> Any:
+            if hook_name.startswith("hkd_add_") and isinstance(result, list):
+                known = {id(item) for item, _ in self._item_owner}
+                self._item_owner.extend((item, plugin_name) for item in result if id(item) not in known)
+            return result
+
+        if impl.wrapper or impl.hookwrapper:  # a generator: pluggy drives it with send/throw
+            def wrapped_generator(*args: Any) -> Any:
+                try:
+                    return attribute((yield from function(*args)))
+                except HkdError:
+                    raise  # an inner implementation's error, already named
+                except Exception as exc:
+                    raise fail(exc) from exc
+
+            return wrapped_generator
+
+        def wrapped(*args: Any) -> Any:
             try:
-                impl.function(**args)
+                return attribute(function(*args))
             except HkdError:
                 raise
-            except Exception as exc:
-                raise HkdError(f"plugin {impl.plugin_name!r} failed in hook {hook_name}: {exc!r}") from exc
+            except Exception as exc:  # a broken plugin must be named, not buried in a traceback
+                raise fail(exc) from exc
+
+        return wrapped
+
+    def collect(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call a registration hook through pluggy; ``(plugin_name, item)`` for every item returned."""
+        results = getattr(self.hook, hook_name)(**kwargs)
+        owners = {id(item): owner for item, owner in self._item_owner}
+        return [(owners.get(id(item), "?"), item) for items in results for item in items or []]
+
+    def call(self, hook_name: str, **kwargs: Any) -> Any:
+        """Call a lifecycle hook through pluggy (errors name the plugin)."""
+        return getattr(self.hook, hook_name)(**kwargs)
 
     def infos(self) -> list[PluginInfo]:
         stage_owner: dict[str, list[str]] = {}
@@ -131,6 +170,23 @@ def _register_kernel_backends(pm: HkdPluginManager) -> None:
 
     for plugin_name, backend in pm.collect("hkd_add_kernel_backends"):
         try:
-            registry.register_backend(backend, replace=True)
+            named = dataclasses.replace(backend, fn=_named_backend(backend.fn, backend.name, backend.op, plugin_name))
+            registry.register_backend(named, replace=True)
         except Exception as exc:
             raise HkdError(f"plugin {plugin_name!r} returned an invalid kernel backend: {exc}") from exc
+
+
+def _named_backend(fn: Callable[..., Any], name: str, op: str, plugin_name: str) -> Callable[..., Any]:
+    """A plugin's kernel function whose errors name the backend and the plugin that provides it."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except HkdError:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "OutOfMemoryError":  # torch's; the loop turns it into advice
+                raise
+            raise HkdError(f"kernel backend {name!r} for {op} (plugin {plugin_name!r}) failed: {exc!r}") from exc
+
+    return run

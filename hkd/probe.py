@@ -36,7 +36,7 @@ from hkd.data import Batches, encode_dataset
 from hkd.errors import HkdError
 from hkd.layermap import build_layer_map
 from hkd.models import freeze, load_model, safetensors_shapes
-from hkd.plugins.attention import row_kl
+from hkd.divergence import kl_divergence
 from hkd.taps import TapRequest, enable_taps, forward_with_taps
 
 
@@ -150,7 +150,7 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
         for s in range(1, student_layers + 1):
             s_logp = averaged_attention_logp(s_view.attention[s])
             for t, logp in t_logp.items():
-                kl_sums[t - 1, s - 1] += float((row_kl(logp, s_logp) * mask).sum())
+                kl_sums[t - 1, s - 1] += float((kl_divergence(logp, s_logp) * mask).sum())
         tokens += int(mask.sum())
     if tokens == 0:
         raise HkdError(f"probe: the first {batches} batches have no target tokens; raise --batches")

@@ -2,8 +2,8 @@
 
 A stage is an ``nn.Module``: its parameters (projectors) are trained with the student and
 its ``state_dict`` goes into every checkpoint, so a stage needs no extra save/load code.
-It declares what it needs from each model (:class:`hkd.taps.TapRequest`) and turns the two
-:class:`hkd.taps.ModelView` s into named losses.
+It declares what it needs from each model (:class:`hkd.view.TapRequest`) and turns the two
+:class:`hkd.view.ModelView` s into named losses.
 
 Normalisation contract: a stage returns losses already divided by ``state.tokens``, the
 number of real (non-ignored) target tokens in the *whole* optimizer step (all gradient
@@ -19,7 +19,7 @@ from typing import Any, Callable
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from hkd.taps import ModelView, TapRequest
+from hkd.view import ModelView, TapRequest
 
 
 @dataclass
@@ -33,33 +33,50 @@ class StageContext:
     config_path: str  # dotted path of the stage's config, for error messages
     plugins: Any = None  # the run's plugin manager (to build verifiers); None outside the loop
     tokenizer: Any = None  # the student's tokenizer, for stages that sample text (RL)
+    # what the teacher source can serve (hkd.sources); a stage may adapt its request to it,
+    # e.g. the logits stage asks for sparse top-k targets from an offline cache
+    teacher_serves: TapRequest = field(default_factory=lambda: TapRequest(logits=True, final_hidden=True))
+    teacher_live: bool = True  # False: the teacher is an architecture without weights (offline cache)
 
 
 @dataclass
 class StepState:
-    """Per-micro-batch facts the loop hands to every stage."""
+    """Per-micro-batch facts the loop hands to every stage.
 
-    step: int
+    Stages never need ``torch.distributed``: ``rank``/``world_size`` say which data-parallel
+    process this is, and the loop averages gradients over ranks.
+    """
+
+    step: int  # the optimizer step being computed (0-based)
     temperature: float
-    tokens: int  # real target tokens in the whole optimizer step (for normalisation)
+    tokens: int  # real target tokens in the whole optimizer step, all ranks (for normalisation)
+    micro_batch: int = 0  # index of this micro-batch within the step (0 .. micro_batches - 1)
+    micro_batches: int = 1  # optim.grad_accum
+    rank: int = 0
+    world_size: int = 1
     extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Stage(nn.Module):
-    """Base class for stages. Subclasses set ``needs_*`` and implement :meth:`loss`."""
+    """Base class for stages: override the requests a stage needs and :meth:`loss`."""
 
     def teacher_request(self) -> TapRequest:
         """What this stage needs from the teacher's forward; empty means no teacher forward."""
         return TapRequest()
 
     def student_request(self) -> TapRequest:
+        """What this stage needs from the student's forward; if no active stage needs anything,
+        the loop skips the student forward and passes ``student=None``."""
         return TapRequest()
 
-    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
+             state: StepState) -> dict[str, Tensor]:
         """Return named loss terms (each already normalised by ``state.tokens``).
 
         The loop weights their sum by the stage's scheduled weight. Extra keys starting with
         ``metric/`` are logged but not added to the loss (use detached tensors for them).
+        Returning no loss terms (or terms without gradient) contributes nothing; a step whose
+        total has no gradient skips ``backward()``.
         """
         raise NotImplementedError
 
@@ -84,7 +101,8 @@ def available_stages(pm: Any) -> dict[str, StageSpec]:
     owners: dict[str, str] = {}
     for plugin_name, spec in pm.collect("hkd_add_stages"):
         if spec.name in specs:
-            raise HkdError(f"stage {spec.name!r} is provided by both {owners[spec.name]!r} and {plugin_name!r}")
+            first, second = sorted((owners[spec.name], plugin_name))
+            raise HkdError(f"stage {spec.name!r} is provided by both {first!r} and {second!r}")
         specs[spec.name] = spec
         owners[spec.name] = plugin_name
     return specs

@@ -7,8 +7,12 @@ built from its options (a dict from config) and then called per completion; it r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
+
+from hkd.arith import extract_answer
+from hkd.errors import ConfigError, HkdError
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,14 @@ class Verdict:
     passed: bool
     score: float  # 1.0 / 0.0 for pass-fail verifiers; graded verifiers may return values between
     reason: str = ""  # why it failed ("wrong_answer", "no_answer", "bad_format", ...)
+
+
+@dataclass
+class VerifierConfig:
+    """A verifier as config names it (``verifiers:`` in generate/eval, ``stages.rl.verifier``)."""
+
+    name: str  # a verifier some plugin registers (``exact_answer``, ``regex_format``, ...)
+    options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
 
 
 class Verifier(Protocol):
@@ -32,8 +44,6 @@ class VerifierSpec:
 
 
 def available_verifiers(pm: Any) -> dict[str, VerifierSpec]:
-    from hkd.errors import HkdError
-
     specs: dict[str, VerifierSpec] = {}
     for plugin_name, spec in pm.collect("hkd_add_verifiers"):
         if spec.name in specs:
@@ -43,8 +53,6 @@ def available_verifiers(pm: Any) -> dict[str, VerifierSpec]:
 
 
 def build_verifier(pm: Any, name: str, options: dict[str, Any] | None = None, where: str = "verifiers") -> Verifier:
-    from hkd.errors import ConfigError
-
     specs = available_verifiers(pm)
     if name not in specs:
         raise ConfigError(f"{where}: unknown verifier {name!r}; available: {sorted(specs)}")
@@ -52,3 +60,26 @@ def build_verifier(pm: Any, name: str, options: dict[str, Any] | None = None, wh
         return specs[name].factory(**(options or {}))
     except TypeError as exc:
         raise ConfigError(f"{where}: bad options for verifier {name!r}: {exc}") from exc
+
+
+def compile_pattern(pattern: str, verifier: str, flags: int = 0) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern, flags)
+    except re.error as exc:
+        raise ConfigError(f"verifier {verifier!r}: invalid regex {pattern!r}: {exc}") from exc
+
+
+def answer_extractor(pattern: str | None = None) -> Callable[[str], str | None]:
+    """The default ``=> `` extractor, or the last match of ``pattern`` (group 1 when it has one)."""
+    if pattern is None:
+        return extract_answer
+    regex = compile_pattern(pattern, "exact_answer", re.MULTILINE)
+
+    def extract(completion: str) -> str | None:
+        matches = list(regex.finditer(completion))
+        if not matches:
+            return None
+        last = matches[-1]
+        return (last.group(1) if regex.groups else last.group(0)).strip()
+
+    return extract

@@ -52,6 +52,12 @@ class TapRequest:
         return missing
 
 
+def unserved(offered: TapRequest, requests: dict[str, TapRequest]) -> list[str]:
+    """One line per stage and field that ``offered`` cannot serve, e.g. for a teacher source."""
+    return [f"stage {stage!r} needs the teacher's {name} ({what})"
+            for stage, request in requests.items() for name, what in request.missing_from(offered).items()]
+
+
 @dataclass
 class SparseTargets:
     """Teacher targets kept at ``k`` vocabulary entries per position.

@@ -23,11 +23,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from hkd.config import ConfigError
-from hkd.hookspecs import hookimpl
+from hkd import QKV, ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
+from hkd.divergence import kl_divergence
 from hkd.layermap import LayerMapConfig, build_layer_map, layer_metrics
-from hkd.stage import Stage, StageContext, StageSpec, StepState
-from hkd.taps import QKV, ModelView, TapRequest
 
 
 @dataclass
@@ -39,13 +37,6 @@ class AttentionStageConfig:
     relation_heads: int = 4
     layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="uniform"))
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/attention/<s>_<t>
-
-
-def row_kl(teacher_logp: Tensor, student_logp: Tensor) -> Tensor:
-    """KL(teacher || student) over the last dim; keys with zero teacher mass contribute 0."""
-    teacher_p = teacher_logp.exp()
-    terms = teacher_p * (teacher_logp - student_logp)
-    return torch.where(teacher_p > 0, terms, torch.zeros_like(terms)).sum(-1)
 
 
 def self_relation_logp(x: Tensor, heads: int, allowed: Tensor) -> Tensor:
@@ -107,23 +98,23 @@ class AttentionStage(Stage):
                 pick = {"qq": "query", "kk": "key", "vv": "value"}[rel]
                 t = self_relation_logp(getattr(teacher, pick), self.config.relation_heads, allowed)
                 s = self_relation_logp(getattr(student, pick), self.config.relation_heads, allowed)
-                terms.append(row_kl(t, s).mean(1))
+                terms.append(kl_divergence(t, s).mean(1))
             return torch.stack(terms).sum(0)
         t_logp, s_logp = teacher.attention_logprobs(), student.attention_logprobs()
         if self.per_head:
-            kl = row_kl(t_logp, s_logp).mean(1)
+            kl = kl_divergence(t_logp, s_logp).mean(1)
         else:  # compare head-averaged distributions
             t_avg = t_logp.exp().mean(1, keepdim=True).clamp_min(1e-30).log()
             s_avg = s_logp.exp().mean(1, keepdim=True).clamp_min(1e-30).log()
-            kl = row_kl(t_avg.masked_fill(~allowed, float("-inf")), s_avg).squeeze(1)
+            kl = kl_divergence(t_avg.masked_fill(~allowed, float("-inf")), s_avg).squeeze(1)
         if self.config.value_relation:
             t = self_relation_logp(teacher.value, 1, allowed)
             s = self_relation_logp(student.value, 1, allowed)
-            kl = kl + row_kl(t, s).squeeze(1)
+            kl = kl + kl_divergence(t, s).squeeze(1)
         return kl
 
-    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
-        assert teacher is not None
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None, state: StepState) -> dict[str, Tensor]:
+        assert student is not None and teacher is not None
         mask = batch["loss_mask"].float()
         pair_sums = {
             (s, t): (self._layer_terms(teacher.attention[t], student.attention[s]) * mask).sum() for s, t in self.layer_map

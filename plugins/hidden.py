@@ -14,11 +14,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hkd.config import ConfigError
-from hkd.hookspecs import hookimpl
+from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
 from hkd.layermap import LayerMapConfig, build_layer_map, layer_metrics
-from hkd.stage import Stage, StageContext, StageSpec, StepState
-from hkd.taps import ModelView, TapRequest
 
 
 @dataclass
@@ -63,8 +60,9 @@ class HiddenStage(Stage):
     def student_request(self) -> TapRequest:
         return TapRequest(hidden={s for s, _ in self.layer_map})
 
-    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
-        assert teacher is not None and teacher.hidden_states is not None and student.hidden_states is not None
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None, state: StepState) -> dict[str, Tensor]:
+        assert student is not None and teacher is not None
+        assert teacher.hidden_states is not None and student.hidden_states is not None
         mask = batch["loss_mask"].float()
         pair_sums = {}
         for s, t in self.layer_map:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hkd.config import Config
-from hkd.hookspecs import hookimpl
+from hkd import hookimpl
 
 FILENAME = "metrics.jsonl"
 _enabled = True  # set per run from logging.backends

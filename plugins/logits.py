@@ -9,8 +9,8 @@ is divided by the step's token count across all accumulation micro-batches.
 ``fused: true`` hands the kernels the final hidden states and the LM-head weights instead
 of logits, so neither model ever holds a ``[tokens, vocab]`` logits tensor.
 
-From an offline teacher cache (``teacher_cache``) the batch carries the teacher's top-k logits
-(``teacher_topk_values``/``teacher_topk_ids``) instead of full logits. The teacher
+From an offline teacher cache (``teacher_cache``) the teacher's view carries top-k logits
+(``view.sparse``: :class:`hkd.SparseTargets`) instead of full logits. The teacher
 distribution is then **renormalised within the top-k** — ``p_t = softmax(topk_values / T)``
 over those k tokens, zero elsewhere — and the soft loss is the forward KL
 ``sum_k p_t (log p_t - log q_s)`` with the student's full-vocabulary ``log q_s`` gathered at
@@ -28,12 +28,11 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from hkd import kernels
-from hkd.config import ConfigError
-from hkd.errors import HkdError
-from hkd.hookspecs import hookimpl
-from hkd.stage import Stage, StageContext, StageSpec, StepState
-from hkd.taps import ModelView, TapRequest
+from hkd import (
+    ConfigError, ModelView, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl,
+    kernels,
+)
+from hkd.divergence import kl_divergence
 
 
 @dataclass
@@ -59,15 +58,23 @@ class LogitsStage(Stage):
             raise ConfigError(f"{context.config_path}.beta: must be in [0, 1], got {config.beta}")
         self.op = "fused_linear_distill_loss" if config.fused else "distill_loss"
         self.backend = config.backend or context.kernels.get(self.op, "auto")
+        # a source without full logits (the offline cache) serves top-k targets instead
+        self.sparse = not context.teacher_serves.logits and context.teacher_serves.sparse_logits
+        if self.sparse and config.divergence != "forward_kl":
+            raise ConfigError(f"{context.config_path}.divergence: {config.divergence} needs the teacher's full "
+                              "distribution; a teacher_cache holds top-k logits only, so use forward_kl")
 
     def teacher_request(self) -> TapRequest:
-        return TapRequest(final_hidden=True) if self.config.fused else TapRequest(logits=True)
+        if self.sparse:
+            return TapRequest(sparse_logits=True)
+        return self.student_request()
 
     def student_request(self) -> TapRequest:
-        return self.teacher_request()
+        return TapRequest(final_hidden=True) if self.config.fused else TapRequest(logits=True)
 
-    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
-        assert teacher is not None
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
+             state: StepState) -> dict[str, Tensor]:
+        assert teacher is not None and student is not None
         labels = batch["labels"][:, 1:]
         options = dict(
             labels=labels,
@@ -79,13 +86,12 @@ class LogitsStage(Stage):
             reduction="sum",
             backend=self.backend,
         )
-        if "teacher_topk_ids" in batch:  # offline teacher cache: sparse top-k targets
+        if teacher.sparse is not None:  # offline teacher cache: sparse top-k targets
             logits = student.logits
             if logits is None:  # fused mode asked for the final hidden state only
                 assert student.final_hidden is not None and student.lm_head is not None
                 logits = student.lm_head(student.final_hidden)
-            total = self.sparse_loss(logits[:, :-1], batch["teacher_topk_values"][:, :-1],
-                                     batch["teacher_topk_ids"][:, :-1], labels, state.temperature)
+            total = self.sparse_loss(logits[:, :-1], teacher.sparse, labels, state.temperature)
         elif self.config.fused:
             assert student.final_hidden is not None and teacher.final_hidden is not None
             assert student.lm_head is not None and teacher.lm_head is not None
@@ -103,17 +109,14 @@ class LogitsStage(Stage):
             total = kernels.distill_loss(student.logits[:, :-1], teacher.logits[:, :-1], **options)
         return {"logits": total / max(state.tokens, 1)}
 
-    def sparse_loss(self, student_logits: Tensor, topk_values: Tensor, topk_ids: Tensor, labels: Tensor,
-                    temperature: float) -> Tensor:
-        """Summed loss against top-k teacher targets ``[B, S, k]``; student logits ``[B, S, V]``."""
-        if self.config.divergence != "forward_kl":
-            raise HkdError(f"stages.logits.divergence: {self.config.divergence} needs the teacher's full distribution; "
-                           "a teacher_cache holds top-k logits only, so use forward_kl")
+    def sparse_loss(self, student_logits: Tensor, targets: SparseTargets, labels: Tensor, temperature: float) -> Tensor:
+        """Summed loss against top-k teacher targets (``[B, S, k]``, shifted here to predict the next
+        token); student logits ``[B, S-1, V]``."""
         keep = labels != -100
         student_logits = student_logits[keep].float()  # [N, V]
-        teacher_logp = (topk_values[keep].float() / temperature).log_softmax(-1)  # renormalised within top-k
-        student_logp = (student_logits / temperature).log_softmax(-1).gather(-1, topk_ids[keep])
-        soft = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+        teacher_logp = (targets.values[:, :-1][keep].float() / temperature).log_softmax(-1)  # renormalised in top-k
+        student_logp = (student_logits / temperature).log_softmax(-1).gather(-1, targets.ids[:, :-1][keep])
+        soft = kl_divergence(teacher_logp, student_logp).sum()
         if self.config.scale_t2:
             soft = soft * temperature**2
         if self.config.alpha == 0:

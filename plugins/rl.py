@@ -18,8 +18,8 @@ that keeps RL from drifting away from what the teacher would say.
 
 Normalisation: the RL loss ignores the loop's batch (and ``state.tokens``); it is a mean over
 its own sampled tokens, computed on the first micro-batch of each step. Later micro-batches
-of the same step (``optim.grad_accum > 1``) contribute zero, so the number of samples per
-step does not depend on gradient accumulation. Under data parallelism each rank samples its
+of the same step (``optim.grad_accum > 1``) return no terms, so the number of samples per
+step does not depend on gradient accumulation (the loop skips their backward). Under data parallelism each rank samples its
 own prompts and the loss is divided by the world size, so the averaged gradient is the mean
 over ranks.
 
@@ -41,20 +41,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
 from hkd.arith import make_problems
-from hkd.config import ConfigError
 from hkd.data import read_jsonl
-from hkd.errors import HkdError
-from hkd.generate import VerifierConfig, derive_seed
-from hkd.hookspecs import hookimpl
+from hkd.divergence import kl_divergence
 from hkd.models import load_tokenizer
 from hkd.sampling import sample
-from hkd.stage import Stage, StageContext, StageSpec, StepState
-from hkd.taps import ModelView, TapRequest
-from hkd.verify import build_verifier
+from hkd.seeding import derive_seed
+from hkd.verify import VerifierConfig, build_verifier
 
 
 @dataclass
@@ -92,9 +88,7 @@ def policy_gradient_loss(token_logp: Tensor, mask: Tensor, advantages: Tensor) -
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
     """Mean over real tokens of ``KL(student || teacher)`` over the vocabulary; logits ``[R, T, V]``."""
-    student_logp = student_logits.float().log_softmax(-1)
-    teacher_logp = teacher_logits.float().log_softmax(-1)
-    per_token = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    per_token = kl_divergence(student_logits.float().log_softmax(-1), teacher_logits.float().log_softmax(-1))
     mask = mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp_min(1)
 
@@ -120,8 +114,7 @@ class RlStage(Stage):
                               f"got {config.samples_per_prompt}")
         if config.temperature <= 0:
             raise ConfigError(f"{where}.temperature: on-policy sampling needs > 0, got {config.temperature}")
-        offline = context.teacher is None or any(p.is_meta for p in context.teacher.parameters())
-        if config.kl_weight > 0 and offline:  # with teacher_cache the teacher is only a skeleton
+        if config.kl_weight > 0 and not context.teacher_live:  # with teacher_cache the teacher is only a skeleton
             raise ConfigError(f"{where}.kl_weight: the KL term runs the teacher on the student's samples, "
                               "which needs a live teacher (not teacher_cache); set kl_weight: 0")
         self.config = config
@@ -137,29 +130,27 @@ class RlStage(Stage):
         self.verify = build_verifier(pm, config.verifier.name, config.verifier.options, f"{where}.verifier")
         # not submodules: the models are trained/frozen by the loop, not owned by this stage
         self._models: dict[str, Any] = {"student": context.student, "teacher": context.teacher}
-        self._last_step = -1
 
     def student_request(self) -> TapRequest:
         return TapRequest()  # the stage runs its own forward on its samples
 
-    def step_prompts(self, step: int, rank: int) -> list[dict[str, Any]]:
-        """``prompts_per_step`` records for this step: consecutive slices of a per-epoch shuffle."""
+    def step_prompts(self, step: int, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
+        """``prompts_per_step`` records for this step and rank: consecutive slices of a per-epoch shuffle."""
         size, n = self.config.prompts_per_step, len(self.records)
         picks = []
-        for k in range((step * world_size() + rank) * size, (step * world_size() + rank + 1) * size):
+        for k in range((step * world_size + rank) * size, (step * world_size + rank + 1) * size):
             order = list(range(n))
             random.Random(self.config.seed * 1_000_003 + k // n).shuffle(order)
             picks.append(self.records[order[k % n]])
         return picks
 
-    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
+             state: StepState) -> dict[str, Tensor]:
+        if state.micro_batch > 0:  # the step's samples were drawn on its first micro-batch
+            return {}
         model = self._models["student"]
-        if state.step == self._last_step:  # later micro-batch of a step already sampled: no contribution
-            zero = torch.stack([p.sum() for p in model.parameters() if p.requires_grad]).sum() * 0.0
-            return {"rl": zero}
-        self._last_step = state.step
-        cfg, rank = self.config, dist.get_rank() if dist.is_initialized() else 0
-        records = self.step_prompts(state.step, rank)
+        cfg, rank, world = self.config, state.rank, state.world_size
+        records = self.step_prompts(state.step, rank, world)
         samples = sample(model, self.tokenizer, [str(r[cfg.prompt_field]) for r in records],
                          n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                          top_p=cfg.top_p, seed=derive_seed(cfg.seed, f"rl:{state.step}:{rank}"))
@@ -178,7 +169,7 @@ class RlStage(Stage):
         token_logp = student_logits.float().log_softmax(-1).gather(-1, samples.completion_ids[..., None]).squeeze(-1)
         mask = samples.completion_mask
         terms: dict[str, Tensor] = {
-            "rl": policy_gradient_loss(token_logp, mask, advantages) / world_size(),
+            "rl": policy_gradient_loss(token_logp, mask, advantages) / world,
             "metric/reward": rewards.mean(),
         }
         if cfg.kl_weight > 0:
@@ -187,13 +178,9 @@ class RlStage(Stage):
             with torch.no_grad():
                 teacher_logits = teacher_model(**inputs).logits[:, start:-1]
             kl = reverse_kl(student_logits * cfg.temperature, teacher_logits, mask)
-            terms["rl_kl"] = cfg.kl_weight * kl / world_size()
+            terms["rl_kl"] = cfg.kl_weight * kl / world
             terms["metric/rl_kl"] = kl.detach()
         return terms
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 @hookimpl

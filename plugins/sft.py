@@ -14,10 +14,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from hkd.config import ConfigError
-from hkd.hookspecs import hookimpl
-from hkd.stage import Stage, StageContext, StageSpec, StepState
-from hkd.taps import ModelView, TapRequest
+from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
 
 
 @dataclass
@@ -37,8 +34,8 @@ class SftStage(Stage):
     def student_request(self) -> TapRequest:
         return TapRequest(logits=True)
 
-    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView, state: StepState) -> dict[str, Tensor]:
-        assert student.logits is not None
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None, state: StepState) -> dict[str, Tensor]:
+        assert student is not None and student.logits is not None
         logits = student.logits[:, :-1].float()  # position i predicts token i + 1
         labels = batch["labels"][:, 1:]
         total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,

@@ -14,7 +14,7 @@ from typing import Any
 
 from hkd.config import Config
 from hkd.errors import HkdError
-from hkd.hookspecs import hookimpl
+from hkd import hookimpl
 
 SUBDIR = "tensorboard"
 _writer: Any = None  # the open SummaryWriter of the current run, None when not chosen

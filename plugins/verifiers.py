@@ -18,35 +18,11 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Literal
 
-from hkd.arith import extract_answer
 from hkd.errors import ConfigError
-from hkd.hookspecs import hookimpl
-from hkd.verify import Verdict, Verifier, VerifierSpec
+from hkd import hookimpl
+from hkd.verify import Verdict, Verifier, VerifierSpec, answer_extractor, compile_pattern
 
 PASS = Verdict(True, 1.0)
-
-
-def _compile(pattern: str, verifier: str, flags: int = 0) -> re.Pattern[str]:
-    try:
-        return re.compile(pattern, flags)
-    except re.error as exc:
-        raise ConfigError(f"verifier {verifier!r}: invalid regex {pattern!r}: {exc}") from exc
-
-
-def answer_extractor(pattern: str | None = None) -> Callable[[str], str | None]:
-    """The default ``=> `` extractor, or the last match of ``pattern`` (group 1 when it has one)."""
-    if pattern is None:
-        return extract_answer
-    regex = _compile(pattern, "exact_answer", re.MULTILINE)
-
-    def extract(completion: str) -> str | None:
-        matches = list(regex.finditer(completion))
-        if not matches:
-            return None
-        last = matches[-1]
-        return (last.group(1) if regex.groups else last.group(0)).strip()
-
-    return extract
 
 
 def exact_answer(answer_field: str = "answer", pattern: str | None = None) -> Verifier:
@@ -68,7 +44,7 @@ def regex_format(pattern: str, mode: Literal["fullmatch", "search"] = "fullmatch
     """Pass when the completion matches ``pattern`` (whole text, or anywhere with ``search``)."""
     if mode not in ("fullmatch", "search"):
         raise ConfigError(f"verifier 'regex_format': mode must be 'fullmatch' or 'search', got {mode!r}")
-    regex = _compile(pattern, "regex_format", re.DOTALL if dotall else 0)
+    regex = compile_pattern(pattern, "regex_format", re.DOTALL if dotall else 0)
     match = regex.fullmatch if mode == "fullmatch" else regex.search
 
     def verify(record: dict[str, Any], completion: str) -> Verdict:

@@ -16,7 +16,7 @@ from typing import Any
 
 from hkd.config import Config
 from hkd.errors import HkdError
-from hkd.hookspecs import hookimpl
+from hkd import hookimpl
 
 ID_FILE = "wandb-run-id"
 _run: Any = None  # the active wandb run, None when not chosen

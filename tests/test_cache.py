@@ -17,7 +17,7 @@ from hkd.loop import distill
 from hkd.models import build_preset, char_tokenizer
 from hkd.plugins.logits import LogitsStage, LogitsStageConfig
 from hkd.stage import StageContext
-from hkd.taps import TapRequest
+from hkd import SparseTargets, TapRequest
 
 VOCAB = len(char_tokenizer())
 
@@ -72,7 +72,8 @@ def test_cache_reader_keeps_few_shards_open_and_serves_stored_rows(raw, tmp_path
     for row, count in enumerate(counts):
         mask[row, 1: 1 + count] = True
     batch = {"loss_mask": mask, "example_index": torch.tensor([0, 6, 11])}
-    view, sparse = cache.view(batch, TapRequest(hidden={4}))
+    view = cache.view(batch, TapRequest(hidden={4}, sparse_logits=True))
+    sparse = {"teacher_topk_values": view.sparse.values, "teacher_topk_ids": view.sparse.ids}
     shard = load_file(str(tmp_path / "cache" / "shard-00002.safetensors"))
     begin, end = shard["offsets"][1].item(), shard["offsets"][2].item()  # example 11 = shard 2, local 1
     torch.testing.assert_close(sparse["teacher_topk_values"][2, 1: 1 + counts[2]], shard["topk_values"][begin:end])
@@ -83,17 +84,18 @@ def test_cache_reader_keeps_few_shards_open_and_serves_stored_rows(raw, tmp_path
 
 @pytest.mark.parametrize("change,named", [
     (lambda r: r["teacher"].update(path=None, preset="tiny-llama", preset_overrides={"intermediate_size": 96}),
-     "teacher config"),
-    (lambda r: r["data"].update(num_examples=11), "data"),
+     "built for a different setup: teacher config"),
+    (lambda r: r["data"].update(num_examples=11), "built for a different setup: data"),
+    # checked for every TapRequest field: the stage and what is missing are named
     (lambda r: r["stages"]["hidden"].update(layer_map={"strategy": "explicit", "pairs": [[1, 1], [2, 3]]}),
-     "layer map"),
+     r"stage 'hidden' needs the teacher's hidden \(layers \[1, 3\] \(available: \[0, 2, 4\]\)\)"),
 ])
 def test_a_cache_for_another_setup_is_refused_naming_the_difference(raw, tmp_path, change, named):
     cache_for(raw, tmp_path / "cache")
     changed = copy.deepcopy(raw)
     change(changed)
     changed["teacher_cache"] = str(tmp_path / "cache")
-    with pytest.raises(HkdError, match=f"built for a different setup: {named}"):
+    with pytest.raises(HkdError, match=named):
         distill(from_dict(Config, changed), tmp_path / "run")
 
 
@@ -124,15 +126,17 @@ def test_sparse_targets_are_renormalised_within_the_top_k():
     student_logits, teacher_logits = torch.randn(2, 3, VOCAB), torch.randn(2, 3, VOCAB)
     labels = torch.tensor([[5, -100, 7], [8, 9, -100]])
     values, ids = teacher_logits.topk(4, dim=-1)
-    loss = stage.sparse_loss(student_logits, values, ids, labels, temperature=2.0)
+    # the view's targets sit one position left of the student logits they are compared with
+    targets = SparseTargets(torch.nn.functional.pad(ids, (0, 0, 0, 1)), torch.nn.functional.pad(values, (0, 0, 0, 1)))
+    loss = stage.sparse_loss(student_logits, targets, labels, temperature=2.0)
     keep = labels != -100
     p = (values[keep] / 2).softmax(-1).double()
     log_q = (student_logits[keep] / 2).double().log_softmax(-1).gather(-1, ids[keep])
     expected = 4 * (p * (p.log() - log_q)).sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    stage.config.divergence = "jsd"
+    offline = StageContext("logits", model, model, {}, "stages.logits", teacher_serves=TapRequest(sparse_logits=True))
     with pytest.raises(HkdError, match="top-k logits only, so use forward_kl"):
-        stage.sparse_loss(student_logits, values, ids, labels, temperature=1.0)
+        LogitsStage(LogitsStageConfig(divergence="jsd"), offline)
 
 
 def test_cli_cache_teacher_and_attention_stage_refusal(raw, tmp_path, capsys):

@@ -32,7 +32,8 @@ def run_hooks(config: Config, run_dir: Path, steps: list[dict], start_step: int 
     """Drive the logger hooks as the loop does, through the plugin manager."""
     pm = build_manager()
     run_dir.mkdir(parents=True, exist_ok=True)
-    pm.call("hkd_on_train_start", config=config, run_dir=run_dir, student=None, teacher=None, start_step=start_step)
+    pm.call("hkd_on_train_start", config=config, run_dir=run_dir, student=None, teacher=None, start_step=start_step,
+            total_steps=steps[-1]["step"], resumed_from=None)
     pm.call("hkd_on_phase_start", phase_name="a", phase_index=0, step=start_step, active_stages=["hidden"])
     for metrics in steps:
         pm.call("hkd_after_step", step=metrics["step"], metrics=metrics, run_dir=run_dir)

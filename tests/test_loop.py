@@ -69,10 +69,13 @@ def test_resume_without_checkpoint_is_an_error(raw_config, tmp_path):
 
 def test_teacher_is_not_run_when_no_active_stage_needs_it(raw_config, tmp_path, monkeypatch):
     import hkd.loop as loop
+    import hkd.sources as sources
 
     calls = []
     original = loop.forward_with_taps
-    monkeypatch.setattr(loop, "forward_with_taps", lambda m, b, r: calls.append(m.config.hidden_size) or original(m, b, r))
+    for module in (loop, sources):  # the student's forward and the live teacher's
+        monkeypatch.setattr(module, "forward_with_taps",
+                            lambda m, b, r: calls.append(m.config.hidden_size) or original(m, b, r))
     raw_config["schedule"] = {"phases": [{"name": "p", "steps": 1, "stages": {"hidden": 0.0, "logits": 1.0}}]}
     run(raw_config, tmp_path / "a")
     assert sorted(set(calls)) == [32, 64]  # both models ran for the logits stage

@@ -96,7 +96,7 @@ def test_duplicate_stage_names_name_both_plugins():
         def hkd_add_stages(self):
             return [StageSpec("logits", dict, lambda c, x: None)]
 
-    with pytest.raises(HkdError, match=r"stage 'logits' is provided by both 'logits' and 'clash'"):
+    with pytest.raises(HkdError, match=r"stage 'logits' is provided by both 'clash' and 'logits'"):
         available_stages(build_manager(extra_plugins=[("clash", Clash())]))
 
 
@@ -104,7 +104,7 @@ def test_a_stage_that_raises_is_named(raw_config, tmp_path):
     from dataclasses import dataclass
 
     from hkd.stage import Stage, StageSpec
-    from hkd.taps import TapRequest
+    from hkd import TapRequest
 
     @dataclass
     class Empty:

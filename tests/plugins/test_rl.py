@@ -15,7 +15,7 @@ from hkd.plugins.loggers import read_metrics
 from hkd.plugins.rl import RlStage, RlStageConfig, group_advantages, policy_gradient_loss, reverse_kl
 from hkd.sampling import sample
 from tests.conftest import BASE_CONFIG, STUDENT
-from hkd.generate import VerifierConfig
+from hkd.verify import VerifierConfig
 from hkd.models import char_tokenizer
 from hkd.stage import StageContext
 from tests.plugins.helpers import models

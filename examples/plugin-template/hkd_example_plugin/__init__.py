@@ -15,9 +15,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hkd.hookspecs import hookimpl
-from hkd.stage import Stage, StageContext, StageSpec, StepState
-from hkd.taps import ModelView, TapRequest
+from hkd import ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
 from hkd_example_plugin.verifiers import hkd_add_verifiers  # noqa: F401  (registered with this module)
 
 
@@ -38,7 +36,10 @@ class FinalCosineStage(Stage):
     def student_request(self) -> TapRequest:
         return TapRequest(final_hidden=True)
 
-    def loss(self, batch: dict[str, Tensor], teacher: ModelView, student: ModelView, state: StepState) -> dict[str, Tensor]:
+    def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
+             state: StepState) -> dict[str, Tensor]:
+        assert teacher is not None and student is not None
+        assert teacher.final_hidden is not None and student.final_hidden is not None
         projected = self.projector(student.final_hidden.float())
         per_token = 1 - F.cosine_similarity(projected, teacher.final_hidden.float(), dim=-1, eps=self.config.eps)
         return {"final_cosine": (per_token * batch["loss_mask"]).sum() / max(state.tokens, 1)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from hkd.errors import ConfigError
-from hkd.hookspecs import hookimpl
+from hkd import hookimpl
 from hkd.verify import Verdict, Verifier, VerifierSpec
 
 
