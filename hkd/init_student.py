@@ -83,7 +83,8 @@ class Importance:
     neurons: list[Tensor] = field(default_factory=list)  # per block [I]: mean |act(gate) * up|
 
 
-def _layers_of(model: PreTrainedModel) -> torch.nn.ModuleList:
+def _layers_of(model: PreTrainedModel) -> Any:
+    """The decoder blocks (``model.model.layers``) of a Llama-family model, or a clear refusal."""
     body = getattr(model, "model", None)
     layers = getattr(body, "layers", None)
     block = layers[0] if layers is not None and len(layers) else None
@@ -191,13 +192,15 @@ def measure_importance(model: PreTrainedModel, batches: list[dict[str, Tensor]])
             sums["neurons"][index] += real(args[0]).abs().sum(0)
         return hook
 
+    block: Any
     for index, block in enumerate(layers):
         handles.append(block.register_forward_hook(on_block(index), with_kwargs=True))
         handles.append(block.input_layernorm.register_forward_hook(on_norm))
         handles.append(block.post_attention_layernorm.register_forward_hook(on_norm))
         handles.append(block.self_attn.o_proj.register_forward_pre_hook(on_o_proj(index)))
         handles.append(block.mlp.down_proj.register_forward_pre_hook(on_down_proj(index)))
-    handles.append(model.model.norm.register_forward_hook(on_norm))
+    body: Any = model.model
+    handles.append(body.norm.register_forward_hook(on_norm))
     tokens = 0
     device = next(model.parameters()).device
     try:

@@ -38,8 +38,10 @@ from hkd.errors import HkdError
 from hkd.hookspecs import hookimpl
 from hkd.models import load_tokenizer
 from hkd.stage import Stage, StageContext, StageSpec, StepState
-from hkd.tokenalign import VocabMatch, cross_vocab_distance, retokenize
+from hkd.tokenalign import Retokenized, VocabMatch, cross_vocab_distance, retokenize
 from hkd.view import ModelView, TapRequest
+
+CACHE_ROWS = 200_000  # re-tokenized rows kept (a few hundred bytes each)
 
 
 @dataclass
@@ -64,14 +66,16 @@ class UldStage(Stage):
             if getattr(model, "lm_head", None) is None:
                 raise ConfigError(f"{where}: the {role} has no LM head (an encoder?); disable this stage")
         self.config = config
-        self.student_tok = context.tokenizer or load_tokenizer(Path(str(context.student.config.name_or_path)))
+        self.student_tok: Any = context.tokenizer or load_tokenizer(Path(str(context.student.config.name_or_path)))
         teacher_dir = Path(config.teacher_tokenizer or str(teacher.config.name_or_path))
-        self.teacher_tok = load_tokenizer(teacher_dir)
+        self.teacher_tok: Any = load_tokenizer(teacher_dir)
         if self.student_tok is None or self.teacher_tok is None:
             missing = "student" if self.student_tok is None else f"teacher ({str(teacher_dir)!r})"
             raise HkdError(f"{where}: the uld stage needs both tokenizers; the {missing} has none "
                            f"(set {where}.teacher_tokenizer to a tokenizer directory)")
         self.match = VocabMatch.build(self.student_tok, self.teacher_tok)
+        # a row's re-tokenization depends only on its tokens; data repeats every epoch
+        self._retokenized: dict[tuple[int, ...], Retokenized] = {}
         self._models: dict[str, Any] = {"teacher": teacher}  # not a submodule: the loop owns it
 
     def student_request(self) -> TapRequest:
@@ -83,7 +87,12 @@ class UldStage(Stage):
         for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
                                      batch["attention_mask"].tolist()):
             length = sum(mask)
-            encoded = retokenize(ids[:length], labels[:length], self.student_tok, self.teacher_tok)
+            key = tuple(ids[:length] + [-1] + labels[:length])
+            encoded = self._retokenized.get(key)
+            if encoded is None:
+                encoded = retokenize(ids[:length], labels[:length], self.student_tok, self.teacher_tok)
+                if len(self._retokenized) < CACHE_ROWS:
+                    self._retokenized[key] = encoded
             rows.append(encoded.teacher_ids)
             pairs.append(encoded.pairs)
         width = max(len(r) for r in rows)
