@@ -59,9 +59,10 @@ from torch import Tensor
 from .chunked import Options
 
 KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
-NEG_BIG = -3.0e38  # running-max start: finite, so (-inf) - NEG_BIG = -inf and exp gives 0, not NaN
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# globals a compiled kernel reads must be tl.constexpr (the interpreter would accept plain floats)
+NEG_BIG = tl.constexpr(-3.0e38)  # running-max start: finite, so (-inf) - NEG_BIG = -inf and exp gives 0, not NaN
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 N_STATS = 6  # M_s, M_t, log d_s, log d_t, log d_1, D
 BLOCK_V: int | None = None  # override (tests: force several blocks per row); None = autotune / default
 INTERPRET_BLOCK_V = 16384  # fixed block under the interpreter (numpy vectorises a block)
