@@ -44,7 +44,7 @@ from hkd.hookspecs import hookimpl
 from hkd.loop import distill
 from hkd.manager import build_manager
 from hkd.models import freeze, load_model, load_tokenizer
-from hkd.plugins.verifiers import exact_answer
+from hkd.verify import build_verifier
 
 TEACHER_ARCH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                 "num_key_value_heads": 2}
@@ -220,7 +220,7 @@ def pass_at_1(model_dir: Path, heldout: Path, settings: DemoSettings) -> float:
     model, tokenizer = load_model(ModelConfig(path=str(model_dir)), "model")
     freeze(model)
     records = read_jsonl(heldout, "fail", ("prompt", "answer"))
-    result = evaluate_pass_at_k(model, tokenizer, records, exact_answer(), n=1, k=1, temperature=0.0,
+    result = evaluate_pass_at_k(model, tokenizer, records, build_verifier(build_manager(), "exact_answer"), n=1, k=1, temperature=0.0,
                                 max_new_tokens=settings.max_new_tokens, batch_size=100)
     return float(result["pass@1"])
 
@@ -303,15 +303,13 @@ def prepare(settings: DemoSettings, out: Path, progress: bool) -> tuple[DemoData
 
 
 def plot_losses(run: Path, target: Path) -> str:
-    """Loss per stage over steps with phase boundaries (and the RL reward); returns a note for the user."""
+    """Loss per stage over steps with the phases named (and the RL reward); returns a note for the user."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from hkd.report import load_run, mark_phases, phase_spans, plt
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install 'hkd[plot]')"
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    data = load_run(run)
+    rows = data.metrics
     stages = sorted({key[5:] for row in rows for key in row if key.startswith("loss/")})
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for stage in stages:
@@ -319,9 +317,7 @@ def plot_losses(run: Path, target: Path) -> str:
         if min(value for _, value in points) <= 0:  # the RL surrogate can be negative: its reward is drawn instead
             continue
         ax.plot(*zip(*points), label=stage, linewidth=1)
-    for before, after in zip(rows, rows[1:]):
-        if after["phase"] != before["phase"]:
-            ax.axvline(before["step"] + 0.5, color="grey", linestyle="--", linewidth=0.8)
+    mark_phases(ax, phase_spans(data), rows[0]["step"], rows[-1]["step"])
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("stage loss (unweighted)")
@@ -333,7 +329,7 @@ def plot_losses(run: Path, target: Path) -> str:
         twin.set_ylim(0, 1.05)
         twin.legend(loc="upper center")
     ax.legend(loc="lower left")
-    ax.set_title("progressive distillation: loss per stage (dashed lines: phase boundaries)")
+    ax.set_title("progressive distillation: loss per stage, by phase", pad=16)
     fig.tight_layout()
     fig.savefig(target, dpi=120)
     plt.close(fig)

@@ -97,5 +97,5 @@ def layer_metrics(stage: str, pair_sums: dict[tuple[int, int], Tensor], mask: Te
     loss whatever ``optim.grad_accum`` is; the mean over pairs equals the stage's loss when a
     step has one micro-batch.
     """
-    tokens = max(float(mask.sum()), 1.0)
+    tokens = mask.sum().clamp_min(1.0)  # a tensor: the loop reads metrics once per step
     return {f"metric/layer/{stage}/{s}_{t}": (total.detach() / tokens) for (s, t), total in pair_sums.items()}
