@@ -345,9 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         print("hkd: interrupted", file=sys.stderr)
         return 130
     finally:  # distill and generate join a torchrun process group; leave it explicitly (gloo)
-        from hkd.distributed import shutdown_distributed
+        if "hkd.distributed" in sys.modules:  # else no group was joined: report, stages... never import torch
+            from hkd.distributed import shutdown_distributed
 
-        shutdown_distributed()
+            shutdown_distributed()
 
 
 if __name__ == "__main__":
