@@ -267,7 +267,7 @@ def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tup
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
         with _quiet_transformers(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes; refusals are raised, not warned
-            model, info = loader.from_pretrained(path, config=config, **kwargs)
+            model, info = loader.from_pretrained(path, config=config, **kwargs)  # type: ignore[misc]
     except (HkdError, KeyboardInterrupt, MemoryError):
         raise
     except pickle.UnpicklingError as exc:  # allow_pickle, but torch's weights-only unpickler found more than tensors
