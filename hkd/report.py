@@ -171,26 +171,69 @@ def annotate(ax: Any, image: Any, grid: list[list[float]], fmt: str) -> None:
                         color="white" if dark else "black")
 
 
+def axis_scale(values: list[float]) -> tuple[str, dict[str, float]]:
+    """Log where the values span a decade or more, so late steps do not look like 0.
+
+    All positive: ``log``. Some zero or negative (the RL stage's policy-gradient surrogate)
+    but magnitudes over two decades: ``symlog``, linear within the smallest 5% of magnitudes.
+    Otherwise linear.
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    magnitudes = sorted(abs(v) for v in finite if v != 0)
+    if not magnitudes or magnitudes[-1] / magnitudes[0] < 10:
+        return "linear", {}
+    if all(v > 0 for v in finite):
+        return "log", {}
+    if magnitudes[-1] / magnitudes[0] < 100:
+        return "linear", {}
+    return "symlog", {"linthresh": magnitudes[len(magnitudes) // 20]}
+
+
+def varies(data: RunData, key: str) -> bool:
+    """Whether a metric takes more than one value (a constant temperature needs no panel)."""
+    return len(set(series(data.metrics, key)[1])) > 1
+
+
 def line_figure(data: RunData, panels: list[tuple[str, list[str], bool]]) -> Figure | None:
     """One row per panel ``(title, metric keys, log scale)``; panels without data are dropped."""
     spans = phase_spans(data)
     panels = [p for p in panels if any(series(data.metrics, k)[0] for k in p[1])]
+    # a log panel's series that go <= 0 (the RL stage's surrogate loss): mostly positive ones keep
+    # their positive points (noted in the title), the others move to a linear panel of their own
+    split: list[tuple[str, list[str], bool]] = []
+    hidden_points: dict[str, int] = {}
+    for title, keys, log in panels:
+        signed = [k for k in keys if log and any(v <= 0 for v in series(data.metrics, k)[1])]
+        mostly_signed = [k for k in signed if sum(v <= 0 for v in series(data.metrics, k)[1]) * 2
+                         > len(series(data.metrics, k)[1])]
+        for key in signed:
+            if key not in mostly_signed:
+                hidden_points[key] = sum(v <= 0 for v in series(data.metrics, key)[1])
+        kept = [k for k in keys if k not in mostly_signed]
+        if kept:
+            split.append((title, kept, log))
+        split += [(f"{key} (can be negative: linear axis)", [key], False) for key in mostly_signed]
+    panels = split
     if not panels:
         return None
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.8 * len(panels)), squeeze=False, sharex=True)
     for ax, (title, keys, log) in zip(axes[:, 0], panels):
         plotted: list[int] = []
+        notes = []
         for key in keys:
             steps, values = series(data.metrics, key)
+            if log and key in hidden_points:
+                steps, values = [s for s, v in zip(steps, values) if v > 0], [v for v in values if v > 0]
+                notes.append(f"{hidden_points[key]} steps with {key} <= 0 not drawn")
             if steps:
                 label = key[len(LAYER_PREFIX):] if key.startswith(LAYER_PREFIX) else key
                 ax.plot(steps, values, label=label, linewidth=1.2, marker="." if len(steps) < 30 else None)
                 plotted += steps
-        positive = all(v > 0 for k in keys for v in series(data.metrics, k)[1])
-        if log and positive:
-            ax.set_yscale("log")
+        if log:
+            scale = axis_scale([v for line in ax.get_lines() for v in line.get_ydata()])
+            ax.set_yscale(scale[0], **scale[1])
         mark_phases(ax, spans, min(plotted), max(plotted))
-        ax.set_title(title, loc="left", fontsize=10, pad=14)
+        ax.set_title(title + (f" ({'; '.join(notes)})" if notes else ""), loc="left", fontsize=10, pad=14)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[-1, 0].set_xlabel("step")
@@ -283,14 +326,44 @@ def save_figure(fig: Figure, path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def table_html(header: list[str] | None, rows: list[list[Any]]) -> str:
+def table_html(header: list[str] | None, rows: list[list[Any]], raw_html: bool = False) -> str:
+    """A table; ``raw_html``: cells are already HTML (links), not escaped."""
     def cell(value: Any) -> str:
         text = f"{value:.6g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, list) else str(value)
-        return f"<td>{html.escape(text)}</td>"
+        return f"<td>{text if raw_html else html.escape(text)}</td>"
 
     head = "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>" if header else ""
     body = "".join(f"<tr>{''.join(cell(v) for v in row)}</tr>" for row in rows)
     return f"<table>{head}<tbody>{body}</tbody></table>"
+
+
+# what hkd eval's numbers mean, for the evaluation table
+EVAL_MEANINGS = {
+    "n": "samples per prompt",
+    "prompts": "held-out prompts",
+    "correct": "samples every verifier accepted, per prompt",
+    "perplexity": "the model's perplexity on the text (lower is better)",
+    "teacher_perplexity": "the teacher's perplexity on the same text",
+    "tokens": "tokens the text metrics were measured on",
+    "top1_agreement": "share of positions where model and teacher predict the same next token",
+    "kl_teacher_student": "mean KL(teacher || model) per token (0 = same distribution)",
+}
+
+
+def eval_rows(values: dict[str, Any]) -> list[list[Any]]:
+    """``group | metric | value | meaning`` rows; per-prompt lists are summarised, not dumped."""
+    rows: list[list[Any]] = []
+    for key, value in values.items():
+        group, _, metric = key.rpartition(".")
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            value = f"{len(value)} values, mean {sum(value) / len(value):.3g}, min {min(value):.3g}, max {max(value):.3g}"
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        meaning = EVAL_MEANINGS.get(metric, "")
+        if metric.startswith("pass@"):
+            meaning = f"probability that at least one of {metric[5:]} samples is correct (unbiased estimator)"
+        rows.append([group.replace("_", " "), metric, value, meaning])
+    return rows
 
 
 def summary_rows(data: RunData) -> list[list[Any]]:
@@ -315,8 +388,121 @@ th { background: #f3f3f3; } img { max-width: 100%; } .note { color: #a60; }
 """
 
 
+def find_runs(folder: Path, depth: int = 3) -> list[Path]:
+    """Run directories (with a ``metrics.jsonl``) below ``folder``, e.g. ``hkd demo``'s sub-runs."""
+    found = []
+    for path in sorted(folder.iterdir()) if depth > 0 else []:
+        if path.is_dir() and path.name != "report":
+            found += [path] if (path / "metrics.jsonl").is_file() else find_runs(path, depth - 1)
+    return sorted(found, key=lambda run: (run / "metrics.jsonl").stat().st_mtime)  # the order they ran in
+
+
+def pass_at_1_figure(rows: list[dict[str, Any]]) -> Figure:
+    """Horizontal bars, one per model of ``results.json``, the value written at each bar's end."""
+    names = [str(row["model"]) for row in rows][::-1]
+    values = [float(row["pass@1"]) for row in rows][::-1]
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.2))
+    bars = ax.barh(names, values, color=["0.45" if name == "teacher" else "tab:blue" for name in names])
+    for bar, value in zip(bars, values):
+        ax.text(min(value, 1.0) + 0.01, bar.get_y() + bar.get_height() / 2, f"{value:.3f}", va="center", fontsize=9)
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("held-out greedy pass@1")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_figure(runs: dict[str, RunData]) -> Figure | None:
+    """Each run's total loss over its steps on one axis."""
+    curves, hidden = {}, 0
+    for name, data in runs.items():
+        points = list(zip(*series(data.metrics, "loss")))
+        hidden += sum(v <= 0 for _, v in points)  # the RL surrogate: no place on a log axis
+        if points:
+            curves[name] = ([s for s, v in points if v > 0], [v for s, v in points if v > 0])
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for name, (steps, values) in curves.items():
+        ax.plot(steps, values, label=name, linewidth=1.1)
+    scale = axis_scale([v for _, values in curves.values() for v in values])
+    ax.set_yscale(scale[0], **scale[1])
+    ax.set_xlabel("step")
+    note = f"; {hidden} steps with a loss <= 0 not drawn" if hidden else ""
+    ax.set_title(f"total loss (each run's weighted sum of its own stages{note})", loc="left", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def build_index(folder: Path, runs: list[Path], out_dir: Path, steps: list[int] | None) -> Path:
+    """A report per run, and an index page that compares them (and ``results.json``'s table, if any)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded: dict[str, RunData] = {}
+    rows: list[list[Any]] = []
+    for run in runs:
+        name = run.relative_to(folder).as_posix()
+        page = build_report(run, out_dir / name, steps)
+        data = loaded[name] = load_run(run)
+        last = data.metrics[-1] if data.metrics else {}
+        planned = f" of {data.planned_steps}" if data.planned_steps else ""
+        speeds = sorted(series(data.metrics, "tokens_per_s")[1])
+        link = f'<a href="{html.escape(page.relative_to(out_dir).as_posix())}">{html.escape(name)}</a>'
+        rows.append([link, "finished" if data.finished else "running or stopped",
+                     f"{last.get('step', 0)}{planned}", html.escape(" → ".join(p for p, _, _ in phase_spans(data))),
+                     f"{last['loss']:.4g}" if isinstance(last.get("loss"), (int, float)) else "-",
+                     f"{speeds[len(speeds) // 2]:,.0f}" if speeds else "-"])
+    sections = [f"<h1>hkd report: {html.escape(folder.name)} ({len(runs)} runs)</h1>"]
+
+    def figure(title: str, name: str, fig: Figure | None) -> None:
+        if fig is not None:
+            encoded = save_figure(fig, out_dir / f"{name}.png")
+            sections.append(f'<h2>{html.escape(title)}</h2><img id="{name}" alt="{html.escape(title)}" '
+                            f'src="data:image/png;base64,{encoded}">')
+
+    results_path = folder / "results.json"
+    if results_path.is_file():  # hkd demo's table
+        try:
+            results = json.loads(results_path.read_text())
+            models = [row for row in results.get("rows", []) if "model" in row and "pass@1" in row]
+        except (json.JSONDecodeError, AttributeError):
+            models = []
+        if models:
+            teacher = next((row for row in models if row["model"] == "teacher"), None)
+            sections.append("<h2>Held-out pass@1 (results.json)</h2>" + table_html(
+                ["model", "pass@1", "params", "params vs teacher"],
+                [[row["model"], f"{row['pass@1']:.3f}", f"{row.get('params', 0):,}",
+                  f"{row.get('params_vs_teacher', 0):.2f}"] for row in models]))
+            if teacher is not None:
+                sections.append(f"<p>{results.get('heldout_problems', '?')} held-out problems, greedy decoding; "
+                                "a student row is the student saved after that phase or run.</p>")
+            figure("pass@1 by model", "pass_at_1", pass_at_1_figure(models))
+    sections.append("<h2>Runs</h2>" + table_html(
+        ["run (its report)", "status", "steps", "phases", "last loss", "median tokens/s"], rows, raw_html=True))
+    figure("Loss by run", "loss_by_run", comparison_figure(loaded))
+    return write_page(out_dir / "index.html", f"hkd report: {folder.name}", sections)
+
+
+def write_page(target: Path, title: str, sections: list[str]) -> Path:
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+            f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(page)
+    tmp.replace(target)  # a browser refreshing the page never sees half of it
+    return target
+
+
 def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | None = None) -> Path:
-    """Write ``index.html`` and its PNGs into ``out_dir`` (default ``RUN_DIR/report``); return the page."""
+    """Write ``index.html`` and its PNGs into ``out_dir`` (default ``RUN_DIR/report``); return the page.
+
+    A folder of runs without its own ``metrics.jsonl`` (``hkd demo``'s ``runs/demo``) gets a
+    report per run and an index page comparing them.
+    """
+    if run_dir.is_dir() and not (run_dir / "metrics.jsonl").is_file():
+        runs = find_runs(run_dir)
+        if runs:
+            return build_index(run_dir, runs, out_dir or run_dir / "report", steps)
     data = load_run(run_dir)
     out_dir = out_dir or run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,8 +528,10 @@ def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | 
         other = [k for k in keys_with(data.metrics, "metric/") if not k.startswith(LAYER_PREFIX)]
         figure("Loss", "loss", line_figure(data, [("total loss (weighted sum)", ["loss"], True),
                                                   ("loss per stage (unweighted)", stage_losses, True)]))
-        figure("Schedule", "schedule", line_figure(data, [("stage weights", weights, False),
-                                                          ("temperature", ["temperature"], False)]))
+        temperature = [("distillation temperature", ["temperature"], False)] if varies(data, "temperature") else []
+        figure("Schedule", "schedule", line_figure(data, [("stage weights", weights, False), *temperature]),
+               "" if temperature or not series(data.metrics, "temperature")[1] else
+               f"temperature: constant {series(data.metrics, 'temperature')[1][0]:g}")
         figure("Optimizer", "optimizer", line_figure(data, [("learning rate", ["lr"], False),
                                                             ("gradient norm (before clipping)", ["grad_norm"], True)]))
         figure("Throughput", "throughput", line_figure(data, [("tokens/s (all tokens seen)", ["tokens_per_s"], False)]))
@@ -363,11 +551,5 @@ def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | 
                "red boxes: the pairs this run's layer maps connect")
     for name, values in data.evals.items():
         sections.append(f"<h2>Evaluation: {html.escape(name)}</h2>"
-                        + table_html(["metric", "value"], [[k, v] for k, v in values.items()]))
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>hkd report: {html.escape(run_dir.name)}"
-            f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
-    target = out_dir / "index.html"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(page)
-    tmp.replace(target)  # a browser refreshing the page never sees half of it
-    return target
+                        + table_html(["group", "metric", "value", "what it is"], eval_rows(values)))
+    return write_page(out_dir / "index.html", f"hkd report: {run_dir.name}", sections)

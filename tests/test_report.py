@@ -19,7 +19,7 @@ import yaml
 
 from hkd.config import Config, from_dict
 from hkd.loop import distill
-from hkd.report import build_report, heatmap_steps, load_run
+from hkd.report import axis_scale, build_report, heatmap_steps, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PHASES = [{"name": "structure", "steps": 3, "stages": {"attention": 1.0}},
@@ -62,7 +62,43 @@ def test_report_of_a_running_run_has_every_section_and_skips_the_torn_line(tmp_p
         assert data.startswith(PNG_MAGIC) and (page_path.parent / f"{name}.png").read_bytes() == data
     assert "1 unreadable line(s)" in page and "running or stopped" in page
     assert "5 of 6" in page and "steps 1-3" in page and "steps 4-5" in page
-    assert "<td>pass_at_k.pass@1</td><td>0.375</td>" in page and "<td>text.perplexity</td><td>7.25</td>" in page
+    # bug: the eval results were one raw "pass_at_k.pass@1 | 0.375" list; now a table that says what each is
+    assert "<td>pass at k</td><td>pass@1</td><td>0.375</td><td>probability that at least one of 1 samples" in page
+    assert "<td>text</td><td>perplexity</td><td>7.25</td><td>the model&#x27;s perplexity" in page
+    # bug: a flat temperature got a panel of its own; a constant is one line of text
+    assert "temperature: constant 2" in page
+
+
+def demo_folder(root: Path) -> Path:
+    """What ``hkd demo`` leaves: sub-runs in subfolders, results.json, no metrics.jsonl of its own."""
+    fake_run(root / "teacher", torn=False)
+    fake_run(root / "students" / "progressive_rl", torn=False)
+    rows = [{"model": "teacher", "pass@1": 0.95, "params": 1000, "params_vs_teacher": 1.0},
+            {"model": "student: after rl", "pass@1": 0.99, "params": 160, "params_vs_teacher": 0.16}]
+    (root / "results.json").write_text(json.dumps({"rows": rows, "heldout_problems": 200}))
+    return root
+
+
+def test_report_of_the_demo_folder_is_an_index_of_its_runs(tmp_path):
+    # bug: `hkd report runs/demo` failed with "metrics.jsonl does not exist"
+    page_path = build_report(demo_folder(tmp_path / "demo"))
+    assert page_path == tmp_path / "demo" / "report" / "index.html"
+    page = page_path.read_text()
+    assert set(embedded_images(page)) == {"pass_at_1", "loss_by_run"}
+    assert "<td>student: after rl</td><td>0.990</td><td>160</td><td>0.16</td>" in page
+    for run in ("teacher", "students/progressive_rl"):  # each run has its own report, linked from the index
+        assert f'<a href="{run}/index.html">{run}</a>' in page
+        assert "hkd run report" in (page_path.parent / run / "index.html").read_text()
+    assert page.index(">teacher</a>") < page.index(">students/progressive_rl</a>")  # in the order they ran
+
+
+def test_loss_axis_is_logarithmic_where_the_values_span_decades():
+    # bug: the demo's progressive_rl losses were drawn on a linear axis (everything after step 300 looked
+    # like 0) because the RL stage's surrogate loss goes negative
+    assert axis_scale([3.0, 0.2, 0.01]) == ("log", {})
+    assert axis_scale([0.5, 0.6, 0.7]) == ("linear", {})
+    kind, options = axis_scale([3.0] * 10 + [0.01] * 10 + [-0.02])
+    assert kind == "symlog" and 0 < options["linthresh"] < 0.1
 
 
 def test_heatmap_steps_default_to_the_last_logged_step_of_each_phase(tmp_path):
@@ -143,3 +179,11 @@ def test_report_renders_in_headless_chromium(tmp_path):
     shot = tmp_path / "shot.png"
     chromium(f"--screenshot={shot}", "--window-size=1200,2000", page.as_uri())
     assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 20_000  # not a blank page
+
+    index = build_report(demo_folder(tmp_path / "demo"))  # the index page, and a link followed from it
+    probe = index.with_name("probe.html")
+    probe.write_text(index.read_text().replace("</body>", PROBE))
+    dom = chromium("--virtual-time-budget=5000", "--dump-dom", probe.as_uri()).stdout
+    assert 'data-decoded="2/2"' in dom and 'href="students/progressive_rl/index.html"' in dom
+    linked = index.parent / "students" / "progressive_rl" / "index.html"
+    assert "hkd run report: progressive_rl" in chromium("--dump-dom", linked.as_uri()).stdout
