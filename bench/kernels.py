@@ -5,6 +5,7 @@
     python bench/kernels.py --backends eager,chunked --dtype float32
     python bench/kernels.py --op fused_linear     # CPU: N x H x V 1024x1024x{32000,128256}; CUDA: 8192x4096x128256
     python bench/kernels.py --op fused_linear --grid 8192x4096x128256   # explicit N x H x V list
+    bench/gpu_check.sh OUTDIR                     # the prepared GPU run: tests + both headline shapes
 
 Every (backend, shape) runs in a fresh subprocess, one at a time, so peaks do not mix:
 
@@ -12,6 +13,10 @@ Every (backend, shape) runs in a fresh subprocess, one at a time, so peaks do no
   peak RSS (``ru_maxrss``) minus RSS after the inputs are allocated and touched. Both include
   the student gradient, so this is "what the loss adds on top of the two logit tensors".
 * time: median of ``--reps`` forward+backward calls after one warm-up (synchronised on CUDA).
+
+The table gives time and memory relative to eager and, when Liger ran, time relative to Liger's
+(``x liger`` < 1 is faster). The JSON file is rewritten after every row, so a run stopped by a
+time limit keeps what it measured.
 
 ``--op distill_loss`` (default): ``eager`` is ``log_softmax`` + ``kl_div`` (forward KL at T=2,
 mean over rows, T^2 scaled); ``liger`` is Liger-Kernel's ``LigerJSD(beta=0)`` (forward KL on
@@ -225,8 +230,10 @@ def check_one(backends: list[str], shape: tuple[int, ...], dtype: str) -> dict[s
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_fused_shape(backends: list[str], shape: tuple[int, ...], dtype: str, reps: int) -> list[dict[str, Any]]:
-    """Check every backend's loss against eager's at small size, then time those that agree."""
+def run_fused_shape(backends: list[str], shape: tuple[int, ...], dtype: str, reps: int,
+                    on_row: Any = None) -> list[dict[str, Any]]:
+    """Check every backend's loss against eager's at small size, then time those that agree
+    (``on_row()`` is called after each row is appended)."""
     checks = check_one(backends, shape, dtype)
     ref = checks.get("eager", {}).get("loss")
     rows = []
@@ -243,6 +250,8 @@ def run_fused_shape(backends: list[str], shape: tuple[int, ...], dtype: str, rep
             row["loss_checked"] = ref is not None  # False: eager could not run, nothing to compare with
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if on_row is not None:
+            on_row()
     return rows
 
 
@@ -257,8 +266,10 @@ def table(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("N", "V")) -> str
 
     with_loss = "H" in keys
     eager = {tuple(r[k] for k in keys): r for r in rows if r["backend"] == "eager" and "error" not in r}
+    liger = {tuple(r[k] for k in keys): r for r in rows if r["backend"] == "liger" and "error" not in r}
     lines = [f"{shape({k: k for k in keys})} {'backend':>8} {'time s':>8} {'x eager':>8} {'extra GiB':>10} "
-             f"{'x eager':>8}" + (f" {'loss rel diff':>13}" if with_loss else "")]
+             f"{'x eager':>8}" + (f" {'loss rel diff':>13}" if with_loss else "")
+             + (f" {'x liger':>8}" if liger else "")]
     for r in rows:
         if "error" in r:
             lines.append(f"{shape(r)} {r['backend']:>8}  unavailable: {r['error']}")
@@ -271,6 +282,9 @@ def table(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("N", "V")) -> str
         if with_loss:
             diff = f"{abs(r['loss'] - e['loss']) / abs(e['loss']):.1e}" if e and e.get("loss") else "-"
             line += f" {diff:>13}"
+        if liger:  # time relative to Liger's on the same shape (< 1: faster than Liger)
+            lg = liger.get(tuple(r[k] for k in keys))
+            line += f" {r['time_s'] / lg['time_s']:>8.2f}" if lg else f" {'-':>8}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -322,23 +336,28 @@ def main() -> None:
     except ValueError as e:
         parser.error(str(e))
     backends = args.backends.split(",")
-    rows = []
+    device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    now = dt.datetime.now(dt.timezone.utc)
+    name = f"kernels-{'fused-linear-' if fused else ''}{'cuda' if cuda else 'cpu'}-{now:%Y%m%d-%H%M%S}.json"
+    out = Path(args.out) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:  # after every row: a run cut short by a time limit keeps what it measured
+        out.write_text(json.dumps({"device": device, "date": now.isoformat(), "command": " ".join(sys.argv),
+                                   "torch": torch.__version__, "op": args.op, "dtype": dtype, "rows": rows}, indent=1))
+
     for shape in grid:
         if fused:
-            rows.extend(run_fused_shape(backends, shape, dtype, args.reps))
+            rows.extend(run_fused_shape(backends, shape, dtype, args.reps, on_row=save))
             continue
         for backend in backends:
             rows.append(run_one(backend, shape, dtype, args.reps))
             print(json.dumps(rows[-1]), flush=True)
-    device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    now = dt.datetime.now(dt.timezone.utc)
+            save()
+    save()
     what = f"fused LM head + forward KL at T={TEMPERATURE:g}, " if fused else ""
     print(f"\n{device}, {dtype}, {what}forward+backward, median of {args.reps}\n{table(rows, OPS[args.op])}")
-    name = f"kernels-{'fused-linear-' if fused else ''}{'cuda' if cuda else 'cpu'}-{now:%Y%m%d-%H%M%S}.json"
-    out = Path(args.out) / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "date": now.isoformat(), "command": " ".join(sys.argv),
-                               "torch": torch.__version__, "op": args.op, "dtype": dtype, "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 
