@@ -101,9 +101,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Training text. ``jsonl``: one JSON object per line; ``synthetic``: generated arithmetic."""
+    """Training text. ``jsonl``: one JSON object per line; ``synthetic``: generated arithmetic;
+    ``hf``: a JSONL/Parquet/Arrow file through Hugging Face ``datasets`` (memory-mapped, tokenised
+    once and cached next to it; hkd/hfdata.py)."""
 
-    kind: Literal["jsonl", "synthetic"] = "synthetic"
+    kind: Literal["jsonl", "synthetic", "hf"] = "synthetic"
     path: str | None = None
     text_field: str = "text"  # plain text to model
     prompt_field: str | None = None  # if set, text = prompt + completion, loss only on completion
@@ -115,6 +117,8 @@ class DataConfig:
     num_examples: int = ranged(512, low=1, high=10**7)  # synthetic only
     digits: int = ranged(2, low=1, high=18)  # synthetic only: operand size
     shuffle: bool = True
+    packing: bool = False  # several examples per sequence, no attention or loss across their boundaries (causal LMs)
+    num_proc: int = ranged(1, low=1, high=256)  # kind hf: tokeniser processes (once; the result is cached)
 
 
 @dataclass
@@ -484,8 +488,11 @@ def validate(config: Config) -> None:
     check_device(config.train.device, "train.device")
     if config.data.chat_template and config.data.kind == "jsonl" and config.data.prompt_field is None:
         raise ConfigError("data.chat_template: needs data.prompt_field (the template wraps the prompt)")
-    if config.data.kind == "jsonl" and not config.data.path:
-        raise ConfigError("data.path: required when data.kind is 'jsonl'")
+    if config.data.kind in ("jsonl", "hf") and not config.data.path:
+        raise ConfigError(f"data.path: required when data.kind is {config.data.kind!r}")
+    if config.data.packing and (config.student.encoder or config.teacher_cache is not None):
+        raise ConfigError("data.packing: needs causal LMs and a live teacher "
+                          f"({'student.encoder is set' if config.student.encoder else 'teacher_cache is set'})")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {config.optim.betas}")
 

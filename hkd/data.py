@@ -122,6 +122,10 @@ def encode(
 
 def encode_dataset(tokenizer: Any, config: DataConfig, seed: int) -> list[tuple[list[int], list[int]]]:
     """Every record of the configured data set, encoded; what training and the teacher cache share."""
+    if config.kind == "hf":  # memory-mapped Arrow rows, not Python lists
+        from hkd.hfdata import encode_hf
+
+        return encode_hf(tokenizer, config)  # type: ignore[return-value]
     records = load_records(config, seed)
     encoded = [encode(tokenizer, p, c, config.max_length, config.chat_template) for p, c in records]
     if encoded and not any(target_count(labels) for _, labels in encoded):
@@ -168,6 +172,10 @@ class Batches:
     def __init__(self, encoded: list[tuple[list[int], list[int]]], config: DataConfig, pad_id: int, seed: int, causal: bool = True):
         if not encoded:
             raise HkdError("the training set is empty (data.num_examples is 0 or the data file has no records)")
+        if config.packing:
+            from hkd.hfdata import Packed
+
+            encoded = Packed(encoded, config.max_length, seed if config.shuffle else None)  # type: ignore[assignment]
         self.encoded = encoded
         self.config = config
         self.pad_id = pad_id
@@ -200,6 +208,8 @@ class Batches:
         indices = self._indices(index)
         batch = collate([self.encoded[i] for i in indices], self.pad_id, self.causal)
         batch["example_index"] = torch.tensor(indices, dtype=torch.long)
+        if self.config.packing:  # per-example positions: forward_with_taps masks block-diagonally
+            batch["position_ids"] = self.encoded.position_ids(indices, batch["input_ids"].shape[1])  # type: ignore[attr-defined]
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:

@@ -142,7 +142,8 @@ def _inner_attention(module: torch.nn.Module) -> Callable[..., Any]:
         if eager is None:
             raise HkdError(f"{type(module).__name__}: no eager_attention_forward next to it to run under the hkd tap")
         return eager  # type: ignore[no-any-return]
-    return AttentionInterface._global_mapping[inner]  # type: ignore[no-any-return]
+    implementation: Callable[..., Any] = AttentionInterface._global_mapping[inner]  # type: ignore[assignment]
+    return implementation
 
 
 def _tap_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any):
@@ -233,13 +234,23 @@ def forward_with_taps(model: PreTrainedModel, batch: dict[str, Tensor], request:
     store: dict[int, QKV] = {}
     for idx in request.attention:
         attention_modules[idx]._hkd_tap_store = store  # type: ignore[assignment]
+    # a packed batch (data.packing) carries per-example position ids; without a 2-D mask,
+    # transformers builds the block-diagonal mask from them
+    packed = "position_ids" in batch
+    if packed:
+        entry = support(model)
+        if entry is None or not entry.fused_logits:
+            raise HkdError(f"{type(model).__name__} (model_type {model.config.model_type!r}): packed sequences "
+                           "(data.packing) are verified only for the causal LMs in hkd/architectures.py")
     try:
         body = decoder_body(model)
+        positions = {"position_ids": batch["position_ids"]} if packed else {}  # DistilBERT takes none
         outputs = body(
             input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
+            attention_mask=None if packed else batch["attention_mask"],
             output_hidden_states=bool(request.hidden),
             use_cache=False,
+            **positions,
         )
     finally:
         for idx in request.attention:

@@ -37,7 +37,7 @@ def test_bool_is_not_an_int_and_literals_are_checked(tmp_path, raw_config):
         load_config(write(tmp_path, raw_config))
     raw_config["optim"]["grad_accum"] = 1
     raw_config["data"]["kind"] = "parquet"
-    with pytest.raises(ConfigError, match=r"data\.kind: str 'parquet' is not one of \['jsonl', 'synthetic'\]"):
+    with pytest.raises(ConfigError, match=r"data\.kind: str 'parquet' is not one of \['jsonl', 'synthetic', 'hf'\]"):
         load_config(write(tmp_path, raw_config))
 
 
