@@ -269,18 +269,22 @@ def read_index(index_file: Path) -> dict[str, Any]:
     return index
 
 
-def open_shard(cache_dir: Path, shard: dict[str, Any], index: dict[str, Any]) -> tuple[Any, list[int]]:
-    """(safetensors handle, row offsets) of one shard, after checking its file against the index.
+def _damaged(path: Path, what: str) -> HkdError:
+    return HkdError(f"teacher_cache: shard {str(path)!r} {what}; the cache is damaged, rebuild it with hkd cache-teacher")
 
-    The size recorded at build time, the safetensors header (nothing truncated), the tensors
-    and their shapes (``offsets`` [E+1], ``topk_*`` [R, top_k], ``hidden.L`` [R, H] for every
-    indexed layer) and the offsets themselves (0, non-decreasing, ending at R) must all agree.
+
+def check_shard(cache_dir: Path, shard: dict[str, Any], index: dict[str, Any]) -> int:
+    """Check one shard's file against the index without reading its tensors; returns its row count.
+
+    The size recorded at build time, the safetensors header (nothing truncated) and the
+    tensors with their shapes (``offsets`` [E+1], ``topk_*`` [R, top_k], ``hidden.L`` [R, H]
+    for every indexed layer) must all agree. Cheap (the header only): done for every shard
+    when the cache is opened, so damage is found before training starts.
     """
     path = cache_dir / shard["file"]
 
     def damaged(what: str) -> HkdError:
-        return HkdError(f"teacher_cache: shard {str(path)!r} {what}; the cache is damaged, rebuild it with "
-                        "hkd cache-teacher")
+        return _damaged(path, what)
 
     if not path.is_file():
         raise damaged("is missing")
@@ -303,13 +307,21 @@ def open_shard(cache_dir: Path, shard: dict[str, Any], index: dict[str, Any]) ->
         got = shapes.get(f"hidden.{layer}")
         if got is None or len(got) != 2 or got[0] != rows:
             raise damaged(f"has hidden.{layer} of shape {got}, expected [{rows}, hidden size]")
+    return int(rows) if rows is not None else 0
+
+
+def open_shard(cache_dir: Path, shard: dict[str, Any], index: dict[str, Any]) -> tuple[Any, list[int]]:
+    """(safetensors handle, row offsets) of one shard: :func:`check_shard`, then the offsets
+    themselves (0, non-decreasing, ending at the row count)."""
+    path = cache_dir / shard["file"]
+    rows = check_shard(cache_dir, shard, index)
     try:
         handle = safe_open(str(path), framework="pt")
         offsets = handle.get_tensor("offsets").tolist()
     except Exception as exc:  # safetensors raises its own error types
-        raise damaged(f"is unreadable ({exc})") from None
+        raise _damaged(path, f"is unreadable ({exc})") from None
     if offsets[0] != 0 or offsets[-1] != rows or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise damaged("has row offsets that are not 0, non-decreasing and ending at its row count")
+        raise _damaged(path, "has row offsets that are not 0, non-decreasing and ending at its row count")
     return handle, offsets
 
 
@@ -323,6 +335,8 @@ class TeacherCache:
             raise HkdError(f"teacher_cache: {str(self.path)!r} has no {INDEX} (not a cache, or its build did not "
                            "finish); build it with hkd cache-teacher")
         self.index = read_index(index_file)
+        for shard in self.index["shards"]:  # a truncated or missing shard is named now, not mid-training
+            check_shard(self.path, shard, self.index)
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, tuple[Any, list[int]]] = OrderedDict()  # shard -> (handle, offsets)
 

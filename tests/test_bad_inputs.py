@@ -51,10 +51,13 @@ def assert_one_error(code: int, err: str, pattern: str) -> None:
 
 @pytest.fixture
 def write_config(tmp_path: Path, raw_config: dict[str, Any]):
-    def write(text: str | None = None, **sections: dict[str, Any]) -> str:
+    def write(text: str | None = None, **sections: Any) -> str:
         raw = copy.deepcopy(raw_config)
         for section, values in sections.items():
-            raw.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                raw.setdefault(section, {}).update(values)
+            else:
+                raw[section] = values
         path = tmp_path / "cfg.yaml"
         path.write_text(text if text is not None else yaml.safe_dump(raw))
         return str(path)
@@ -502,3 +505,22 @@ def test_any_edited_index_field_opens_or_is_named(built_cache, tmp_path_factory,
         open_all(path)
     except HkdError as exc:
         assert "teacher_cache" in str(exc)
+
+
+def test_bad_data_and_a_damaged_cache_through_the_cli(built_cache, small_model, write_config, capsys, tmp_path):
+    """The CLI ends each with one line and exit 2, and creates no run directory."""
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"text": "1+1=2"}\n{"text": "\xff"}\n')
+    jsonl = {"kind": "jsonl", "path": str(data), "batch_size": 2}
+    code, err = run_cli(capsys, "distill", write_config(data=jsonl), "--out", str(tmp_path / "r1"))
+    assert_one_error(code, err, r"d\.jsonl:2: not valid UTF-8")
+    data.write_text(json.dumps({"prompt": "x" * 60, "completion": "y"}) + "\n")
+    prompts = {**jsonl, "prompt_field": "prompt", "max_length": 16}
+    code, err = run_cli(capsys, "distill", write_config(data=prompts), "--out", str(tmp_path / "r2"))
+    assert_one_error(code, err, r"all 1 examples have no target tokens after truncation to data\.max_length=16")
+    cache = edited_index(built_cache, tmp_path / "cache", lambda i: None)
+    shard = cache / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    code, err = run_cli(capsys, "distill", write_config(teacher_cache=str(cache)), "--out", str(tmp_path / "r3"))
+    assert_one_error(code, err, r"teacher_cache: shard '.*shard-00002\.safetensors' has \d+ bytes, the index recorded")
+    assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
