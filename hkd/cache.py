@@ -298,7 +298,7 @@ def check_shard(cache_dir: Path, shard: dict[str, Any], index: dict[str, Any]) -
     examples, k = shard["num_examples"], index["top_k"]
     if shapes.get("offsets") != [examples + 1]:
         raise damaged(f"has offsets of shape {shapes.get('offsets')}, expected [{examples + 1}]")
-    rows = (shapes.get("topk_values") or [None])[0]
+    rows: int | None = (shapes.get("topk_values") or [None])[0]  # type: ignore[list-item]
     expected = {"topk_values": [rows, k], "topk_ids": [rows, k]}
     for name, want in expected.items():
         if shapes.get(name) != want:

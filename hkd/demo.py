@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -284,7 +284,7 @@ def arm_config(arm: str, settings: DemoSettings, data: DemoData, teacher: Path, 
     elif arm == "progressive_overlap":  # the same phases with the decision loss on from the first step
         phases = progressive_phases(settings, rl=False)
         for phase in phases:
-            phase["stages"]["logits"] = 1.0
+            cast(dict[str, float], phase["stages"])["logits"] = 1.0
     else:
         raise HkdError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
     return make_config(settings, teacher={"path": str(teacher)}, student=student_model(settings, seed),

@@ -228,7 +228,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     first = (step * info.world_size + info.rank) * accum
     micro_counts = [run.batches.counts(first + i) for i in range(accum)]  # host ints: no tensor read
     micro_batches = [run.batches.batch(first + i) for i in range(accum)] if active else []  # none if all paused
-    local = [sum(c for c, _ in micro_counts), sum(s for _, s in micro_counts)]
+    local = [float(sum(c for c, _ in micro_counts)), float(sum(s for _, s in micro_counts))]
     tokens, seen = (int(x) for x in all_reduce_sum(local, info, run.device))
 
     # per-stage losses and token-weighted "metric/..." sums stay on the device until the end

@@ -6,7 +6,7 @@ import dataclasses
 import importlib
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Generator, Iterable
 
 import pluggy
 from pluggy import HookImpl
@@ -60,13 +60,14 @@ class HkdPluginManager(pluggy.PluginManager):
         if plugin_name is not None:
             for caller in self.get_hookcallers(plugin) or []:
                 for impl in caller.get_hookimpls():
-                    if impl.plugin is plugin:
-                        impl.function = self._named(impl, caller.name)
+                    if impl.plugin is plugin:  # pluggy calls impl.function: wrap it in place
+                        setattr(impl, "function", self._named(impl, caller.name))
         return plugin_name
 
     def _named(self, impl: HookImpl, hook_name: str) -> Callable[..., Any]:
         """``impl.function`` raising errors that name plugin and hook; items it returns are attributed."""
-        function, plugin_name = impl.function, impl.plugin_name
+        function: Callable[..., Any] = impl.function
+        plugin_name = impl.plugin_name
 
         def fail(exc: Exception) -> HkdError:
             return HkdError(f"plugin {plugin_name!r} failed in hook {hook_name}: {exc!r}")
@@ -80,7 +81,8 @@ class HkdPluginManager(pluggy.PluginManager):
         if impl.wrapper or impl.hookwrapper:  # a generator: pluggy drives it with send/throw
             def wrapped_generator(*args: Any) -> Any:
                 try:
-                    return attribute((yield from function(*args)))
+                    generator: Generator[Any, Any, Any] = function(*args)
+                    return attribute((yield from generator))
                 except HkdError:
                     raise  # an inner implementation's error, already named
                 except Exception as exc:

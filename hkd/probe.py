@@ -142,10 +142,10 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
             t_view = forward_with_taps(teacher, batch, request)
             s_view = forward_with_taps(student, batch, student_request)
         assert t_view.hidden_states is not None and s_view.hidden_states is not None
-        for layer, hidden in enumerate(t_view.hidden_states):
-            teacher_tokens[layer].append(hidden[mask].float().cpu())
-        for layer, hidden in enumerate(s_view.hidden_states):
-            student_tokens[layer].append(hidden[mask].float().cpu())
+        for tokens_by_layer, states in ((teacher_tokens, t_view.hidden_states), (student_tokens, s_view.hidden_states)):
+            for layer, hidden in enumerate(states):
+                assert hidden is not None  # a live forward fills every layer
+                tokens_by_layer[layer].append(hidden[mask].float().cpu())
         t_logp = {t: averaged_attention_logp(t_view.attention[t]) for t in range(1, teacher_layers + 1)}
         for s in range(1, student_layers + 1):
             s_logp = averaged_attention_logp(s_view.attention[s])

@@ -119,7 +119,8 @@ class AttentionStage(Stage):
         pair_sums = {
             (s, t): (self._layer_terms(teacher.attention[t], student.attention[s]) * mask).sum() for s, t in self.layer_map
         }
-        terms = {"attention": sum(pair_sums.values()) / (len(self.layer_map) * max(state.tokens, 1))}
+        total = torch.stack(list(pair_sums.values())).sum()
+        terms = {"attention": total / (len(self.layer_map) * max(state.tokens, 1))}
         if self.config.log_layers:
             terms.update(layer_metrics("attention", pair_sums, mask))
         return terms

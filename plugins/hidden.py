@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -64,10 +65,11 @@ class HiddenStage(Stage):
         assert student is not None and teacher is not None
         assert teacher.hidden_states is not None and student.hidden_states is not None
         mask = batch["loss_mask"].float()
-        pair_sums = {}
+        pair_sums: dict[tuple[int, int], Tensor] = {}
         for s, t in self.layer_map:
-            s_hidden = student.hidden_states[s].float()
-            t_hidden = teacher.hidden_states[t].float()
+            s_hidden, t_hidden = student.hidden_states[s], teacher.hidden_states[t]
+            assert s_hidden is not None and t_hidden is not None  # requested: a source fills these
+            s_hidden, t_hidden = s_hidden.float(), t_hidden.float()
             key = f"{s}_{t}"
             if key in self.projectors:
                 s_hidden = self.projectors[key](s_hidden)
@@ -76,7 +78,7 @@ class HiddenStage(Stage):
             else:
                 per_token = 1 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)
             pair_sums[(s, t)] = (per_token * mask).sum()
-        terms = {"hidden": sum(pair_sums.values()) / (len(self.layer_map) * max(state.tokens, 1))}
+        terms = {"hidden": torch.stack(list(pair_sums.values())).sum() / (len(self.layer_map) * max(state.tokens, 1))}
         if self.config.log_layers:
             terms.update(layer_metrics("hidden", pair_sums, mask))
         return terms

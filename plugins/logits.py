@@ -23,7 +23,7 @@ defined on sparse targets (reverse KL and JSD need teacher probabilities outside
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -76,7 +76,7 @@ class LogitsStage(Stage):
              state: StepState) -> dict[str, Tensor]:
         assert teacher is not None and student is not None
         labels = batch["labels"][:, 1:]
-        options = dict(
+        options: dict[str, Any] = dict(
             labels=labels,
             divergence=self.config.divergence,
             beta=self.config.beta,
@@ -97,9 +97,9 @@ class LogitsStage(Stage):
             assert student.lm_head is not None and teacher.lm_head is not None
             total = kernels.fused_linear_distill_loss(
                 student.final_hidden[:, :-1],
-                student.lm_head.weight,
+                cast(Tensor, student.lm_head.weight),
                 teacher.final_hidden[:, :-1],
-                teacher.lm_head.weight,
+                cast(Tensor, teacher.lm_head.weight),
                 student_bias=getattr(student.lm_head, "bias", None),
                 teacher_bias=getattr(teacher.lm_head, "bias", None),
                 **options,
