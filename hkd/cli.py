@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "progressive distillation + RL, pass@1 table (CPU, no downloads)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; the teacher is cached there)")
     p.add_argument("--quick", action="store_true",
-                   help="the CI smoke version: about 1 minute on 2 idle CPU cores (the full demo: about 3); checks the plumbing, its students train too little to score")
+                   help="the CI smoke version: 75 s on 2 busy shared CPU cores, under a minute on idle ones "
+                        "(the full demo: 3 to 9 minutes); checks the plumbing, its students train too little to score")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the problem splits, the teacher's and students' initialisation and batch order "
                         "(default 0; README: the spread across seeds)")

@@ -44,7 +44,10 @@ class HFEncoded(Sequence[tuple[list[int], list[int]]]):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[list[int], list[int]]:  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> Any:  # a slice (cache, eval) reads its rows in one go
+        if isinstance(index, slice):
+            rows = self.dataset[index]
+            return [(list(ids), list(labels)) for ids, labels in zip(rows["input_ids"], rows["labels"])]
         row = self.dataset[int(index)]
         return list(row["input_ids"]), list(row["labels"])
 
@@ -161,7 +164,9 @@ class Packed(Sequence[tuple[list[int], list[int]]]):
     def _examples(self, row: int) -> list[tuple[list[int], list[int]]]:
         return [self.encoded[int(i)] for i in self.order[self.starts[row]: self.starts[row + 1]]]
 
-    def __getitem__(self, row: int) -> tuple[list[int], list[int]]:  # type: ignore[override]
+    def __getitem__(self, row: int | slice) -> Any:
+        if isinstance(row, slice):
+            return [self[r] for r in range(len(self))[row]]
         ids: list[int] = []
         labels: list[int] = []
         for example_ids, example_labels in self._examples(row):

@@ -125,7 +125,8 @@ class QKV:
         return scores.logsumexp(dim=-1, keepdim=True)
 
 
-# the implementation each tapped model ran before (by id of its config; the mask function only gets the config)
+# the implementation each tapped model ran before, by id of its config (the mask function only gets the
+# config); the attention modules carry it too (``_hkd_inner_attention``), so a deep copy keeps it
 _INNER: dict[int, str] = {}
 
 
@@ -136,7 +137,9 @@ def _remember_inner(config: Any, inner: str) -> None:
 
 
 def _inner_attention(module: torch.nn.Module) -> Callable[..., Any]:
-    inner = _INNER.get(id(module.config), "sdpa")  # type: ignore[arg-type]
+    inner = getattr(module, "_hkd_inner_attention", None)
+    if inner is None:
+        raise HkdError(f"{type(module).__name__} runs the hkd tap without enable_taps(model)")
     if inner == "eager":  # each model's own eager function: it carries soft-capping, sinks, ...
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if eager is None:
@@ -167,7 +170,9 @@ def _tap_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: T
 
 def _tap_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
     """The mask the original implementation would get (bool for SDPA, additive for eager, 2-D for flash)."""
-    inner = _INNER.get(id(config), "sdpa")
+    inner = _INNER.get(id(config))
+    if inner is None:  # e.g. a deep copy of a tapped model: guessing could hand eager a boolean mask
+        raise HkdError("a model runs the hkd tap without enable_taps(model) (a copy of a tapped model?): call it first")
     return ALL_MASK_ATTENTION_FUNCTIONS[inner](*args, config=config, **kwargs)
 
 
@@ -201,7 +206,13 @@ def enable_taps(model: PreTrainedModel) -> None:
     """
     current = model.config._attn_implementation
     entry = support(model)
-    if current == TAP_IMPLEMENTATION or entry is None or not entry.attention:
+    if current == TAP_IMPLEMENTATION:  # already tapped, or a copy of a tapped model: its configs are new objects
+        current = next(m._hkd_inner_attention for m in _attention_modules(model).values())
+        for module in model.modules():
+            if hasattr(module, "config"):
+                _remember_inner(module.config, current)  # type: ignore[arg-type]
+        return
+    if entry is None or not entry.attention:
         return
     if current != "eager" and current not in AttentionInterface._global_mapping:
         raise HkdError(f"{type(model).__name__}: attention implementation {current!r} cannot run under the hkd tap")
@@ -210,6 +221,7 @@ def enable_taps(model: PreTrainedModel) -> None:
             _remember_inner(module.config, current)
     for index, module in _attention_modules(model).items():
         module._hkd_tap_layer = index  # type: ignore[assignment]
+        module._hkd_inner_attention = current  # type: ignore[assignment]
     model.set_attn_implementation(TAP_IMPLEMENTATION)
 
 

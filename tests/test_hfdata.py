@@ -37,6 +37,7 @@ def test_hf_encoding_equals_jsonl_encoding(tmp_path: Path, fields: dict, suffix:
     plain = encode_dataset(tok, DataConfig(kind="jsonl", path=str(source), max_length=8, **fields), 0)
     hf = encode_dataset(tok, DataConfig(kind="hf", path=str(tmp_path / f"data{suffix}"), max_length=8, **fields), 0)
     assert len(hf) == len(plain) and [hf[i] for i in range(len(hf))] == plain
+    assert hf[2:5] == plain[2:5] and list(hf) == plain  # slices and iteration (teacher cache, eval) read the same
     assert (tmp_path / ".hkd-cache").is_dir()
 
 

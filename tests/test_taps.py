@@ -81,3 +81,32 @@ def test_allowed_rebuilds_window_and_padding_from_flags():
     real = padding[:, None, :, None]  # compare real query rows (fully masked rows are opened on purpose)
     assert torch.equal(as_4d.allowed() & real, as_2d.allowed() & real)
     assert not as_2d.allowed()[0, 0, 8, :6].any()  # the window
+
+
+def test_a_copy_of_a_tapped_model_keeps_its_own_attention():
+    """Catches: a deep copy (new config objects) of a tapped eager model falling back to SDPA, which for
+    gpt-oss silently drops the sinks; the copy either refuses or, after enable_taps, matches."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hkd.errors import HkdError
+
+    config = AutoConfig.for_model("gpt_oss", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=2,
+                                  num_experts_per_tok=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 4.0)
+    ids = torch.randint(3, 99, (1, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        before = model(**batch).logits
+        enable_taps(model)
+        twin = copy.deepcopy(model)
+        with pytest.raises(HkdError, match="enable_taps"):
+            forward_with_taps(twin, batch, TapRequest(logits=True))
+        enable_taps(twin)
+        torch.testing.assert_close(forward_with_taps(twin, batch, TapRequest(logits=True)).logits, before)
