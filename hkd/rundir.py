@@ -48,8 +48,11 @@ class RunDirPlan:
     config: Config
 
     def record_config(self) -> Path | None:
-        """On a resume whose config differs from the saved one, write it as ``config.resume-N.yaml``."""
-        if not (self.resume and self.changed):
+        """On a resume whose config differs from the saved one, write it as ``config.resume-N.yaml``.
+
+        The saved ``config.yaml`` stays as the run's original; the records say what changed when.
+        """
+        if not (self.resume and set(self.changed) - {"train.progress"}):  # a progress bar changes nothing worth keeping
             return None
         text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
         n = 1

@@ -108,6 +108,8 @@ def test_harmless_changes_resume_and_allowed_changes_are_recorded_beside_the_ori
     watched.train.progress, watched.train.checkpoint_every = True, 5
     plan = prepare_run_dir(run, watched, resume=True)
     assert set(plan.changed) == {"train.progress", "train.checkpoint_every"}
+    watched.train.checkpoint_every = config.train.checkpoint_every
+    assert prepare_run_dir(run, watched, resume=True).record_config() is None  # a progress bar is not recorded
     changed = copy.deepcopy(config)
     changed.optim.lr = 0.5
     plan = prepare_run_dir(run, changed, resume=True, allow_config_change=True)
