@@ -8,8 +8,11 @@ configs, metrics and models, the loss plot, and that a second run reuses the cac
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -18,17 +21,29 @@ from hkd.config import Config, from_dict
 from hkd.demo import DemoSettings, prepare_data, prepare_teacher
 from hkd.models import load_model
 from hkd.config import ModelConfig
+from hkd.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 ROWS = ["teacher", "student: SFT on answer-only data", "student: SFT on distilled data", "student: after structure",
         "student: after feature", "student: after decision", "student: after rl"]
 
 
-@pytest.mark.slow
-def test_demo_quick_end_to_end_slowest(tmp_path, subprocess_env):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """``hkd demo --quick`` run once into CLONE/runs/demo, where the examples expect hkd demo's output."""
+    clone = tmp_path_factory.mktemp("clone")
+    out = clone / "runs" / "demo"
     proc = subprocess.run([sys.executable, "-m", "hkd.cli", "demo", "--quick", "--no-progress", "--out", str(out)],
-                          capture_output=True, text=True, env=subprocess_env, timeout=240)
+                          capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return clone, proc
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end_slowest(quick_demo):
+    clone, proc = quick_demo
+    out = clone / "runs" / "demo"
     for name in ROWS:  # the printed table has one line per model
         assert any(line.startswith(name) for line in proc.stdout.splitlines()), (name, proc.stdout)
 
@@ -65,3 +80,31 @@ def test_demo_quick_end_to_end_slowest(tmp_path, subprocess_env):
     settings = DemoSettings.quick()
     assert prepare_teacher(settings, out, prepare_data(settings, out), progress=False) == out / "teacher" / "final"
     assert stamp.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_readme_examples_after_the_demo_give_nontrivial_numbers(quick_demo, monkeypatch, capsys):
+    # bug: examples/generate.yaml kept 0 of 96 and examples/eval.yaml showed pass@1 0, agreement 0.04 and a
+    # student perplexity below the teacher's, because both used random preset models. They now read the
+    # demo's models; run as the README says, from the clone's root, after hkd demo (here its quick version:
+    # a teacher at ~0.5 pass@1 and a student trained 60 steps, so the bounds are loose but far from random).
+    clone, _ = quick_demo
+    for name in ("generate.yaml", "eval.yaml", "arith_prompts.jsonl"):
+        (clone / "examples").mkdir(exist_ok=True)
+        shutil.copy(EXAMPLES / name, clone / "examples" / name)
+    monkeypatch.chdir(clone)
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    commands = [line.split("#")[0].split()[1:] for line in readme.splitlines()
+                if line.startswith(("hkd generate examples/", "hkd eval examples/"))]
+    assert [c[0] for c in commands] == ["generate", "eval"]
+    for command in commands:
+        assert main([*command, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    kept = int(re.search(r"24 prompts, 96 samples: kept (\d+)", out).group(1))
+    assert kept >= 10  # a random preset teacher kept 0
+    assert "written to runs/generate/arith.jsonl" in out  # resolved, relative to the working directory, no ".."
+    results = json.loads((clone / "runs/demo/students/progressive_rl/eval.json").read_text())
+    text = results["text"]
+    assert text["teacher_perplexity"] < 1.5 < text["perplexity"]  # a trained teacher, a barely trained student
+    assert text["top1_agreement"] > 0.3  # random models agreed on 0.04
+    assert "results written to runs/demo/students/progressive_rl/eval.json" in out
