@@ -93,25 +93,20 @@ _console = Console()
 
 
 @hookimpl
-def hkd_on_train_start(config: Config, run_dir: Path, start_step: int) -> None:
+def hkd_on_train_start(config: Config, run_dir: Path, start_step: int, total_steps: int,
+                       resumed_from: Path | None) -> None:
     global _console
-    from hkd.schedule import Schedule
-
-    total = Schedule(config.schedule, config.optim).total_steps
     every = float(os.environ.get("HKD_PROGRESS_SECONDS", DEFAULT_SECONDS))
-    console = Console(name=run_dir.name, total_steps=total, start_step=start_step, progress=config.train.progress,
-                      stream=sys.stderr, every_s=every)
-    if start_step:
-        # the checkpoint the loop restored: the one named after start_step
-        found = [p for p in (run_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()
-                 and int(p.name[5:]) == start_step]
-        where = f", checkpoint {shown(found[0])}" if found else ""
-        console.write(f"{console.name}: resuming from step {start_step} of {total}{where}")
+    console = Console(name=run_dir.name, total_steps=total_steps, start_step=start_step,
+                      progress=config.train.progress, stream=sys.stderr, every_s=every)
+    if resumed_from is not None:
+        console.write(f"{console.name}: resuming from step {start_step} of {total_steps}, "
+                      f"checkpoint {shown(resumed_from)}")
     if console.progress and console.stream.isatty():
         from tqdm.auto import tqdm
 
-        console.bar = tqdm(total=total, initial=start_step, desc=console.name, unit="step", file=console.stream,
-                           dynamic_ncols=True)
+        console.bar = tqdm(total=total_steps, initial=start_step, desc=console.name, unit="step",
+                           file=console.stream, dynamic_ncols=True)
     _console = console
 
 
