@@ -2,6 +2,7 @@
 
     python bench/data_scale.py                          # sizes 1000,1000000; packing on; 20 steps
     python bench/data_scale.py --sizes 1000,100000 --steps 5 --no-packing
+    python bench/data_scale.py --streaming --no-packing   # data.streaming: nothing cached, read on the fly
 
 For each size a JSONL file of short arithmetic examples ({"prompt": "12+34=", "completion":
 "46"}) is generated in ``--workdir``. Then, per size, a fresh subprocess runs twice: ``cold``
@@ -52,7 +53,8 @@ def child(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     tokenizer = char_tokenizer()
     config = DataConfig(kind="hf", path=args.data, prompt_field="prompt", max_length=args.max_length,
-                        batch_size=args.batch_size, packing=args.packing, num_proc=args.num_proc)
+                        batch_size=args.batch_size, packing=args.packing, num_proc=args.num_proc,
+                        streaming=args.streaming)
     encoded = encode_dataset(tokenizer, config, 0)
     batches = Batches(encoded, config, tokenizer.pad_token_id, seed=0)
     ready = time.perf_counter()
@@ -76,7 +78,8 @@ def child(args: argparse.Namespace) -> None:
         if step == 0:
             first_step_at = time.perf_counter() - start
     print(json.dumps({
-        "examples": len(encoded), "rows": len(batches.encoded), "read_s": round(ready - start, 2),
+        "examples": None if args.streaming else len(encoded),
+        "rows": None if args.streaming else len(batches.encoded), "read_s": round(ready - start, 2),
         "first_step_s": round(first_step_at, 2), "median_step_s": round(sorted(step_times)[len(step_times) // 2], 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "final_loss": round(float(loss), 4),
@@ -91,6 +94,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--num-proc", type=int, default=1)
     parser.add_argument("--no-packing", dest="packing", action="store_false")
+    parser.add_argument("--streaming", action="store_true")
     parser.add_argument("--workdir", default="/tmp/hkd-data-scale")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -108,17 +112,19 @@ def main() -> None:
         for run in ("cold", "warm"):
             command = [sys.executable, __file__, "--child", "--data", str(data), "--steps", str(args.steps),
                        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                       "--num-proc", str(args.num_proc)] + ([] if args.packing else ["--no-packing"])
+                       "--num-proc", str(args.num_proc)] + ([] if args.packing else ["--no-packing"]) + (
+                       ["--streaming"] if args.streaming else [])
             began = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
             if result.returncode:
                 raise SystemExit(result.stderr[-3000:])
-            row = {"size": size, "run": run, "packing": args.packing, "wall_s": round(time.perf_counter() - began, 1),
+            row = {"size": size, "run": run, "packing": args.packing, "streaming": args.streaming, "wall_s": round(time.perf_counter() - began, 1),
                    **json.loads(result.stdout.strip().splitlines()[-1])}
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    out = ROOT / "bench" / "results" / f"data-scale-{dt.date.today().isoformat()}.json"
+    variant = ("-streaming" if args.streaming else "") + ("" if args.packing else "-unpacked")
+    out = ROOT / "bench" / "results" / f"data-scale{variant}-{dt.date.today().isoformat()}.json"
     out.write_text(json.dumps({
         "command": "python bench/data_scale.py " + " ".join(sys.argv[1:]), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
         "machine": f"{os.cpu_count()} CPUs (shared), torch threads 1", "rows": rows,

@@ -119,6 +119,7 @@ class DataConfig:
     shuffle: bool = True
     packing: bool = False  # several examples per sequence, no attention or loss across their boundaries (causal LMs)
     num_proc: int = ranged(1, low=1, high=256)  # kind hf: tokeniser processes (once; the result is cached)
+    streaming: bool = False  # kind hf: read and tokenise on the fly (no cache, no packing; shuffles in a buffer)
 
 
 @dataclass
@@ -490,6 +491,8 @@ def validate(config: Config) -> None:
         raise ConfigError("data.chat_template: needs data.prompt_field (the template wraps the prompt)")
     if config.data.kind in ("jsonl", "hf") and not config.data.path:
         raise ConfigError(f"data.path: required when data.kind is {config.data.kind!r}")
+    if config.data.streaming and (config.data.kind != "hf" or config.data.packing):
+        raise ConfigError("data.streaming: needs data.kind: hf and no data.packing")
     if config.data.packing and (config.student.encoder or config.teacher_cache is not None):
         raise ConfigError("data.packing: needs causal LMs and a live teacher "
                           f"({'student.encoder is set' if config.student.encoder else 'teacher_cache is set'})")

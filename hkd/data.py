@@ -125,7 +125,7 @@ def encode_dataset(tokenizer: Any, config: DataConfig, seed: int) -> list[tuple[
     if config.kind == "hf":  # memory-mapped Arrow rows, not Python lists
         from hkd.hfdata import encode_hf
 
-        return encode_hf(tokenizer, config)  # type: ignore[return-value]
+        return encode_hf(tokenizer, config, seed)  # type: ignore[return-value]
     records = load_records(config, seed)
     encoded = [encode(tokenizer, p, c, config.max_length, config.chat_template) for p, c in records]
     if encoded and not any(target_count(labels) for _, labels in encoded):
@@ -192,6 +192,8 @@ class Batches:
         return self._orders[epoch]
 
     def _indices(self, index: int) -> list[int]:
+        if self.config.streaming:  # positions in the stream, which shuffles and wraps epochs itself
+            return list(range(index * self.config.batch_size, (index + 1) * self.config.batch_size))
         size, n = self.config.batch_size, len(self.encoded)
         return [self._order(k // n)[k % n] for k in range(index * size, (index + 1) * size)]
 

@@ -98,7 +98,7 @@ def _encode_batch(rows: dict[str, list[Any]], tokenizer: Any, config: DataConfig
     return out
 
 
-def encode_hf(tokenizer: Any, config: DataConfig) -> HFEncoded:
+def encode_hf(tokenizer: Any, config: DataConfig, seed: int = 0) -> HFEncoded:
     """Read and tokenise ``config.path`` through ``datasets``, cached next to the file."""
     try:
         import datasets
@@ -115,6 +115,8 @@ def encode_hf(tokenizer: Any, config: DataConfig) -> HFEncoded:
         raise HkdError("data.on_bad_line: kind hf reads files whole; only 'fail' is supported")
     cache_dir = path.parent / ".hkd-cache"
     datasets.disable_progress_bars()
+    if config.streaming:
+        return HFStream(builder, path, tokenizer, config, seed)  # type: ignore[return-value]
     raw = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir))
     needed = [config.text_field] if config.prompt_field is None else [config.prompt_field, config.completion_field]
     missing = [name for name in needed if name not in raw.column_names]
@@ -133,6 +135,65 @@ def encode_hf(tokenizer: Any, config: DataConfig) -> HFEncoded:
             f"{config.max_length} (the prompt fills every sequence); raise data.max_length or shorten the prompts"
         )
     return HFEncoded(encoded)
+
+
+class HFStream:
+    """``data.streaming: true``: examples read and tokenised on the fly, never stored.
+
+    Served by position in an endless stream of epochs (each reshuffled with a seeded buffer
+    when ``data.shuffle``): ``stream[k]`` is the ``k``-th example the run sees. Positions are
+    asked for in increasing order; the last ``window`` are kept so a step can read its
+    micro-batches twice (counts, then tensors), and an earlier position (a resumed run)
+    re-reads the stream from its start.
+    """
+
+    def __init__(self, builder: str, path: Path, tokenizer: Any, config: DataConfig, seed: int, window: int = 4096) -> None:
+        self.builder, self.path, self.tokenizer, self.config, self.window = builder, path, tokenizer, config, window
+        self.seed = seed
+        self._rows: dict[int, tuple[list[int], list[int]]] = {}
+        self._restart()
+
+    def _epoch(self, epoch: int) -> Any:
+        import datasets
+
+        stream = datasets.load_dataset(self.builder, data_files=str(self.path), split="train", streaming=True)
+        if self.config.shuffle:
+            stream = stream.shuffle(seed=self.seed * 1_000_003 + epoch, buffer_size=10_000)
+        stream = stream.map(_encode_batch, batched=True, batch_size=1000, fn_kwargs={"tokenizer": self.tokenizer, "config": self.config})
+        return iter(stream)
+
+    def _restart(self) -> None:
+        self._rows.clear()
+        self._epoch_number, self._next = 0, 0
+        self._iterator = self._epoch(0)
+
+    def _read(self) -> None:
+        for _ in range(2):  # the current epoch, else the next one
+            try:
+                row = next(self._iterator)
+                break
+            except StopIteration:
+                if self._next == 0:
+                    raise HkdError(f"data.path: {self.path} has no records") from None
+                self._epoch_number += 1
+                self._iterator = self._epoch(self._epoch_number)
+        self._rows[self._next] = (list(row["input_ids"]), list(row["labels"]))
+        self._rows.pop(self._next - self.window, None)
+        self._next += 1
+
+    def __getitem__(self, position: int) -> tuple[list[int], list[int]]:
+        if position < self._next - self.window:
+            self._restart()
+        while position >= self._next:
+            self._read()
+        return self._rows[position]
+
+    def __len__(self) -> int:
+        raise HkdError("data.streaming: a streamed data set has no length (hkd cache-teacher and eval read whole "
+                       "data sets: use data.streaming: false there)")
+
+    def __bool__(self) -> bool:
+        return True
 
 
 class Packed(Sequence[tuple[list[int], list[int]]]):

@@ -115,3 +115,30 @@ def test_packing_is_refused_where_it_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="packed sequences"):
         forward_with_taps(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                   "position_ids": torch.arange(6)[None]}, TapRequest(hidden={1}))
+
+
+def test_streaming_serves_the_same_examples_without_storing_them(tmp_path: Path) -> None:
+    """Catches: a streamed run seeing other examples than the cached one (order, epoch wrap), a resumed run
+    (fresh reader, later step) starting elsewhere than the uninterrupted one, and shuffles that differ by run."""
+    source = write_jsonl(tmp_path / "data.jsonl", RECORDS)
+    tok = char_tokenizer()
+    fields = dict(kind="hf", path=str(source), prompt_field="prompt", max_length=16, batch_size=3)
+    cached = Batches(encode_dataset(tok, DataConfig(shuffle=False, **fields), 0), DataConfig(shuffle=False, **fields), 0, 0)
+    config = DataConfig(shuffle=False, streaming=True, **fields)
+    streamed = Batches(encode_dataset(tok, config, 0), config, 0, 0)
+    for index in range(5):  # 15 examples: two epoch wraps of 7
+        expected = cached.batch(index)
+        got = streamed.batch(index)
+        assert torch.equal(got["input_ids"], expected["input_ids"]) and torch.equal(got["labels"], expected["labels"])
+        assert streamed.counts(index) == cached.counts(index)
+    resumed = Batches(encode_dataset(tok, config, 0), config, 0, 0)
+    assert torch.equal(resumed.batch(4)["input_ids"], streamed.batch(4)["input_ids"])
+    assert torch.equal(streamed.batch(0)["input_ids"], cached.batch(0)["input_ids"])  # rewinding re-reads
+    shuffled = DataConfig(shuffle=True, streaming=True, **fields)
+    runs = [Batches(encode_dataset(tok, shuffled, 0), shuffled, 0, 0) for _ in range(2)]
+    assert all(torch.equal(runs[0].batch(i)["input_ids"], runs[1].batch(i)["input_ids"]) for i in range(4))
+    assert any(not torch.equal(runs[0].batch(i)["input_ids"], cached.batch(i)["input_ids"]) for i in range(4))
+    other_seed = Batches(encode_dataset(tok, shuffled, 1), shuffled, 0, 1)
+    assert any(not torch.equal(runs[0].batch(i)["input_ids"], other_seed.batch(i)["input_ids"]) for i in range(4))
+    seen = sorted(tuple(ids) for i in range(7) for ids in [runs[0].encoded[i][0]])
+    assert seen == sorted(tuple(ids) for ids, _ in encode_dataset(tok, DataConfig(**fields), 0))  # one epoch: each once
