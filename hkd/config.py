@@ -166,6 +166,13 @@ class TrainConfig:
     keep_checkpoints: int = ranged(2, low=0, high=10**6)  # 0 keeps every checkpoint
     max_nonfinite_steps: int = ranged(3, low=1, high=10**6)  # abort after this many skipped (NaN/inf) steps in a row
     progress: bool = True
+    # fp32 | bf16-mixed (fp32 weights and AdamW state, forwards under bf16 autocast) | bf16
+    # (student weights and AdamW state in bf16: least memory); auto = bf16-mixed on CUDA, else fp32.
+    # Whenever it is not fp32 the teacher runs in bf16.
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    activation_checkpointing: bool = False  # recompute the student's blocks in backward (non-reentrant)
+    compile: bool = False  # torch.compile the student's body (the LM head and losses stay eager)
+    compile_backend: str = "inductor"  # any torch.compile backend name
 
 
 @dataclass

@@ -35,7 +35,7 @@ from hkd.distributed import (
 )
 from hkd.errors import ConfigError, HkdError, StoppedEarly
 from hkd.manager import HkdPluginManager, build_manager
-from hkd.models import check_compatible, freeze, load_model
+from hkd.models import check_compatible, decoder_body, freeze, load_model
 from hkd.schedule import Schedule
 from hkd.seeding import seed_everything
 from hkd.sources import CachedTeacher, LiveTeacher, TeacherSource, check_requests
@@ -61,6 +61,7 @@ class Run:
     batches: Batches
     optimizer: torch.optim.AdamW
     trainable: torch.nn.ModuleDict  # what checkpoints hold: the student and the stages' parameters
+    precision: str = "fp32"  # resolved: fp32 | bf16-mixed | bf16
     start_step: int = 0
     resumed_from: Path | None = None
     phase_index: int = -1  # the phase the previous step ran in
@@ -86,6 +87,28 @@ def resolve_device(name: str, info: DistInfo) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast over fp32 weights on CUDA, plain fp32 elsewhere."""
+    if name == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    return name
+
+
+def prepare_student(student: PreTrainedModel, config: Config, precision: str) -> None:
+    """Weights dtype, activation checkpointing and compilation, as ``train.*`` asks."""
+    if precision == "bf16":
+        student.to(torch.bfloat16)  # type: ignore[arg-type]
+    if config.train.activation_checkpointing:
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"train.activation_checkpointing: {type(student).__name__} does not support "
+                              "gradient checkpointing")
+        # non-reentrant: the attention taps record q/k/v once (the recomputation sees no tap store)
+        # and their gradients flow like any other activation's
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.train.compile:
+        decoder_body(student).compile(backend=config.train.compile_backend)
 
 
 def make_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
@@ -131,6 +154,8 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
     barrier(info)
     seed_everything(config.train.seed)
     device = resolve_device(config.train.device, info)
+    precision = resolve_precision(config.train.precision, device)
+    teacher_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
 
     # --- models: the teacher frozen (or only its architecture, with an offline cache)
     student, student_tok = load_model(config.student, "student", run_dir)
@@ -140,12 +165,13 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
         source = CachedTeacher(TeacherCache(config.teacher_cache), skeleton)
     else:
         teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
-        source = LiveTeacher(freeze(teacher).to(device))  # type: ignore[arg-type]
+        source = LiveTeacher(freeze(teacher).to(device, teacher_dtype))  # type: ignore[arg-type]
     check_compatible(source.model, student, teacher_tok, student_tok)
     tokenizer = student_tok or teacher_tok
     if tokenizer is None:
         raise HkdError("neither the teacher nor the student directory has a tokenizer")
     student.to(device).train()  # type: ignore[arg-type]
+    prepare_student(student, config, precision)
 
     # --- stages named anywhere in the schedule, each checked against what the teacher serves
     schedule = Schedule(config.schedule, config.optim)
@@ -178,7 +204,7 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
     params = list(trainable.parameters())
     optimizer = make_optimizer(config, params)
     run = Run(config, run_dir, pm, info, device, student, tokenizer, [source], stages, schedule, batches,
-              optimizer, trainable, params=params)
+              optimizer, trainable, precision=precision, params=params)
     if resume:
         found = ckpt.list_checkpoints(run_dir / "checkpoints")
         if not found:
@@ -297,12 +323,17 @@ def train_step(run: Run, step: int) -> dict[str, float]:
 
 def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], active: list[str], teacher_request: TapRequest,
                       student_request: TapRequest, state: StepState) -> dict[str, dict[str, torch.Tensor]]:
-    """Forward what the active stages need and return each stage's named loss terms."""
-    teacher_view = None if teacher_request.empty() else run.teachers[0].view(micro, teacher_request)
-    student_view: ModelView | None = None
-    if not student_request.empty():
-        student_view = forward_with_taps(run.student, micro, student_request)
-    return {name: stage_loss_terms(run.stages, name, micro, teacher_view, student_view, state) for name in active}
+    """Forward what the active stages need and return each stage's named loss terms.
+
+    ``bf16-mixed`` runs forwards and losses under bf16 autocast; stages and kernels accumulate
+    in fp32 themselves.
+    """
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16-mixed"):
+        teacher_view = None if teacher_request.empty() else run.teachers[0].view(micro, teacher_request)
+        student_view: ModelView | None = None
+        if not student_request.empty():
+            student_view = forward_with_taps(run.student, micro, student_request)
+        return {name: stage_loss_terms(run.stages, name, micro, teacher_view, student_view, state) for name in active}
 
 
 def stage_loss_terms(stages: torch.nn.ModuleDict, name: str, *args: Any) -> dict[str, torch.Tensor]:
