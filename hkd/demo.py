@@ -373,7 +373,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True, threads: 
     write_json(out / "results.json", results)
     print_table(rows)
     print(plot_note)
-    print(f"results: {out / 'results.json'} ({results['seconds']:.0f} s)")
+    print(f"results: {out / 'results.json'} ({results['seconds']:.0f} s); every run compared: hkd report {out}")
     return results
 
 

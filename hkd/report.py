@@ -360,7 +360,9 @@ def eval_rows(values: dict[str, Any]) -> list[list[Any]]:
         elif isinstance(value, float):
             value = f"{value:.4g}"
         meaning = EVAL_MEANINGS.get(metric, "")
-        if metric.startswith("pass@"):
+        if metric == "pass@1":
+            meaning = "probability that a sample is correct"
+        elif metric.startswith("pass@"):
             meaning = f"probability that at least one of {metric[5:]} samples is correct (unbiased estimator)"
         rows.append([group.replace("_", " "), metric, value, meaning])
     return rows

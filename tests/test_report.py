@@ -63,7 +63,7 @@ def test_report_of_a_running_run_has_every_section_and_skips_the_torn_line(tmp_p
     assert "1 unreadable line(s)" in page and "running or stopped" in page
     assert "5 of 6" in page and "steps 1-3" in page and "steps 4-5" in page
     # bug: the eval results were one raw "pass_at_k.pass@1 | 0.375" list; now a table that says what each is
-    assert "<td>pass at k</td><td>pass@1</td><td>0.375</td><td>probability that at least one of 1 samples" in page
+    assert "<td>pass at k</td><td>pass@1</td><td>0.375</td><td>probability that a sample is correct" in page
     assert "<td>text</td><td>perplexity</td><td>7.25</td><td>the model&#x27;s perplexity" in page
     # bug: a flat temperature got a panel of its own; a constant is one line of text
     assert "temperature: constant 2" in page
