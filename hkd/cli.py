@@ -38,7 +38,11 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     barrier(info)
     if info.is_main:
         plan.record_config()
-    result = distill(config, run_dir, resume=args.resume)
+    try:
+        result = distill(config, run_dir, resume=args.resume)
+    finally:  # --overwrite: the old run goes once the new one has started, else it comes back
+        if info.is_main:
+            plan.settle()
     loader = "AutoModel" if config.student.encoder else "AutoModelForCausalLM"
     print(f"done: {result.steps} steps; load the student with {loader}.from_pretrained({_shown(result.final_dir)!r})")
     return 0

@@ -5,7 +5,10 @@
 reused:
 
 * a fresh run into it is refused unless ``--resume`` (continue it) or ``--overwrite``
-  (replace it: the outputs hkd wrote there are removed, nothing else);
+  (replace it: the outputs hkd wrote there, nothing else, are moved aside into
+  ``.hkd-overwritten/`` and deleted once the new run has started, i.e. written its
+  ``config.yaml`` after validating everything; a new run refused before that gets the old
+  one back, so a typo next to ``--overwrite`` loses nothing);
 * ``--resume`` compares the new config with the saved ``config.yaml`` and refuses
   differences that change what the run computes (student width, lr, steps, max_length, ...),
   listing the keys; ``--allow-config-change`` accepts them. Keys that only change how the
@@ -29,7 +32,8 @@ from hkd.errors import ConfigError, HkdError
 
 CONFIG = "config.yaml"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")  # any of these: the directory holds a run
-# what hkd distill and the loggers write into a run directory; --overwrite removes these and nothing else
+# what hkd distill and the loggers write into a run directory; --overwrite replaces these and nothing else
+ASIDE = ".hkd-overwritten"  # the replaced run's outputs, until the new run has started
 OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "models", "probe", "report", "tensorboard",
            "wandb", "wandb-run-id")
 # dotted keys (and everything below them) that may differ on --resume: how the run is watched, logged,
@@ -66,6 +70,21 @@ class RunDirPlan:
         tmp.write_text(text)
         os.replace(tmp, out)
         return out
+
+    def settle(self) -> None:
+        """After the run (finished, failed or stopped): an overwritten run is deleted if the new one
+        started (wrote its ``config.yaml``), else put back in place of whatever the refused run left."""
+        aside = self.run_dir / ASIDE
+        if not aside.is_dir():
+            return
+        if (self.run_dir / CONFIG).exists():
+            shutil.rmtree(aside)
+            return
+        for name in OUTPUTS:  # what the refused run left (presets, say) makes way for the old run
+            _remove(self.run_dir / name)
+        for item in aside.iterdir():
+            os.replace(item, self.run_dir / item.name)
+        aside.rmdir()
 
 
 def holds_run(run_dir: Path) -> list[str]:
@@ -121,9 +140,9 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool = False, over
                     allow_config_change: bool = False, write: bool = True) -> RunDirPlan:
     """Refuse a use of ``run_dir`` that would lose or mix up a run; call before anything is written.
 
-    With ``overwrite`` the previous run's outputs are removed here (by the process with
+    With ``overwrite`` the previous run's outputs are moved aside here (by the process with
     ``write``: under torchrun, rank 0). Returns the plan; call :meth:`RunDirPlan.record_config`
-    when the run starts to keep a changed resumed config.
+    when the run starts to keep a changed resumed config, and :meth:`RunDirPlan.settle` after it.
     """
     if resume and overwrite:
         raise HkdError("--resume and --overwrite contradict each other: continue the run in --out, or replace it")
@@ -150,12 +169,17 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool = False, over
         raise HkdError(f"--out: {str(run_dir)!r} already holds a run ({', '.join(found)}); continue it with --resume, "
                        "replace it with --overwrite, or choose another --out")
     if found and write:
-        for name in OUTPUTS:
-            target = run_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
-        for extra in run_dir.glob("config.resume-*.yaml"):
-            extra.unlink()
+        aside = run_dir / ASIDE
+        _remove(aside)  # an earlier --overwrite whose process died: that run was to be replaced too
+        aside.mkdir()
+        for item in [run_dir / name for name in OUTPUTS] + sorted(run_dir.glob("config.resume-*.yaml")):
+            if item.exists() or item.is_symlink():
+                os.replace(item, aside / item.name)
     return RunDirPlan(run_dir, False, {}, config)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

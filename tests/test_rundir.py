@@ -71,14 +71,29 @@ def test_fresh_run_into_a_run_directory_is_refused(tmp_path, config):
     assert not (tmp_path / "new").exists()  # and the guard itself writes nothing
 
 
-def test_overwrite_removes_the_runs_outputs_and_nothing_else(tmp_path, config):
+def test_overwrite_replaces_the_runs_outputs_and_nothing_else(tmp_path, config):
     run = saved_run(tmp_path, config)
     (run / "notes.txt").write_text("mine")
     (run / "config.resume-1.yaml").write_text("{}")
-    prepare_run_dir(run, config, overwrite=True)
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # bug caught: old checkpoints mixed into the new run
+    plan = prepare_run_dir(run, config, overwrite=True)
+    # bug caught: old checkpoints mixed into the new run
+    assert sorted(p.name for p in run.iterdir()) == [".hkd-overwritten", "notes.txt"]
+    (run / "config.yaml").write_text("new run started")
+    plan.settle()
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "notes.txt"]
     with pytest.raises(HkdError, match="--resume and --overwrite contradict"):
         prepare_run_dir(run, config, resume=True, overwrite=True)
+
+
+def test_overwrite_with_a_refused_config_keeps_the_old_run(tmp_path, config):
+    # bug caught: --overwrite deleted the old run, then the new config was refused: both lost
+    run = saved_run(tmp_path, config)
+    before = snapshot(run)
+    plan = prepare_run_dir(run, config, overwrite=True)
+    (run / "models").mkdir()  # what a refused run may have left
+    plan.settle()  # no config.yaml written: the new run never started
+    assert snapshot(run) == before and sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml",
+                                                                                  "metrics.jsonl"]
 
 
 def test_resume_refuses_run_altering_changes_with_the_keys(tmp_path, config):
@@ -165,6 +180,8 @@ def test_cli_refuses_a_second_fresh_run_and_a_changed_resume(finished_run, capsy
     assert re.search(r"--out: '.*run' already holds a run", line)
     line = one_error(capsys, "distill", str(config), "--out", str(run), "--resume", "--optim.lr=0.5")
     assert "optim.lr: 0.001 -> 0.5" in line
+    line = one_error(capsys, "distill", str(config), "--out", str(run), "--overwrite", "--data.path=nope.jsonl")
+    assert "does not exist" in line
     assert snapshot(run) == before  # nothing written, nothing lost
 
 
