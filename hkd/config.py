@@ -176,6 +176,19 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Validation while training (hkd/validation.py): held-out loss, agreement and KL, best model, early stop."""
+
+    every: int = ranged(0, low=0, high=MAX_STEPS)  # evaluate every N optimizer steps (0: never)
+    path: str | None = None  # held-out JSONL read with data's fields; synthetic data: None = fresh problems
+    num_examples: int = ranged(64, low=1, high=10**6)  # synthetic held-out problems (disjoint from training)
+    max_batches: int = ranged(8, low=1, high=10**6)  # data.batch_size sequences each
+    metric: Literal["kl", "top1_agreement", "student_nll"] = "kl"  # best/ keeps the best by this
+    patience: int = ranged(0, low=0, high=10**6)  # stop after this many evaluations without improvement (0: never)
+    min_delta: float = ranged(0.0, low=0)  # an improvement must beat the best by more than this
+
+
+@dataclass
 class PluginsConfig:
     disable: list[str] = field(default_factory=list)
 
@@ -210,6 +223,7 @@ class Config:
     kernels: dict[str, str] = field(default_factory=dict)  # op -> backend name ("auto" default)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     teacher_cache: str | None = None  # offline teacher targets (``hkd cache-teacher``): no live teacher
+    eval: EvalConfig = field(default_factory=EvalConfig)  # validation while training
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics backends (hkd.plugins.*_logger)
 
     def to_dict(self) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from hkd.seeding import seed_everything
 from hkd.sources import CachedTeacher, LiveTeacher, TeacherSource, check_requests
 from hkd.stage import Stage, StageContext, StepState, build_stages
 from hkd.taps import enable_taps, forward_with_taps
+from hkd.validation import BestTracker, evaluate, held_out_batches, save_best
 from hkd.view import ModelView, TapRequest
 
 
@@ -68,6 +69,8 @@ class Run:
     nonfinite_in_row: int = 0
     saved_step: int = -1  # the step of the newest checkpoint this process wrote
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    eval_batches: Batches | None = None  # held-out data (eval.every > 0)
+    best: BestTracker | None = None  # the best evaluation so far (best/ holds its student)
 
     def hook(self, name: str, **kwargs: Any) -> None:
         """Lifecycle hooks run on rank 0 only (loggers, console)."""
@@ -204,7 +207,10 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
     params = list(trainable.parameters())
     optimizer = make_optimizer(config, params)
     run = Run(config, run_dir, pm, info, device, student, tokenizer, [source], stages, schedule, batches,
-              optimizer, trainable, precision=precision, params=params)
+              optimizer, trainable, precision=precision, params=params,
+              eval_batches=held_out_batches(config, tokenizer, causal=not config.student.encoder))
+    if config.eval.every:
+        run.best = BestTracker.load(run_dir, config.eval.metric) if resume else BestTracker(config.eval.metric)
     if resume:
         found = ckpt.list_checkpoints(run_dir / "checkpoints")
         if not found:
@@ -328,12 +334,21 @@ def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], active: list[str
     ``bf16-mixed`` runs forwards and losses under bf16 autocast; stages and kernels accumulate
     in fp32 themselves.
     """
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16-mixed"):
-        teacher_view = None if teacher_request.empty() else run.teachers[0].view(micro, teacher_request)
-        student_view: ModelView | None = None
-        if not student_request.empty():
-            student_view = forward_with_taps(run.student, micro, student_request)
+    with autocast(run):
+        teacher_view, student_view = forward_views(run, micro, teacher_request, student_request)
         return {name: stage_loss_terms(run.stages, name, micro, teacher_view, student_view, state) for name in active}
+
+
+def autocast(run: Run) -> torch.autocast:
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16-mixed")
+
+
+def forward_views(run: Run, micro: dict[str, torch.Tensor], teacher_request: TapRequest,
+                  student_request: TapRequest) -> tuple[ModelView | None, ModelView | None]:
+    """Each model's view for one micro-batch; a model nothing is asked of does not run."""
+    teacher_view = None if teacher_request.empty() else run.teachers[0].view(micro, teacher_request)
+    student_view = None if student_request.empty() else forward_with_taps(run.student, micro, student_request)
+    return teacher_view, student_view
 
 
 def stage_loss_terms(stages: torch.nn.ModuleDict, name: str, *args: Any) -> dict[str, torch.Tensor]:
@@ -358,6 +373,21 @@ def out_of_memory_hint(config: Config) -> Iterator[None]:
             "optim.grad_accum to keep the global batch, set stages.logits.fused: true or kernels.distill_loss: "
             "chunked to avoid full logits, or train from an offline teacher cache"
         ) from exc
+
+
+def validate(run: Run, step: int) -> dict[str, float]:
+    """Held-out metrics after ``step``; a new best student goes to ``best/``."""
+    assert run.best is not None
+    weights = run.schedule.weights(step - 1)
+    metrics = evaluate(run, step, {name: w for name, w in weights.items() if w > 0})
+    key = f"eval/{run.config.eval.metric}"
+    if key in metrics and run.best.update(metrics[key], step, run.config.eval.min_delta):
+        state = ckpt.full_model_state(run.student)  # every rank joins the gather under FSDP
+        if run.info.is_main:
+            save_best(run, state)
+    if run.info.is_main:
+        run.best.save(run.run_dir)
+    return metrics
 
 
 # --------------------------------------------------------------------------- 3. finish
@@ -417,10 +447,18 @@ def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlugi
         while step < total and not stopped:
             metrics = train_step(run, step)
             step += 1
+            if config.eval.every and step % config.eval.every == 0:
+                metrics.update(validate(run, step))
             run.hook("hkd_after_step", step=step, metrics=metrics, run_dir=run_dir)
             # every rank must agree to stop at the same step, or one would enter the checkpoint's
             # collectives while another runs the next step
             stopped = bool(all_reduce_sum([float(stop["stop"])], run.info, run.device)[0])
+            if run.best is not None and config.eval.patience and run.best.since_best >= config.eval.patience:
+                if run.info.is_main:
+                    tqdm.write(f"early stop after step {step}: eval/{run.best.metric} has not improved for "
+                               f"{run.best.since_best} evaluations (best {run.best.best:.4g} at step "
+                               f"{run.best.best_step}, in {run.run_dir / 'best'})")
+                break  # early stopping: no improvement for eval.patience evaluations; finish normally
             every = config.train.checkpoint_every
             if (every and step % every == 0) or stopped:
                 save(run, step)

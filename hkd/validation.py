@@ -1,0 +1,158 @@
+"""Validation while training: held-out metrics every ``eval.every`` steps, the best model, early stopping.
+
+On held-out examples (``eval.path``, read with the data config's fields; for synthetic data,
+``eval.num_examples`` fresh problems disjoint from the training set) the student is compared
+with the teacher, without gradient, at temperature 1:
+
+* ``eval/kl``: mean per-target-token ``KL(teacher || student)``;
+* ``eval/top1_agreement``: fraction of target tokens where both models' argmax agree;
+* ``eval/student_nll``: the student's mean negative log-likelihood of the labels;
+* ``eval/loss/<stage>``: each stage active at that step, on the held-out batches.
+
+``best/`` holds the student that scored best on ``eval.metric`` so far (``final/`` stays the
+last one); ``best.json`` records its step and value, and the early-stopping count, so a
+resumed run goes on judging against the same best. With ``eval.patience: N`` training stops
+after N evaluations in a row without an improvement larger than ``eval.min_delta``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hkd.arith import make_problems
+from hkd.config import Config
+from hkd.data import Batches, encode, encode_dataset
+from hkd.distributed import all_reduce_tensor
+from hkd.divergence import kl_divergence
+from hkd.errors import ConfigError
+from hkd.stage import StepState
+from hkd.view import TapRequest
+
+if TYPE_CHECKING:
+    from hkd.loop import Run
+
+HIGHER_IS_BETTER = {"kl": False, "top1_agreement": True, "student_nll": False}
+
+
+def held_out_batches(config: Config, tokenizer: Any, causal: bool) -> Batches | None:
+    """The held-out set as batches (``None`` when ``eval.every`` is 0)."""
+    evaluation, data = config.eval, config.data
+    if not evaluation.every:
+        return None
+    if config.teacher_cache:
+        raise ConfigError("eval.every: validation compares the student with a live teacher; "
+                          "it is not available with teacher_cache (set eval.every: 0)")
+    if evaluation.path is not None:
+        held_out = dataclasses.replace(data, kind="jsonl", path=evaluation.path, packing=False, streaming=False)
+        encoded = encode_dataset(tokenizer, held_out, config.train.seed)
+    elif data.kind == "synthetic":
+        seen = {(p.a, p.b) for p in make_problems(data.num_examples, data.digits, config.train.seed)}
+        problems = make_problems(evaluation.num_examples, data.digits, config.train.seed + 1, exclude=seen)
+        encoded = [encode(tokenizer, p.prompt, p.worked_solution(), data.max_length, data.chat_template)
+                   for p in problems]
+    else:
+        raise ConfigError(f"eval.path: required for data.kind {data.kind!r} (a held-out JSONL file read with "
+                          "the data's fields)")
+    plain = dataclasses.replace(data, shuffle=False, packing=False)
+    return Batches(encoded, plain, tokenizer.pad_token_id or 0, config.train.seed, causal)
+
+
+@torch.no_grad()
+def evaluate(run: Run, step: int, active: dict[str, float]) -> dict[str, float]:
+    """Held-out metrics for the current student (one host read at the end)."""
+    from hkd.loop import autocast, forward_views, stage_loss_terms  # the training step's own calls
+
+    assert run.eval_batches is not None
+    was_training = run.student.training
+    run.student.eval()
+    count = min(run.config.eval.max_batches, -(-len(run.eval_batches.encoded) // run.config.data.batch_size))
+    has_head = getattr(run.student, "lm_head", None) is not None and run.teachers[0].serves().logits
+    teacher_request, student_request = TapRequest(logits=has_head), TapRequest(logits=has_head)
+    for name in active:
+        teacher_request = teacher_request.merge(run.stages[name].teacher_request())  # type: ignore[operator]
+        student_request = student_request.merge(run.stages[name].student_request())  # type: ignore[operator]
+    sums = torch.zeros(4 + len(active), device=run.device)  # kl, agree, nll, tokens, stage losses
+    for index in range(count):
+        batch = {k: v.to(run.device) for k, v in run.eval_batches.batch(index).items()}
+        tokens, _ = run.eval_batches.counts(index)
+        state = StepState(step=step, temperature=1.0, tokens=tokens, rank=run.info.rank,
+                          world_size=run.info.world_size)
+        with autocast(run):
+            teacher, student = forward_views(run, batch, teacher_request, student_request)
+        assert teacher is not None and student is not None
+        if has_head:
+            assert teacher.logits is not None and student.logits is not None
+            keep = batch["labels"][:, 1:] != -100
+            teacher_logp = teacher.logits[:, :-1][keep].float().log_softmax(-1)
+            student_logp = student.logits[:, :-1][keep].float().log_softmax(-1)
+            sums[0] += kl_divergence(teacher_logp, student_logp).sum()
+            sums[1] += (teacher_logp.argmax(-1) == student_logp.argmax(-1)).sum()
+            sums[2] -= student_logp.gather(-1, batch["labels"][:, 1:][keep][:, None]).sum()
+        sums[3] += tokens
+        for slot, name in enumerate(active):
+            stage_terms = stage_loss_terms(run.stages, name, batch, teacher, student, state)
+            sums[4 + slot] += sum((v for k, v in stage_terms.items() if not k.startswith("metric/")),
+                                  torch.zeros((), device=run.device)) / count
+    run.student.train(was_training)
+    values = all_reduce_tensor(sums, run.info).tolist()
+    tokens = max(values[3], 1.0)
+    metrics = {f"eval/loss/{name}": value / run.info.world_size for name, value in zip(active, values[4:])}
+    if has_head:
+        metrics |= {"eval/kl": values[0] / tokens, "eval/top1_agreement": values[1] / tokens,
+                    "eval/student_nll": values[2] / tokens}
+    return metrics
+
+
+@dataclass
+class BestTracker:
+    """The best evaluation so far and how many evaluations since; saved as ``best.json``."""
+
+    metric: str
+    best: float | None = None
+    best_step: int = 0
+    since_best: int = 0
+
+    @classmethod
+    def load(cls, run_dir: Path, metric: str) -> BestTracker:
+        path = run_dir / "best.json"
+        if not path.is_file():
+            return cls(metric)
+        saved = json.loads(path.read_text())
+        return cls(metric, saved.get("value"), saved.get("step", 0), saved.get("since_best", 0))
+
+    def update(self, value: float, step: int, min_delta: float) -> bool:
+        """Record one evaluation; True when it is a new best."""
+        better = self.best is None or (value > self.best + min_delta if HIGHER_IS_BETTER[self.metric]
+                                       else value < self.best - min_delta)
+        if better:
+            self.best, self.best_step, self.since_best = value, step, 0
+        else:
+            self.since_best += 1
+        return better
+
+    def save(self, run_dir: Path) -> None:
+        tmp = run_dir / "best.json.tmp"
+        tmp.write_text(json.dumps({"metric": self.metric, "value": self.best, "step": self.best_step,
+                                   "since_best": self.since_best}))
+        os.replace(tmp, run_dir / "best.json")
+
+
+def save_best(run: Run, state_dict: dict[str, Any]) -> None:
+    """Write the student to ``best/`` atomically (a temp directory renamed over the old one)."""
+    best, tmp = run.run_dir / "best", run.run_dir / "best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+    run.tokenizer.save_pretrained(tmp)
+    old = run.run_dir / "best.old"
+    if best.exists():
+        os.replace(best, old)
+    os.replace(tmp, best)
+    shutil.rmtree(old, ignore_errors=True)
