@@ -14,7 +14,8 @@ per seed:
 * ``sft_distilled``: SFT on the teacher's verified worked solutions (data distillation only);
 * ``uld``: the ``uld`` stage (span alignment, shared entries by generalized KL, the rest by
   ULD, ``alpha`` 0.5 hard labels) on the same distilled data;
-* ``uld_pure``: the same with ``shared: none`` (ULD over the whole vocabularies).
+* ``uld_pure``: the same with ``shared: none`` (ULD over the whole vocabularies);
+* ``uld_first_char``: the same with ``shared: first_char`` (next-first-character KL + ULD).
 
 Reported: held-out greedy pass@1 (mean, sample std, min, max over seeds); JSON with the
 command, machine and seeds in ``bench/results/cross-tokenizer-DATE.json``.
@@ -43,7 +44,8 @@ from hkd.models import build_preset  # noqa: E402
 from hkd.tokenalign import train_bpe_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ARMS = ("answer_only", "sft_distilled", "uld", "uld_pure")
+ARMS = ("answer_only", "sft_distilled", "uld", "uld_pure", "uld_first_char")
+SHARED = {"uld": "kl", "uld_pure": "none", "uld_first_char": "first_char"}
 
 
 def write_student(settings: DemoSettings, texts: list[str], vocab: int, seed: int, out: Path) -> Path:
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = make_config(settings, teacher={"path": str(teacher)}, student=student, data=distilled,
                                      phases=[{"name": "decision", "steps": settings.student_steps,
                                               "stages": {"uld": 1.0}}],
-                                     stages={"uld": {"alpha": 0.5, "shared": "kl" if arm == "uld" else "none"}},
+                                     stages={"uld": {"alpha": 0.5, "shared": SHARED[arm]}},
                                      lr=settings.student_lr, seed=seed, progress=False)
             phases = train_student(config, work / "runs" / f"{arm}-seed{seed}")
             final = phases[config.schedule.phases[-1].name]

@@ -12,7 +12,8 @@ from the same text:
 
 divided by the step's target-token count. ``D`` (:func:`hkd.tokenalign.cross_vocab_distance`)
 compares shared vocabulary entries directly (generalized KL, or L1) and the rest by ULD
-(sorted-probability Wasserstein distance); ``shared: none`` is pure ULD. With the same
+(sorted-probability Wasserstein distance); ``shared: none`` is pure ULD; ``shared: first_char``
+compares next-first-character probabilities instead of shared entries (see :mod:`hkd.tokenalign`). With the same
 tokenizer on both sides and ``shared: kl`` this is the ``logits`` stage's forward KL.
 
 The stage declares ``cross_tokenizer=True`` on its spec: a schedule whose stages all do may
@@ -47,7 +48,8 @@ CACHE_ROWS = 200_000  # re-tokenized rows kept (a few hundred bytes each)
 @dataclass
 class UldStageConfig:
     teacher_tokenizer: str | None = None  # tokenizer directory; default: the teacher model's directory
-    shared: Literal["kl", "l1", "none"] = "kl"  # shared vocabulary entries: generalized KL, L1, or ULD like the rest
+    # shared vocabulary entries: generalized KL, L1, ULD like the rest (none), or first-character sums (first_char)
+    shared: Literal["kl", "l1", "none", "first_char"] = "kl"
     alpha: float = 0.0  # weight of the hard-label cross-entropy on every student target token
     scale_t2: bool = True  # multiply the soft loss by T^2
 
