@@ -31,26 +31,28 @@ class Support:
     hidden: bool  # hidden states and the final hidden state (LM-head input)
     fused_logits: bool  # ``final_hidden @ head.weight (+ bias)``, soft-capped as the model does, equals its logits
     notes: str = ""
+    packing: bool = False  # data.packing: the model's mask honours per-example position ids (block-diagonal)
 
 
 ENCODER_HEAD = "encoder: the MLM head transforms the hidden state before its projection, so no logits stages"
 
 # Verified by tests/test_architectures.py (one tiny config per entry); keep the two in step.
 SUPPORT: dict[str, Support] = {
-    "llama": Support(True, True, True, "GQA"),
-    "mistral": Support(True, True, True, "sliding window on every layer"),
-    "qwen2": Support(True, True, True, "sliding-window layers (layer_types)"),
-    "qwen3": Support(True, True, True, "q/k RMSNorm per head (recorded after the norm); sliding-window layers"),
+    "llama": Support(True, True, True, "GQA", packing=True),
+    "mistral": Support(True, True, True, "sliding window on every layer", packing=True),
+    "qwen2": Support(True, True, True, "sliding-window layers (layer_types)", packing=True),
+    "qwen3": Support(True, True, True, "q/k RMSNorm per head (recorded after the norm); sliding-window layers", packing=True),
     "gemma2": Support(True, True, True, "attention logit soft-capping, final-logit soft-capping, "
-                                         "query_pre_attn_scalar, alternating sliding window; runs eager (no SDPA)"),
+                                         "query_pre_attn_scalar, alternating sliding window; runs eager (no SDPA)", packing=True),
     "gemma3_text": Support(True, True, True, "q/k norm, query_pre_attn_scalar, sliding-window layers; "
-                                              "final-logit soft-capping when configured"),
-    "phi3": Support(True, True, True, "fused qkv projection; sliding window"),
-    "olmo": Support(True, True, True, "q/k/v clipping (clip_qkv, recorded after it)"),
-    "olmo2": Support(True, True, True, "q/k RMSNorm over all heads (recorded after the norm)"),
+                                              "final-logit soft-capping when configured", packing=True),
+    "phi3": Support(True, True, True, "fused qkv projection; sliding window", packing=True),
+    "olmo": Support(True, True, True, "q/k/v clipping (clip_qkv, recorded after it)", packing=True),
+    "olmo2": Support(True, True, True, "q/k RMSNorm over all heads (recorded after the norm)", packing=True),
     "gpt_oss": Support(True, True, True, "attention sinks (in the softmax denominator; maps over keys sum to "
-                                          "1 - p(sink)); sliding-window layers; runs eager (no SDPA)"),
-    "gpt_neox": Support(True, True, True, "partial rotary, fused qkv; output head is `embed_out`"),
+                                          "1 - p(sink)); sliding-window layers; runs eager (no SDPA); no packing "
+                                          "(its mask ignores position ids in transformers 5.24)"),
+    "gpt_neox": Support(True, True, True, "partial rotary, fused qkv; output head is `embed_out`", packing=True),
     "bert": Support(True, True, False, ENCODER_HEAD),
     "roberta": Support(True, True, False, ENCODER_HEAD),
     "distilbert": Support(True, True, False, ENCODER_HEAD),
@@ -121,9 +123,9 @@ def output_head(model: PreTrainedModel) -> torch.nn.Module | None:
 def support_table() -> str:
     """The README's architecture table (markdown), from :data:`SUPPORT`."""
     mark = {True: "yes", False: "no"}
-    rows = ["| architecture (`model_type`) | attention taps | hidden | fused logits | notes |", "|---|---|---|---|---|"]
+    rows = ["| architecture (`model_type`) | attention taps | hidden | fused logits | packing | notes |",
+            "|---|---|---|---|---|---|"]
     for name, entry in SUPPORT.items():
-        rows.append(
-            f"| `{name}` | {mark[entry.attention]} | {mark[entry.hidden]} | {mark[entry.fused_logits]} | {entry.notes} |"
-        )
+        rows.append(f"| `{name}` | {mark[entry.attention]} | {mark[entry.hidden]} | {mark[entry.fused_logits]} "
+                    f"| {mark[entry.packing]} | {entry.notes} |")
     return "\n".join(rows)

@@ -27,7 +27,7 @@ from torch import Tensor
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from hkd.architectures import apply_logit_softcap, check_supported, logit_softcap, output_head, support
+from hkd.architectures import SUPPORT, apply_logit_softcap, check_supported, logit_softcap, output_head, support
 from hkd.errors import HkdError
 from hkd.models import decoder_body, num_layers
 from hkd.view import ModelView, TapRequest
@@ -251,9 +251,10 @@ def forward_with_taps(model: PreTrainedModel, batch: dict[str, Tensor], request:
     packed = "position_ids" in batch
     if packed:
         entry = support(model)
-        if entry is None or not entry.fused_logits:
+        if entry is None or not entry.packing:
             raise HkdError(f"{type(model).__name__} (model_type {model.config.model_type!r}): packed sequences "
-                           "(data.packing) are verified only for the causal LMs in hkd/architectures.py")
+                           "(data.packing) would attend across examples; verified model types: "
+                           f"{', '.join(name for name, e in SUPPORT.items() if e.packing)} (hkd/architectures.py)")
     try:
         body = decoder_body(model)
         positions = {"position_ids": batch["position_ids"]} if packed else {}  # DistilBERT takes none

@@ -187,3 +187,35 @@ def test_an_unverified_architecture_is_refused_by_name() -> None:
 def test_readme_has_the_support_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert support_table() in readme, "regenerate the README table: python -c 'from hkd.architectures import support_table; print(support_table())'"
+
+
+@pytest.mark.parametrize("model_type", list(SUPPORT))
+def test_packed_sequences_reproduce_each_example_alone(model_type: str) -> None:
+    """Catches: an architecture whose mask ignores per-example position ids (data.packing; gpt-oss in
+    transformers 5.24), so one example attends to the previous one: where the table says packing works, the
+    packed logits and maps equal each example run alone; elsewhere packed batches are refused by name."""
+    model = tiny_model(model_type)
+    enable_taps(model)
+    lengths = [5, 7, 4]  # longer than the sliding window, so windows and boundaries interact
+    ids = torch.randint(3, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    packed_batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": positions}
+    if not SUPPORT[model_type].packing:
+        with pytest.raises(HkdError, match=f"{type(model).__name__}.*packed sequences"):
+            forward_with_taps(model, packed_batch, TapRequest(hidden={1}))
+        return
+    request = TapRequest(attention={1, 2}, logits=True)
+    with torch.no_grad():
+        packed = forward_with_taps(model, packed_batch, request)
+        start = 0
+        for n in lengths:
+            piece = ids[:, start:start + n]
+            alone = forward_with_taps(model, {"input_ids": piece, "attention_mask": torch.ones_like(piece)}, request)
+            scale = float(alone.logits.abs().max())
+            torch.testing.assert_close(packed.logits[:, start:start + n], alone.logits, atol=1e-5 * scale, rtol=1e-4)
+            for layer in (1, 2):
+                maps = packed.attention[layer].attention_logprobs().exp()[0, :, start:start + n]
+                torch.testing.assert_close(maps[..., start:start + n], alone.attention[layer].attention_logprobs().exp()[0],
+                                           atol=2e-5, rtol=1e-4)
+                assert maps[..., :start].sum() == 0 and maps[..., start + n:].sum() == 0
+            start += n
