@@ -63,14 +63,15 @@ class SparseTargets:
     """Teacher targets kept at ``k`` vocabulary entries per position.
 
     ``ids`` ``[B, S, k]`` (int64) and ``values`` ``[B, S, k]``: the teacher's logits at those
-    ids, at temperature 1. ``tail_mass`` ``[B, S]`` (optional): the teacher's probability at
-    temperature 1 outside the k ids; ``None`` means the k entries are all there is and stages
-    renormalise within them. Positions outside ``loss_mask`` hold zeros.
+    ids, at temperature 1. ``logsumexp`` ``[B, S]`` (optional): the teacher's full log-normaliser
+    at temperature 1, which gives the tail mass outside the k ids
+    (``1 - sum(exp(values - logsumexp))``); ``None`` means the k entries are all there is and
+    stages renormalise within them. Positions outside ``loss_mask`` hold zeros.
     """
 
     ids: Tensor
     values: Tensor
-    tail_mass: Tensor | None = None
+    logsumexp: Tensor | None = None
 
 
 @dataclass

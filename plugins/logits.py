@@ -14,10 +14,12 @@ From an offline teacher cache (``teacher_cache``) the teacher's view carries top
 distribution is then **renormalised within the top-k** — ``p_t = softmax(topk_values / T)``
 over those k tokens, zero elsewhere — and the soft loss is the forward KL
 ``sum_k p_t (log p_t - log q_s)`` with the student's full-vocabulary ``log q_s`` gathered at
-the k ids. Renormalising (rather than a tail-mass bucket) works for any temperature
-schedule: the tail mass at temperature T would need the teacher's full log-normaliser at
-every T. With k = vocabulary size it equals the dense loss exactly. Only ``forward_kl`` is
-defined on sparse targets (reverse KL and JSD need teacher probabilities outside the top-k).
+the k ids (:func:`hkd.kernels.sparse_distill_loss`, ``tail="renormalize"``). When a source
+also gives the teacher's log-normaliser (``SparseTargets.logsumexp``), the tokens outside
+the top-k become one more bucket (``tail="bucket"``), so the student also learns how much
+mass to leave there. With k = vocabulary size it equals the dense loss exactly. Only
+``forward_kl`` is defined on sparse targets (reverse KL and JSD need teacher probabilities
+outside the top-k). ``kernels: {sparse_distill_loss: NAME}`` picks its backend.
 """
 
 from __future__ import annotations
@@ -25,14 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from hkd import (
     ConfigError, ModelView, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl,
     kernels,
 )
-from hkd.divergence import kl_divergence
 
 
 @dataclass
@@ -60,6 +60,7 @@ class LogitsStage(Stage):
         self.backend = config.backend or context.kernels.get(self.op, "auto")
         # a source without full logits (the offline cache) serves top-k targets instead
         self.sparse = not context.teacher_serves.logits and context.teacher_serves.sparse_logits
+        self.sparse_backend = context.kernels.get("sparse_distill_loss", "auto")
         if self.sparse and config.divergence != "forward_kl":
             raise ConfigError(f"{context.config_path}.divergence: {config.divergence} needs the teacher's full "
                               "distribution; a teacher_cache holds top-k logits only, so use forward_kl")
@@ -111,18 +112,13 @@ class LogitsStage(Stage):
 
     def sparse_loss(self, student_logits: Tensor, targets: SparseTargets, labels: Tensor, temperature: float) -> Tensor:
         """Summed loss against top-k teacher targets (``[B, S, k]``, shifted here to predict the next
-        token); student logits ``[B, S-1, V]``."""
-        keep = labels != -100
-        student_logits = student_logits[keep].float()  # [N, V]
-        teacher_logp = (targets.values[:, :-1][keep].float() / temperature).log_softmax(-1)  # renormalised in top-k
-        student_logp = (student_logits / temperature).log_softmax(-1).gather(-1, targets.ids[:, :-1][keep])
-        soft = kl_divergence(teacher_logp, student_logp).sum()
-        if self.config.scale_t2:
-            soft = soft * temperature**2
-        if self.config.alpha == 0:
-            return soft
-        hard = F.cross_entropy(student_logits, labels[keep], reduction="sum")
-        return (1 - self.config.alpha) * soft + self.config.alpha * hard
+        token); student logits ``[B, S-1, V]``. Renormalised within the top-k, or with the tail as
+        one more bucket when the source knows the teacher's log-normaliser."""
+        logsumexp = None if targets.logsumexp is None else targets.logsumexp[:, :-1]
+        return kernels.sparse_distill_loss(
+            student_logits, targets.ids[:, :-1], targets.values[:, :-1], labels, temperature=temperature,
+            tail="renormalize" if logsumexp is None else "bucket", teacher_logsumexp=logsumexp,
+            alpha=self.config.alpha, scale_t2=self.config.scale_t2, reduction="sum", backend=self.sparse_backend)
 
 
 @hookimpl
