@@ -211,16 +211,10 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
               eval_batches=held_out_batches(config, tokenizer, causal=not config.student.encoder))
     if config.eval.every:
         run.best = BestTracker.load(run_dir, config.eval.metric) if resume else BestTracker(config.eval.metric)
-    if resume:
-        found = ckpt.list_checkpoints(run_dir / "checkpoints")
-        if not found:
-            raise HkdError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
-        run.start_step = ckpt.load_checkpoint(found[-1], trainable, optimizer)["step"]
-        run.resumed_from = found[-1]
-        run.saved_step = run.start_step
-        if run.start_step > schedule.total_steps:
-            raise HkdError(f"--resume: checkpoint {str(found[-1])!r} is at step {run.start_step}, beyond this "
-                           f"schedule's {schedule.total_steps} steps; was the schedule shortened?")
+    if resume:  # the newest complete checkpoint (incomplete ones are named and skipped)
+        run.resumed_from = ckpt.resume_checkpoint(run_dir / "checkpoints")
+        step = ckpt.load_checkpoint(run.resumed_from, trainable, optimizer)["step"]
+        run.start_step = run.saved_step = ckpt.check_resume_step(step, schedule.total_steps, run.resumed_from)
     return run
 
 
