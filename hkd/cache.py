@@ -58,12 +58,12 @@ FULL_HASH_LIMIT = 1 << 30  # weight files up to this total size are hashed in fu
 # --------------------------------------------------------------------------- fingerprints
 
 
-def teacher_dir(spec: ModelConfig, run_dir: Path) -> Path:
+def teacher_dir(spec: ModelConfig, run_dir: Path, role: str = "teacher") -> Path:
     """The teacher's model directory; a preset is written where :func:`hkd.models.load_model` puts it."""
     if spec.preset is None:
         assert spec.path is not None
         return Path(spec.path).expanduser()
-    return preset_dir(spec, "teacher", run_dir)
+    return preset_dir(spec, role, run_dir)
 
 
 def _sha256_file(path: Path) -> str:
@@ -96,13 +96,13 @@ def fingerprint(teacher_path: Path, tokenizer: Any, encoded: list[tuple[list[int
     }
 
 
-def teacher_skeleton(spec: ModelConfig, run_dir: Path) -> tuple[PreTrainedModel, Any]:
+def teacher_skeleton(spec: ModelConfig, run_dir: Path, role: str = "teacher") -> tuple[PreTrainedModel, Any]:
     """The teacher's architecture on the meta device (no weights) and its tokenizer.
 
     Stages read the teacher's config (layer count, width, LM head) when they are built; with
     a cache that is all of the teacher training needs.
     """
-    path = teacher_dir(spec, run_dir)
+    path = teacher_dir(spec, run_dir, role)
     config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)

@@ -100,6 +100,14 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherConfig(ModelConfig):
+    """One more teacher (``teachers:``): a model source, its weight in the mixture, or an offline cache."""
+
+    weight: float = ranged(1.0, low=0, low_open=True, high=1e6)
+    teacher_cache: str | None = None  # targets written by hkd cache-teacher for this teacher
+
+
+@dataclass
 class DataConfig:
     """Training text. ``jsonl``: one JSON object per line; ``synthetic``: generated arithmetic;
     ``hf``: a JSONL/Parquet/Arrow file through Hugging Face ``datasets`` (memory-mapped, tokenised
@@ -223,6 +231,10 @@ class Config:
     kernels: dict[str, str] = field(default_factory=dict)  # op -> backend name ("auto" default)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     teacher_cache: str | None = None  # offline teacher targets (``hkd cache-teacher``): no live teacher
+    # several teachers: ``teacher`` is teacher 0 with weight ``teacher_weight``; ``teachers`` are
+    # 1, 2, ...; the logits stage distils towards their weighted mixture (stages.logits.teachers)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    teacher_weight: float = ranged(1.0, low=0, low_open=True, high=1e6)
     eval: EvalConfig = field(default_factory=EvalConfig)  # validation while training
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics backends (hkd.plugins.*_logger)
 
@@ -485,9 +497,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
     config = from_dict(Config, raw)
     if path is not None:
         base = Path(path).resolve().parent
-        for model in (config.teacher, config.student):
+        for model in (config.teacher, config.student, *config.teachers):
             if model.path is not None and not Path(model.path).is_absolute():
                 model.path = str(base / model.path)
+        for extra in config.teachers:
+            if extra.teacher_cache is not None and not Path(extra.teacher_cache).is_absolute():
+                extra.teacher_cache = str(base / extra.teacher_cache)
         if config.data.path is not None and not Path(config.data.path).is_absolute():
             config.data.path = str(base / config.data.path)
         if config.teacher_cache is not None and not Path(config.teacher_cache).is_absolute():
@@ -498,8 +513,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:  
 
 def validate(config: Config) -> None:
     """Cross-field checks that a dataclass alone cannot express."""
-    for role in ("teacher", "student"):
-        model: ModelConfig = getattr(config, role)
+    models: list[tuple[str, ModelConfig]] = [("teacher", config.teacher), ("student", config.student)]
+    models += [(f"teachers[{i}]", extra) for i, extra in enumerate(config.teachers)]
+    for role, model in models:
         if (model.path is None) == (model.preset is None):
             raise ConfigError(f"{role}: set exactly one of {role}.path or {role}.preset")
     if not config.schedule.phases:  # single values' ranges are checked by from_dict (ranged fields)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from hkd import checkpoint as ckpt
-from hkd.cache import TeacherCache, teacher_dir, teacher_skeleton
+from hkd.cache import teacher_dir
 from hkd.config import Config
 from hkd.data import Batches, encode_dataset
 from hkd.distributed import (
@@ -38,8 +38,8 @@ from hkd.manager import HkdPluginManager, build_manager
 from hkd.models import check_compatible, decoder_body, freeze, load_model
 from hkd.schedule import Schedule
 from hkd.seeding import seed_everything
-from hkd.sources import CachedTeacher, LiveTeacher, TeacherSource, check_requests
-from hkd.stage import Stage, StageContext, StepState, build_stages
+from hkd.sources import CachedTeacher, TeacherSource, check_requests, open_teachers, teacher_entries
+from hkd.stage import Stage, StageContext, StepState, available_stages, build_stages
 from hkd.taps import enable_taps, forward_with_taps
 from hkd.validation import BestTracker, evaluate, held_out_batches, save_best
 from hkd.view import ModelView, TapRequest
@@ -152,7 +152,8 @@ def build_run(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlu
 
 def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, info: DistInfo) -> Run:
     if info.is_main:  # only rank 0 writes presets; the others wait for them to exist
-        teacher_dir(config.teacher, run_dir)
+        for spec, role, _, _ in teacher_entries(config):
+            teacher_dir(spec, run_dir, role)
         load_model(config.student, "student", run_dir)
     barrier(info)
     seed_everything(config.train.seed)
@@ -160,53 +161,56 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
     precision = resolve_precision(config.train.precision, device)
     teacher_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
 
-    # --- models: the teacher frozen (or only its architecture, with an offline cache)
+    # --- models: teachers frozen (or only their architecture, with an offline cache)
     student, student_tok = load_model(config.student, "student", run_dir)
-    source: TeacherSource
-    if config.teacher_cache:
-        skeleton, teacher_tok = teacher_skeleton(config.teacher, run_dir)
-        source = CachedTeacher(TeacherCache(config.teacher_cache), skeleton)
-    else:
-        teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
-        source = LiveTeacher(freeze(teacher).to(device, teacher_dtype))  # type: ignore[arg-type]
-    check_compatible(source.model, student, teacher_tok, student_tok)
-    tokenizer = student_tok or teacher_tok
+    schedule = Schedule(config.schedule, config.optim)
+    teachers = open_teachers(config, run_dir, device, teacher_dtype)
+    sources = [t.source for t in teachers]
+    specs = available_stages(pm)
+    cross_tokenizer = {name: specs[name].cross_tokenizer for name in schedule.stage_names if name in specs}
+    for opened in teachers:
+        check_compatible(opened.source.model, student, opened.tokenizer, student_tok, cross_tokenizer)
+    tokenizer = student_tok or teachers[0].tokenizer
     if tokenizer is None:
         raise HkdError("neither the teacher nor the student directory has a tokenizer")
     student.to(device).train()  # type: ignore[arg-type]
     prepare_student(student, config, precision)
 
-    # --- stages named anywhere in the schedule, each checked against what the teacher serves
-    schedule = Schedule(config.schedule, config.optim)
-
+    # --- stages named anywhere in the schedule, each checked against what its teachers serve
     def context(name: str) -> StageContext:
-        return StageContext(name, source.model, student, config.kernels, f"stages.{name}", pm, tokenizer,
-                            teacher_serves=source.serves(), teacher_live=source.live)
+        return StageContext(name, sources[0].model, student, config.kernels, f"stages.{name}", pm, tokenizer,
+                            teacher_serves=sources[0].serves(), teacher_live=sources[0].live,
+                            teachers=[s.model for s in sources], teacher_weights=[t.weight for t in teachers],
+                            teachers_serve=[s.serves() for s in sources])
 
     stages = build_stages(pm, schedule.stage_names, config.stages, context).to(device)
-    check_requests(source, {name: _stage(stages, name).teacher_request() for name in stages})
+    for index, source in enumerate(sources):
+        check_requests(source, {name: _stage(stages, name).teacher_requests(len(sources))[index] for name in stages})
     if any(_stage(stages, n).teacher_request().attention or _stage(stages, n).student_request().attention
            for n in stages):
         enable_taps(student)
-        if source.live:
-            enable_taps(source.model)
+        for source in sources:
+            if source.live:
+                enable_taps(source.model)
     if info.enabled and config.train.parallel == "fsdp":
         if any(getattr(_stage(stages, n).config, "fused", False) for n in stages):
             raise ConfigError("train.parallel: fsdp cannot be combined with stages.logits.fused yet; use ddp")
-        if source.live:
-            shard_model(source.model, reshard_after_forward=True)
+        for source in sources:
+            if source.live:
+                shard_model(source.model, reshard_after_forward=True)
         shard_model(student, reshard_after_forward=False)
     trainable = torch.nn.ModuleDict({"student": student, "stages": stages})
 
     # --- data (a cache must hold targets for exactly this data), optimizer, resume
     encoded = encode_dataset(tokenizer, config.data, config.train.seed)
-    if isinstance(source, CachedTeacher):
-        source.check_fingerprint(teacher_dir(config.teacher, run_dir), tokenizer, encoded)
+    for opened in teachers:
+        if isinstance(opened.source, CachedTeacher):
+            opened.source.check_fingerprint(teacher_dir(opened.spec, run_dir, opened.role), tokenizer, encoded)
     batches = Batches(encoded, config.data, tokenizer.pad_token_id or 0, config.train.seed,
                       causal=not config.student.encoder)
     params = list(trainable.parameters())
     optimizer = make_optimizer(config, params)
-    run = Run(config, run_dir, pm, info, device, student, tokenizer, [source], stages, schedule, batches,
+    run = Run(config, run_dir, pm, info, device, student, tokenizer, sources, stages, schedule, batches,
               optimizer, trainable, precision=precision, params=params,
               eval_batches=held_out_batches(config, tokenizer, causal=not config.student.encoder))
     if config.eval.every:
@@ -243,9 +247,11 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         group["lr"] = lr
 
     # each model runs only for what active stages need, and not at all if nothing does
-    teacher_request, student_request = TapRequest(), TapRequest()
+    teacher_requests = [TapRequest() for _ in run.teachers]
+    student_request = TapRequest()
     for name in active:
-        teacher_request = teacher_request.merge(_stage(run.stages, name).teacher_request())
+        asked = _stage(run.stages, name).teacher_requests(len(run.teachers))
+        teacher_requests = [have.merge(more) for have, more in zip(teacher_requests, asked)]
         student_request = student_request.merge(_stage(run.stages, name).student_request())
 
     started = time.perf_counter()
@@ -266,7 +272,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         micro = {k: v.to(run.device) for k, v in micro.items()}
         with out_of_memory_hint(config):
             total = torch.zeros((), device=run.device)
-            terms_by_stage = micro_batch_terms(run, micro, list(active), teacher_request, student_request, state)
+            terms_by_stage = micro_batch_terms(run, micro, list(active), teacher_requests, student_request, state)
             for slot, (name, terms) in enumerate(terms_by_stage.items()):
                 stage_loss = sum((v for k, v in terms.items() if not k.startswith("metric/")),
                                  torch.zeros((), device=run.device))
@@ -321,28 +327,32 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     }
 
 
-def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], active: list[str], teacher_request: TapRequest,
-                      student_request: TapRequest, state: StepState) -> dict[str, dict[str, torch.Tensor]]:
+def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], active: list[str],
+                      teacher_requests: list[TapRequest], student_request: TapRequest,
+                      state: StepState) -> dict[str, dict[str, torch.Tensor]]:
     """Forward what the active stages need and return each stage's named loss terms.
 
     ``bf16-mixed`` runs forwards and losses under bf16 autocast; stages and kernels accumulate
     in fp32 themselves.
     """
     with autocast(run):
-        teacher_view, student_view = forward_views(run, micro, teacher_request, student_request)
-        return {name: stage_loss_terms(run.stages, name, micro, teacher_view, student_view, state) for name in active}
+        state.teachers, student_view = forward_views(run, micro, teacher_requests, student_request)
+        return {name: stage_loss_terms(run.stages, name, micro, state.teachers[0], student_view, state)
+                for name in active}
 
 
 def autocast(run: Run) -> torch.autocast:
     return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16-mixed")
 
 
-def forward_views(run: Run, micro: dict[str, torch.Tensor], teacher_request: TapRequest,
-                  student_request: TapRequest) -> tuple[ModelView | None, ModelView | None]:
-    """Each model's view for one micro-batch; a model nothing is asked of does not run."""
-    teacher_view = None if teacher_request.empty() else run.teachers[0].view(micro, teacher_request)
+def forward_views(run: Run, micro: dict[str, torch.Tensor], teacher_requests: list[TapRequest],
+                  student_request: TapRequest) -> tuple[list[ModelView | None], ModelView | None]:
+    """Each model's view for one micro-batch, teachers one after another; a model nothing is
+    asked of does not run."""
+    teacher_views = [None if request.empty() else source.view(micro, request)
+                     for source, request in zip(run.teachers, teacher_requests)]
     student_view = None if student_request.empty() else forward_with_taps(run.student, micro, student_request)
-    return teacher_view, student_view
+    return teacher_views, student_view
 
 
 def stage_loss_terms(stages: torch.nn.ModuleDict, name: str, *args: Any) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ was built for.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,9 +18,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from hkd.cache import TeacherCache, fingerprint
+from hkd.cache import TeacherCache, fingerprint, teacher_skeleton
+from hkd.config import Config, ModelConfig
 from hkd.errors import ConfigError
-from hkd.models import num_layers
+from hkd.models import freeze, load_model, num_layers
 from hkd.taps import forward_with_taps
 from hkd.view import ModelView, TapRequest, unserved
 
@@ -82,6 +84,45 @@ class CachedTeacher:
 
     def view(self, batch: dict[str, Tensor], request: TapRequest) -> ModelView:
         return self.cache.view(batch, request)
+
+
+@dataclass
+class OpenedTeacher:
+    """A source with what opening it took: its config entry, preset role and tokenizer."""
+
+    source: TeacherSource
+    spec: ModelConfig
+    role: str  # "teacher", "teacher1", ...: where a preset is written (RUN_DIR/models/ROLE)
+    tokenizer: Any
+    weight: float
+
+
+def teacher_entries(config: Config) -> list[tuple[ModelConfig, str, str | None, float]]:
+    """``(spec, role, teacher_cache, weight)`` for ``teacher`` and then each of ``teachers``."""
+    entries = [(config.teacher, "teacher", config.teacher_cache, config.teacher_weight)]
+    entries += [(extra, f"teacher{i + 1}", extra.teacher_cache, extra.weight) for i, extra in enumerate(config.teachers)]
+    return entries
+
+
+def open_teachers(config: Config, run_dir: Path, device: torch.device, dtype: torch.dtype) -> list[OpenedTeacher]:
+    """Every teacher of the run, in order: ``teacher`` (with ``teacher_cache``) then ``teachers``.
+
+    Live teachers are loaded frozen onto ``device`` in ``dtype``; a cached one is only its
+    architecture. Weights are normalised to sum to 1.
+    """
+    entries = teacher_entries(config)
+    total = sum(weight for _, _, _, weight in entries)
+    opened = []
+    for spec, role, cache_path, weight in entries:
+        source: TeacherSource
+        if cache_path:
+            skeleton, tokenizer = teacher_skeleton(spec, run_dir, role)
+            source = CachedTeacher(TeacherCache(cache_path), skeleton)
+        else:
+            model, tokenizer = load_model(spec, role, run_dir)
+            source = LiveTeacher(freeze(model).to(device, dtype), name=role)  # type: ignore[arg-type]
+        opened.append(OpenedTeacher(source, spec, role, tokenizer, weight / total))
+    return opened
 
 
 def check_requests(source: TeacherSource, requests: dict[str, TapRequest]) -> None:

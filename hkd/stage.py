@@ -37,6 +37,11 @@ class StageContext:
     # e.g. the logits stage asks for sparse top-k targets from an offline cache
     teacher_serves: TapRequest = field(default_factory=lambda: TapRequest(logits=True, final_hidden=True))
     teacher_live: bool = True  # False: the teacher is an architecture without weights (offline cache)
+    # every teacher of the run (``teacher`` is the first), their mixture weights (summing to 1)
+    # and what each one's source serves; one teacher unless the config has ``teachers:``
+    teachers: list[PreTrainedModel] = field(default_factory=list)
+    teacher_weights: list[float] = field(default_factory=lambda: [1.0])
+    teachers_serve: list[TapRequest] = field(default_factory=list)
 
 
 @dataclass
@@ -54,6 +59,8 @@ class StepState:
     micro_batches: int = 1  # optim.grad_accum
     rank: int = 0
     world_size: int = 1
+    # every teacher's view (``teacher_requests``); ``teachers[0]`` is the ``teacher`` argument
+    teachers: list[ModelView | None] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,6 +70,12 @@ class Stage(nn.Module):
     def teacher_request(self) -> TapRequest:
         """What this stage needs from the teacher's forward; empty means no teacher forward."""
         return TapRequest()
+
+    def teacher_requests(self, count: int) -> list[TapRequest]:
+        """What this stage needs from each of ``count`` teachers; by default only the first one,
+        through :meth:`teacher_request`. Override to read several (their views arrive in
+        ``state.teachers``)."""
+        return [self.teacher_request()] + [TapRequest() for _ in range(count - 1)]
 
     def student_request(self) -> TapRequest:
         """What this stage needs from the student's forward; if no active stage needs anything,

@@ -75,9 +75,11 @@ def evaluate(run: Run, step: int, active: dict[str, float]) -> dict[str, float]:
     run.student.eval()
     count = min(run.config.eval.max_batches, -(-len(run.eval_batches.encoded) // run.config.data.batch_size))
     has_head = getattr(run.student, "lm_head", None) is not None and run.teachers[0].serves().logits
-    teacher_request, student_request = TapRequest(logits=has_head), TapRequest(logits=has_head)
+    teacher_requests = [TapRequest(logits=has_head)] + [TapRequest() for _ in run.teachers[1:]]
+    student_request = TapRequest(logits=has_head)
     for name in active:
-        teacher_request = teacher_request.merge(run.stages[name].teacher_request())  # type: ignore[operator]
+        asked = run.stages[name].teacher_requests(len(run.teachers))  # type: ignore[operator]
+        teacher_requests = [have.merge(more) for have, more in zip(teacher_requests, asked)]
         student_request = student_request.merge(run.stages[name].student_request())  # type: ignore[operator]
     sums = torch.zeros(4 + len(active), device=run.device)  # kl, agree, nll, tokens, stage losses
     for index in range(count):
@@ -86,7 +88,8 @@ def evaluate(run: Run, step: int, active: dict[str, float]) -> dict[str, float]:
         state = StepState(step=step, temperature=1.0, tokens=tokens, rank=run.info.rank,
                           world_size=run.info.world_size)
         with autocast(run):
-            teacher, student = forward_views(run, batch, teacher_request, student_request)
+            state.teachers, student = forward_views(run, batch, teacher_requests, student_request)
+        teacher = state.teachers[0]
         assert teacher is not None and student is not None
         if has_head:
             assert teacher.logits is not None and student.logits is not None

@@ -24,9 +24,11 @@ outside the top-k). ``kernels: {sparse_distill_loss: NAME}`` picks its backend.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+import torch
 from torch import Tensor
 
 from hkd import (
@@ -43,6 +45,9 @@ class LogitsStageConfig:
     scale_t2: bool = True  # multiply the soft loss by T^2 (Hinton) so gradients keep their scale
     fused: bool = False  # LM head fused into the loss kernel: no logits tensor is ever built
     backend: str | None = None  # kernel backend; default: the run's kernels.<op> or "auto"
+    # several teachers (config ``teachers:``): distil towards their weighted mixture, or sum the
+    # weighted per-teacher losses
+    teachers: Literal["mixture", "sum"] = "mixture"
 
 
 class LogitsStage(Stage):
@@ -64,6 +69,23 @@ class LogitsStage(Stage):
         if self.sparse and config.divergence != "forward_kl":
             raise ConfigError(f"{context.config_path}.divergence: {config.divergence} needs the teacher's full "
                               "distribution; a teacher_cache holds top-k logits only, so use forward_kl")
+        self.weights = list(context.teacher_weights) if len(context.teachers) > 1 else [1.0]
+        if len(self.weights) > 1:
+            if config.fused:
+                raise ConfigError(f"{context.config_path}.fused: several teachers are mixed from their full "
+                                  "logits; set fused: false (or train with one teacher)")
+            lacking = [i for i, serves in enumerate(context.teachers_serve) if not serves.logits]
+            if lacking:
+                raise ConfigError(f"{context.config_path}: several teachers are mixed from their full logits, but "
+                                  f"teacher(s) {lacking} come from a teacher_cache (top-k only); use live teachers")
+            for i, teacher in enumerate(context.teachers):
+                if getattr(teacher, "lm_head", None) is None:
+                    raise ConfigError(f"{context.config_path}: teacher {i} has no LM head (an encoder?)")
+
+    def teacher_requests(self, count: int) -> list[TapRequest]:
+        if len(self.weights) > 1:  # every teacher's logits, for the mixture
+            return [TapRequest(logits=True) for _ in range(count)]
+        return super().teacher_requests(count)
 
     def teacher_request(self) -> TapRequest:
         if self.sparse:
@@ -105,10 +127,32 @@ class LogitsStage(Stage):
                 teacher_bias=getattr(teacher.lm_head, "bias", None),
                 **options,
             )
+        elif len(self.weights) > 1:
+            assert student.logits is not None
+            total = self.several_teachers_loss(student.logits[:, :-1], state, options)
         else:
             assert student.logits is not None and teacher.logits is not None
             total = kernels.distill_loss(student.logits[:, :-1], teacher.logits[:, :-1], **options)
         return {"logits": total / max(state.tokens, 1)}
+
+    def several_teachers_loss(self, student_logits: Tensor, state: StepState, options: dict[str, Any]) -> Tensor:
+        """``mixture``: the loss against ``p = sum_i w_i softmax(z_i / T)``, passed to the kernel as the
+        logits ``T * log p`` (whose softmax at temperature T is ``p`` exactly); ``sum``: the weighted
+        sum of each teacher's loss. Teachers' logits are folded in one at a time."""
+        teacher_logits = []
+        for view in state.teachers:
+            assert view is not None and view.logits is not None
+            teacher_logits.append(view.logits[:, :-1])
+        if self.config.teachers == "sum":
+            losses = [w * kernels.distill_loss(student_logits, z, **options) for w, z in zip(self.weights, teacher_logits)]
+            return torch.stack(losses).sum()
+        t = state.temperature
+        mixed: Tensor | None = None
+        for weight, logits in zip(self.weights, teacher_logits):
+            term = (logits.float() / t).log_softmax(-1) + math.log(weight)
+            mixed = term if mixed is None else torch.logaddexp(mixed, term)
+        assert mixed is not None
+        return kernels.distill_loss(student_logits, (mixed * t).to(student_logits.dtype), **options)
 
     def sparse_loss(self, student_logits: Tensor, targets: SparseTargets, labels: Tensor, temperature: float) -> Tensor:
         """Summed loss against top-k teacher targets (``[B, S, k]``, shifted here to predict the next
