@@ -73,6 +73,8 @@ for _op, _reference, _chunked, _triton in (
 register_backend(KernelBackend("sparse_distill_loss", "torch", sparse_row_losses, priority=0), replace=True)
 register_backend(KernelBackend("sparse_distill_loss", "chunked", _lazy("sparse", "chunked_sparse_row_losses"),
                                priority=10), replace=True)
+register_backend(KernelBackend("sparse_distill_loss", "triton", _lazy("sparse_kl", "triton_sparse_row_losses"),
+                               priority=20, is_available=triton_available, supports=_all_cuda), replace=True)
 
 
 def backends(op: str) -> list[dict[str, Any]]:

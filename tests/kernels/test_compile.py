@@ -25,10 +25,11 @@ pytest.importorskip("triton.backends.nvidia.compiler")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from hkd.kernels import fused_linear_kl, softmax_kl  # noqa: E402
+from hkd.kernels import fused_linear_kl, softmax_kl, sparse_kl  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 FLOATS = {"inv_t", "beta", "log_beta", "log_1mbeta", "soft_w", "grad_w", "alpha"}
+INTS = {"ids_ptr": "*i64", "labels_ptr": "*i64"}
 
 
 def signature(fn, pointers: dict[str, str], constants: dict[str, object]) -> dict[str, str]:
@@ -37,7 +38,7 @@ def signature(fn, pointers: dict[str, str], constants: dict[str, object]) -> dic
         if name in constants:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = pointers.get(name, "*fp32")
+            sig[name] = pointers.get(name, INTS.get(name, "*fp32"))
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"  # strides, sizes: 32-bit as launched for small shapes
     return sig
@@ -55,6 +56,10 @@ CASES = {
                                    {"KIND": 1, "HAS_LABELS": True, "HAS_CE": True, "HAS_WEIGHT": True, "HAS_BS": True,
                                     "HAS_BT": True, "NEED_GRAD": True, "UPCAST": False, "PRECISION": "tf32",
                                     "BLOCK_M": 32, "BLOCK_V": 128, "BLOCK_K": 64}),
+    "sparse forward (bucket tail)": (sparse_kl._sparse_forward_kernel, {"s_ptr": "*bf16"},
+                                     {"TAIL": True, "HAS_LABELS": True, "HAS_CE": True, "BLOCK_V": 4096, "BLOCK_K": 64}),
+    "sparse fix-up": (sparse_kl._sparse_fix_kernel, {"s_ptr": "*bf16", "g_ptr": "*bf16"},
+                      {"HAS_LABELS": True, "HAS_CE": True, "BLOCK_K": 64}),
 }
 
 

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from hkd.kernels import chunked, distill_loss, sparse_distill_loss
+from hkd.kernels import chunked, distill_loss, softmax_kl, sparse_distill_loss
 from hkd.kernels.reference import logits_stage_sparse_loss
 
 from .helpers import DEVICE, reduce64, sparse_rows64
 
-BACKENDS = ["torch", "chunked"]
+BACKENDS = ["torch", "chunked", "triton"]
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 
@@ -58,7 +58,8 @@ def check(backend: str, s, ids, values, lse, labels, *, reduction: str = "mean",
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 @pytest.mark.parametrize("temperature,alpha", [(1.0, 0.0), (2.5, 0.3)])
 def test_matches_fp64_reference(backend, tail, temperature, alpha, monkeypatch):
-    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 5 * 301)  # 5-row blocks
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 5 * 301)  # chunked: 5-row blocks
+    monkeypatch.setattr(softmax_kl, "BLOCK_V", 128)  # triton: 3 vocabulary blocks per row
     check(backend, *make(), tail=tail, temperature=temperature, alpha=alpha)
 
 
