@@ -142,7 +142,7 @@ def cmd_cache_teacher(args: argparse.Namespace, extra: list[str]) -> int:
         raise HkdError("cache-teacher: give --out DIR or set teacher_cache in the config")
     index = build_cache(config, Path(out), top_k=args.top_k, hidden=not args.no_hidden,
                         examples_per_shard=args.examples_per_shard, progress=not args.no_progress)
-    print(f"teacher cache written: {index}; train from it with --teacher_cache={Path(out)}")
+    print(f"teacher cache written: {_shown(index)}; train from it with --teacher_cache={_shown(Path(out))}")
     return 0
 
 
