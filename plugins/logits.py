@@ -35,6 +35,7 @@ from hkd import (
     ConfigError, ModelView, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl,
     kernels,
 )
+from hkd.architectures import apply_logit_softcap, check_supported, output_head
 
 
 @dataclass
@@ -55,8 +56,10 @@ class LogitsStage(Stage):
         super().__init__()
         self.config = config
         for role, model in (("teacher", context.teacher), ("student", context.student)):
-            if model is not None and getattr(model, "lm_head", None) is None:
+            if model is not None and output_head(model) is None:
                 raise ConfigError(f"{context.config_path}: the {role} has no LM head (an encoder?); disable this stage")
+            if model is not None:
+                check_supported(model, logits=True)  # an architecture whose logits hkd cannot reproduce is named
         if not 0.0 <= config.alpha <= 1.0:
             raise ConfigError(f"{context.config_path}.alpha: must be in [0, 1], got {config.alpha}")
         if not 0.0 <= config.beta <= 1.0:
@@ -79,8 +82,9 @@ class LogitsStage(Stage):
                 raise ConfigError(f"{context.config_path}: several teachers are mixed from their full logits, but "
                                   f"teacher(s) {lacking} come from a teacher_cache (top-k only); use live teachers")
             for i, teacher in enumerate(context.teachers):
-                if getattr(teacher, "lm_head", None) is None:
+                if output_head(teacher) is None:
                     raise ConfigError(f"{context.config_path}: teacher {i} has no LM head (an encoder?)")
+                check_supported(teacher, logits=True)
 
     def teacher_requests(self, count: int) -> list[TapRequest]:
         if len(self.weights) > 1:  # every teacher's logits, for the mixture
@@ -110,11 +114,10 @@ class LogitsStage(Stage):
             backend=self.backend,
         )
         if teacher.sparse is not None:  # offline teacher cache: sparse top-k targets
-            logits = student.logits
-            if logits is None:  # fused mode asked for the final hidden state only
-                assert student.final_hidden is not None and student.lm_head is not None
-                logits = student.lm_head(student.final_hidden)
-            total = self.sparse_loss(logits[:, :-1], teacher.sparse, labels, state.temperature)
+            total = self.sparse_loss(full_logits(student)[:, :-1], teacher.sparse, labels, state.temperature)
+        elif self.config.fused and (student.logit_softcap or teacher.logit_softcap):
+            # the fused kernel has no soft-cap: build the (capped) logits, as the models themselves do
+            total = kernels.distill_loss(full_logits(student)[:, :-1], full_logits(teacher)[:, :-1], **options)
         elif self.config.fused:
             assert student.final_hidden is not None and teacher.final_hidden is not None
             assert student.lm_head is not None and teacher.lm_head is not None
@@ -163,6 +166,14 @@ class LogitsStage(Stage):
             student_logits, targets.ids[:, :-1], targets.values[:, :-1], labels, temperature=temperature,
             tail="renormalize" if logsumexp is None else "bucket", teacher_logsumexp=logsumexp,
             alpha=self.config.alpha, scale_t2=self.config.scale_t2, reduction="sum", backend=self.sparse_backend)
+
+
+def full_logits(view: ModelView) -> Tensor:
+    """The view's logits, or the LM head applied to its final hidden state (with the model's soft-cap)."""
+    if view.logits is not None:
+        return view.logits
+    assert view.final_hidden is not None and view.lm_head is not None
+    return apply_logit_softcap(view.lm_head(view.final_hidden), view.logit_softcap)
 
 
 @hookimpl
