@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,7 @@ def distill_data(settings: DemoSettings, out: Path, data: DemoData, teacher: Pat
     config = GenerateConfig(
         teacher=ModelConfig(path=str(teacher)), prompts=str(data.train_prompts), output=str(out / "data" / DISTILLED),
         n=1, temperature=0.0, max_new_tokens=settings.max_new_tokens, batch_size=100, seed=settings.seed, device="cpu",
-        verifiers=[VerifierConfig("exact_answer")], progress=progress,
+        verifiers=[VerifierConfig("exact_answer")], progress=progress and sys.stderr.isatty(),  # no \r in logs
     )
     config.validate()
     summary = generate(config)
@@ -358,7 +359,8 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True, threads: 
     models |= {f"student: after {phase}": path for phase, path in runs["progressive_rl"].items()}
     teacher_params = count_params(teacher)
     rows = []
-    for name, path in tqdm(models.items(), disable=not progress, desc="pass@1", unit="model"):
+    bars = progress and sys.stderr.isatty()  # a bar in a log file is a line of carriage returns
+    for name, path in tqdm(models.items(), disable=not bars, desc="pass@1", unit="model"):
         params = count_params(path)
         rows.append({"model": name, "pass@1": pass_at_1(path, data.heldout, settings), "params": params,
                      "params_vs_teacher": params / teacher_params, "path": str(path)})

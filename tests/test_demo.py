@@ -8,6 +8,7 @@ configs, metrics and models, the loss plot, and that a second run reuses the cac
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,8 +35,10 @@ def quick_demo(tmp_path_factory):
     """``hkd demo --quick`` run once into CLONE/runs/demo, where the examples expect hkd demo's output."""
     clone = tmp_path_factory.mktemp("clone")
     out = clone / "runs" / "demo"
-    proc = subprocess.run([sys.executable, "-m", "hkd.cli", "demo", "--quick", "--no-progress", "--out", str(out)],
-                          capture_output=True, text=True, timeout=400)
+    # progress on, output to a pipe (as in a CI log): one plain line per run at its last step
+    env = dict(os.environ, HKD_PROGRESS_SECONDS="3600")
+    proc = subprocess.run([sys.executable, "-m", "hkd.cli", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return clone, proc
 
@@ -44,6 +47,10 @@ def quick_demo(tmp_path_factory):
 def test_demo_quick_end_to_end_slowest(quick_demo):
     clone, proc = quick_demo
     out = clone / "runs" / "demo"
+    # bug: without a terminal the bars wrote carriage returns into logs, and did not say which model trained
+    assert "\r" not in proc.stdout + proc.stderr
+    for run, steps in (("teacher", 250), ("answer_only", 60), ("sft_distilled", 60), ("progressive_rl", 60)):
+        assert f"{run}: step {steps}/{steps} (100%)" in proc.stderr
     for name in ROWS:  # the printed table has one line per model
         assert any(line.startswith(name) for line in proc.stdout.splitlines()), (name, proc.stdout)
 
