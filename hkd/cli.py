@@ -119,7 +119,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
     if args.out:
         config.output = str(Path(args.out).resolve())
-    if args.no_progress:
+    if args.no_progress or not _terminal():
         config.progress = False
     summary = generate(config)
     if not init_distributed().is_main:  # under torchrun rank 0 reports for everyone
@@ -141,7 +141,7 @@ def cmd_cache_teacher(args: argparse.Namespace, extra: list[str]) -> int:
     if not out:
         raise HkdError("cache-teacher: give --out DIR or set teacher_cache in the config")
     index = build_cache(config, Path(out), top_k=args.top_k, hidden=not args.no_hidden,
-                        examples_per_shard=args.examples_per_shard, progress=not args.no_progress)
+                        examples_per_shard=args.examples_per_shard, progress=not args.no_progress and _terminal())
     print(f"teacher cache written: {_shown(index)}; train from it with --teacher_cache={_shown(Path(out))}")
     return 0
 
@@ -153,7 +153,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
     if args.out:
         config.output = str(Path(args.out).resolve())
-    if args.no_progress:
+    if args.no_progress or not _terminal():
         config.progress = False
     _table(["metric", "value"], result_rows(run_eval(config)))
     print(f"results written to {_shown(Path(config.output))}")
@@ -206,7 +206,7 @@ def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
 
     from hkd.probe import probe
 
-    out = probe(Path(args.run_dir), args.step, args.batches, progress=not args.no_progress,
+    out = probe(Path(args.run_dir), args.step, args.batches, progress=not args.no_progress and _terminal(),
                 trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
     result = json.loads(out.read_text())
     for name, key in (("hidden-state CKA (1 = same)", "hidden_cka"), ("attention KL (0 = same)", "attention_kl")):
@@ -216,6 +216,11 @@ def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
         _table(header, [[str(t + first), *(f"{v:.3g}" for v in row)] for t, row in enumerate(result[key])])
     print(f"written to {out}; hkd report {args.run_dir} draws it")
     return 0
+
+
+def _terminal() -> bool:
+    """Progress bars only on a terminal: in a log file or CI output a bar is a line of carriage returns."""
+    return sys.stderr.isatty()
 
 
 def _shown(path: Path) -> str:
