@@ -136,7 +136,8 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int, hidden: bool = Tru
         return StageContext(name, teacher, student, config.kernels, f"stages.{name}", pm, tokenizer,
                             teacher_serves=serves, teacher_live=False)
 
-    stages = build_stages(pm, Schedule(config.schedule, config.optim).stage_names, config.stages, context)
+    stages = build_stages(pm, Schedule(config.schedule, config.optim).stage_names, config.stages, context,
+                          config.schedule.phases)
     requests = {name: stage.teacher_request() for name, stage in stages.items()}  # type: ignore[operator]
     problems = unserved(serves, requests)
     if problems:

@@ -138,6 +138,9 @@ class PhaseConfig:
     steps: int = ranged(low=1, high=MAX_STEPS)
     stages: dict[str, float] = ranged(low=0, high=1e6)  # stage -> weight
     lr_scale: float = ranged(1.0, low=0, low_open=True, high=1e3)  # multiplies the warmup + cosine LR in this phase (e.g. a gentler RL phase)
+    # stage -> options that replace ``stages.<stage>``'s in this phase (merged key by key), e.g.
+    # {hidden: {layer_map: {strategy: last}}}: the stage is then its own instance in this phase
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -183,9 +183,9 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
                             teachers=[s.model for s in sources], teacher_weights=[t.weight for t in teachers],
                             teachers_serve=[s.serves() for s in sources])
 
-    stages = build_stages(pm, schedule.stage_names, config.stages, context).to(device)
+    stages = build_stages(pm, schedule.stage_names, config.stages, context, config.schedule.phases).to(device)
     for index, source in enumerate(sources):
-        check_requests(source, {name: _stage(stages, name).teacher_requests(len(sources))[index] for name in stages})
+        check_requests(source, {key: _stage(stages, key).teacher_requests(len(sources))[index] for key in stages})
     if any(_stage(stages, n).teacher_request().attention or _stage(stages, n).student_request().attention
            for n in stages):
         enable_taps(student)
@@ -237,6 +237,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     position = schedule.phase_at(step)
     weights = schedule.weights(step)
     active = {name: w for name, w in weights.items() if w > 0}
+    keys = {name: schedule.stage_key(step, name) for name in active}  # the instance each stage runs as
     if position.index != run.phase_index:
         run.phase_index = position.index
         run.hook("hkd_on_phase_start", phase_name=position.name, phase_index=position.index, step=step,
@@ -249,10 +250,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     # each model runs only for what active stages need, and not at all if nothing does
     teacher_requests = [TapRequest() for _ in run.teachers]
     student_request = TapRequest()
-    for name in active:
-        asked = _stage(run.stages, name).teacher_requests(len(run.teachers))
+    for key in keys.values():
+        asked = _stage(run.stages, key).teacher_requests(len(run.teachers))
         teacher_requests = [have.merge(more) for have, more in zip(teacher_requests, asked)]
-        student_request = student_request.merge(_stage(run.stages, name).student_request())
+        student_request = student_request.merge(_stage(run.stages, key).student_request())
 
     started = time.perf_counter()
     accum = config.optim.grad_accum
@@ -272,7 +273,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         micro = {k: v.to(run.device) for k, v in micro.items()}
         with out_of_memory_hint(config):
             total = torch.zeros((), device=run.device)
-            terms_by_stage = micro_batch_terms(run, micro, list(active), teacher_requests, student_request, state)
+            terms_by_stage = micro_batch_terms(run, micro, keys, teacher_requests, student_request, state)
             for slot, (name, terms) in enumerate(terms_by_stage.items()):
                 stage_loss = sum((v for k, v in terms.items() if not k.startswith("metric/")),
                                  torch.zeros((), device=run.device))
@@ -327,7 +328,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     }
 
 
-def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], active: list[str],
+def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], keys: dict[str, str],
                       teacher_requests: list[TapRequest], student_request: TapRequest,
                       state: StepState) -> dict[str, dict[str, torch.Tensor]]:
     """Forward what the active stages need and return each stage's named loss terms.
@@ -337,8 +338,8 @@ def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], active: list[str
     """
     with autocast(run):
         state.teachers, student_view = forward_views(run, micro, teacher_requests, student_request)
-        return {name: stage_loss_terms(run.stages, name, micro, state.teachers[0], student_view, state)
-                for name in active}
+        return {name: stage_loss_terms(run.stages, key, micro, state.teachers[0], student_view, state)
+                for name, key in keys.items()}
 
 
 def autocast(run: Run) -> torch.autocast:
@@ -355,14 +356,14 @@ def forward_views(run: Run, micro: dict[str, torch.Tensor], teacher_requests: li
     return teacher_views, student_view
 
 
-def stage_loss_terms(stages: torch.nn.ModuleDict, name: str, *args: Any) -> dict[str, torch.Tensor]:
-    """Call a stage's loss; a failure inside a plugin's stage names the stage."""
+def stage_loss_terms(stages: torch.nn.ModuleDict, key: str, *args: Any) -> dict[str, torch.Tensor]:
+    """Call a stage instance's loss; a failure inside a plugin's stage names the stage."""
     try:
-        return _stage(stages, name).loss(*args)
+        return _stage(stages, key).loss(*args)
     except (HkdError, torch.OutOfMemoryError):
         raise
     except Exception as exc:
-        raise HkdError(f"stage {name!r} failed computing its loss: {exc!r}") from exc
+        raise HkdError(f"stage {key!r} failed computing its loss: {exc!r}") from exc
 
 
 @contextmanager
@@ -383,7 +384,7 @@ def validate(run: Run, step: int) -> dict[str, float]:
     """Held-out metrics after ``step``; a new best student goes to ``best/``."""
     assert run.best is not None
     weights = run.schedule.weights(step - 1)
-    metrics = evaluate(run, step, {name: w for name, w in weights.items() if w > 0})
+    metrics = evaluate(run, step, {name: run.schedule.stage_key(step - 1, name) for name, w in weights.items() if w > 0})
     key = f"eval/{run.config.eval.metric}"
     if key in metrics and run.best.update(metrics[key], step, run.config.eval.min_delta):
         state = ckpt.full_model_state(run.student)  # every rank joins the gather under FSDP

@@ -35,6 +35,12 @@ class Schedule:
         last = len(self.config.phases) - 1
         return PhasePosition(last, self.config.phases[last].name, step - (start - self.config.phases[last].steps))
 
+    def stage_key(self, step: int, name: str) -> str:
+        """The stage instance that runs ``name`` at ``step``: ``name``, or ``name@phase`` where the
+        phase gives the stage its own options (:func:`hkd.stage.build_stages` builds those)."""
+        phase = self.config.phases[self.phase_at(step).index]
+        return f"{name}@{phase.name}" if name in phase.options else name
+
     def weights(self, step: int) -> dict[str, float]:
         """Stage weights at ``step``; a stage absent from a phase has weight 0 there.
 

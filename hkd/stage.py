@@ -121,10 +121,26 @@ def available_stages(pm: Any) -> dict[str, StageSpec]:
     return specs
 
 
+def merged_options(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys replacing its own; nested mappings merge key by key."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merged_options(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def build_stages(
-    pm: Any, names: list[str], stage_configs: dict[str, dict[str, Any]], make_context: Callable[[str], StageContext]
+    pm: Any, names: list[str], stage_configs: dict[str, dict[str, Any]], make_context: Callable[[str], StageContext],
+    phases: list[Any] = (),  # type: ignore[assignment]
 ) -> nn.ModuleDict:
-    """Instantiate the named stages, validating each one's config block with its dataclass."""
+    """Instantiate the named stages, validating each one's config block with its dataclass.
+
+    A phase that gives a stage its own ``options`` gets its own instance ``<stage>@<phase>``
+    (own projectors, own state), built from ``stages.<stage>`` merged with those options.
+    """
     from hkd.config import from_dict
     from hkd.errors import ConfigError, HkdError
 
@@ -133,16 +149,29 @@ def build_stages(
     for name in list(stage_configs):
         if name not in specs:
             raise ConfigError(f"stages.{name}: no installed plugin provides this stage; available: {sorted(specs)}")
-    stages = nn.ModuleDict()
+    instances: list[tuple[str, str, dict[str, Any], str]] = []  # (key, stage, options, config path)
     for name in names:
         if name not in specs:
             raise ConfigError(
                 f"schedule: stage {name!r} is not available (disabled or not installed); available: {sorted(specs)}"
             )
-        spec = specs[name]
-        config: Any = from_dict(spec.config_cls, stage_configs.get(name, {}), f"stages.{name}")
+        instances.append((name, name, stage_configs.get(name, {}), f"stages.{name}"))
+    for index, phase in enumerate(phases):
+        for name, options in phase.options.items():
+            where = f"schedule.phases[{index}].options.{name}"
+            if name not in phase.stages:
+                raise ConfigError(f"{where}: stage {name!r} is not in this phase's stages {sorted(phase.stages)}")
+            instances.append((f"{name}@{phase.name}", name, merged_options(stage_configs.get(name, {}), options), where))
+    stages = nn.ModuleDict()
+    for key, name, options, where in instances:
+        if key in stages or "." in key:
+            raise ConfigError(f"{where}: phases that give a stage options need distinct names without '.' "
+                              f"(instance {key!r})")
+        config: Any = from_dict(specs[name].config_cls, options, where)
+        context = make_context(name)
+        context.config_path = where
         try:
-            stages[name] = spec.factory(config, make_context(name))
+            stages[key] = specs[name].factory(config, context)
         except HkdError:
             raise
         except Exception as exc:  # a plugin's bug must name the plugin, not end in a bare traceback

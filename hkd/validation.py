@@ -66,8 +66,9 @@ def held_out_batches(config: Config, tokenizer: Any, causal: bool) -> Batches | 
 
 
 @torch.no_grad()
-def evaluate(run: Run, step: int, active: dict[str, float]) -> dict[str, float]:
-    """Held-out metrics for the current student (one host read at the end)."""
+def evaluate(run: Run, step: int, active: dict[str, str]) -> dict[str, float]:
+    """Held-out metrics for the current student (one host read at the end); ``active`` maps
+    each stage to score to the instance it runs as (``Schedule.stage_key``)."""
     from hkd.loop import autocast, forward_views, stage_loss_terms  # the training step's own calls
 
     assert run.eval_batches is not None
@@ -77,10 +78,10 @@ def evaluate(run: Run, step: int, active: dict[str, float]) -> dict[str, float]:
     has_head = getattr(run.student, "lm_head", None) is not None and run.teachers[0].serves().logits
     teacher_requests = [TapRequest(logits=has_head)] + [TapRequest() for _ in run.teachers[1:]]
     student_request = TapRequest(logits=has_head)
-    for name in active:
-        asked = run.stages[name].teacher_requests(len(run.teachers))  # type: ignore[operator]
+    for key in active.values():
+        asked = run.stages[key].teacher_requests(len(run.teachers))  # type: ignore[operator]
         teacher_requests = [have.merge(more) for have, more in zip(teacher_requests, asked)]
-        student_request = student_request.merge(run.stages[name].student_request())  # type: ignore[operator]
+        student_request = student_request.merge(run.stages[key].student_request())  # type: ignore[operator]
     sums = torch.zeros(4 + len(active), device=run.device)  # kl, agree, nll, tokens, stage losses
     for index in range(count):
         batch = {k: v.to(run.device) for k, v in run.eval_batches.batch(index).items()}
@@ -100,8 +101,8 @@ def evaluate(run: Run, step: int, active: dict[str, float]) -> dict[str, float]:
             sums[1] += (teacher_logp.argmax(-1) == student_logp.argmax(-1)).sum()
             sums[2] -= student_logp.gather(-1, batch["labels"][:, 1:][keep][:, None]).sum()
         sums[3] += tokens
-        for slot, name in enumerate(active):
-            stage_terms = stage_loss_terms(run.stages, name, batch, teacher, student, state)
+        for slot, key in enumerate(active.values()):
+            stage_terms = stage_loss_terms(run.stages, key, batch, teacher, student, state)
             sums[4 + slot] += sum((v for k, v in stage_terms.items() if not k.startswith("metric/")),
                                   torch.zeros((), device=run.device)) / count
     run.student.train(was_training)

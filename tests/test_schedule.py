@@ -68,10 +68,40 @@ def test_phase_lr_scale_rescales_only_its_phase():
 
 
 def test_non_positive_lr_scale_is_named():
-    from hkd.config import Config, from_dict, validate
+    # catches: an lr_scale of 0 accepted (the phase would silently not train)
+    from hkd.config import Config, from_dict
 
-    config = from_dict(Config, {"teacher": {"preset": "tiny-llama"}, "student": {"preset": "tiny-llama"},
-                                "schedule": {"phases": [{"name": "a", "steps": 2, "stages": {"logits": 1.0},
-                                                         "lr_scale": 0}]}})
-    with pytest.raises(ConfigError, match=r"schedule\.phases\[0\]\.lr_scale: must be positive, got 0"):
-        validate(config)
+    raw = {"teacher": {"preset": "tiny-llama"}, "student": {"preset": "tiny-llama"},
+           "schedule": {"phases": [{"name": "a", "steps": 2, "stages": {"logits": 1.0}, "lr_scale": 0}]}}
+    with pytest.raises(ConfigError, match=r"schedule\.phases\[0\]\.lr_scale: 0(\.0)? is outside \(0, 1000\]"):
+        from_dict(Config, raw)
+
+
+def test_per_phase_stage_options_run_their_own_instance(raw_config, tmp_path):
+    # catches: options fixed for the whole run (TinyBERT's "all layers, then the last" impossible),
+    # or a phase's options leaking into the other phase's instance
+    import json
+
+    from hkd.config import Config, from_dict
+    from hkd.loop import distill
+
+    raw_config["stages"] = {"hidden": {"log_layers": True, "layer_map": {"strategy": "uniform"}}}
+    raw_config["schedule"] = {"phases": [
+        {"name": "all", "steps": 2, "stages": {"hidden": 1.0}},
+        {"name": "last", "steps": 2, "stages": {"hidden": 1.0}, "options": {"hidden": {"layer_map": {"strategy": "last"}}}},
+    ]}
+    result = distill(from_dict(Config, raw_config), tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    pairs = [sorted(k.rsplit("/", 1)[1] for k in line if k.startswith("metric/layer/hidden/")) for line in lines]
+    assert pairs[:2] == [["1_2", "2_4"]] * 2 and pairs[2:] == [["2_4"]] * 2
+    assert result.steps == 4
+
+
+def test_per_phase_options_for_a_stage_outside_the_phase_are_refused(raw_config, tmp_path):
+    from hkd.config import Config, ConfigError, from_dict
+    from hkd.loop import distill
+
+    raw_config["schedule"] = {"phases": [{"name": "p", "steps": 1, "stages": {"hidden": 1.0},
+                                          "options": {"logits": {"alpha": 0.5}}}]}
+    with pytest.raises(ConfigError, match=r"schedule.phases\[0\].options.logits: stage 'logits' is not in this phase"):
+        distill(from_dict(Config, raw_config), tmp_path / "run")
