@@ -149,14 +149,15 @@ def _sparse_fix_kernel(s_ptr, ids_ptr, logq_ptr, labels_ptr, stats_ptr, up_ptr, 
     tl.store(g_ptr + row * g_stride + ids, g.to(g_ptr.dtype.element_ty), mask=kmask)
 
 
-def _blocks(vocab: int) -> tuple[int, int, int]:
-    """(forward BLOCK_V, backward BLOCK_V, num_warps)."""
+def _blocks(vocab: int, block_k: int, tail: bool) -> tuple[int, int, int]:
+    """(forward BLOCK_V, backward BLOCK_V, num_warps). The bucket tail's membership test holds a
+    ``[BLOCK_V, BLOCK_K]`` tile, so the forward block shrinks as k grows (at most 64K entries)."""
     if softmax_kl.BLOCK_V is not None:
         return softmax_kl.BLOCK_V, softmax_kl.BLOCK_V, 1 if interpreting() else 8
     if interpreting():
         b = min(triton.next_power_of_2(max(vocab, 1)), softmax_kl.INTERPRET_BLOCK_V)
         return b, b, 1
-    return 4096, 2048, 8
+    return (max(256, min(4096, 65536 // block_k)) if tail else 4096), 2048, 8
 
 
 class SparseKL(torch.autograd.Function):
@@ -167,13 +168,14 @@ class SparseKL(torch.autograd.Function):
         k = ids.shape[1]
         rows = torch.empty(n, dtype=torch.float32, device=student.device)
         stats = torch.empty(n, 4, dtype=torch.float32, device=student.device)
-        fwd_block, _, warps = _blocks(vocab)
+        block_k = max(triton.next_power_of_2(k), 2)
+        fwd_block, _, warps = _blocks(vocab, block_k, o.tail == "bucket")
         if n:
             _sparse_forward_kernel[(n,)](
                 student, ids, log_q, log_qt, rows if labels is None else labels, rows, stats, student.stride(0),
                 ids.stride(0), log_q.stride(0), vocab, k, 1.0 / o.temperature, o.soft_weight, o.alpha, o.ignore_index,
                 TAIL=o.tail == "bucket", HAS_LABELS=labels is not None, HAS_CE=o.alpha > 0, BLOCK_V=fwd_block,
-                BLOCK_K=max(triton.next_power_of_2(k), 2), num_warps=warps)
+                BLOCK_K=block_k, num_warps=warps)
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(student, ids, log_q, log_qt, labels, stats)
         ctx.o = o
@@ -187,7 +189,8 @@ class SparseKL(torch.autograd.Function):
         k = ids.shape[1]
         up = grad_rows.float()
         grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-        _, block, warps = _blocks(vocab)
+        block_k = max(triton.next_power_of_2(k), 2)
+        _, block, warps = _blocks(vocab, block_k, o.tail == "bucket")
         lab = stats if labels is None else labels
         if n and vocab:
             _sparse_backward_kernel[(n, triton.cdiv(vocab, block))](
@@ -199,7 +202,7 @@ class SparseKL(torch.autograd.Function):
                 student, ids, log_q, lab, stats, up, grad, student.stride(0), ids.stride(0), log_q.stride(0),
                 grad.stride(0), up.stride(0), k, 1.0 / o.temperature, o.soft_weight / o.temperature, o.alpha,
                 o.ignore_index, HAS_LABELS=labels is not None, HAS_CE=o.alpha > 0,
-                BLOCK_K=max(triton.next_power_of_2(k), 2), num_warps=1 if interpreting() else 4)
+                BLOCK_K=block_k, num_warps=1 if interpreting() else 4)
         return grad, None, None, None, None, None
 
 

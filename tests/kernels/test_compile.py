@@ -57,7 +57,7 @@ CASES = {
                                     "HAS_BT": True, "NEED_GRAD": True, "UPCAST": False, "PRECISION": "tf32",
                                     "BLOCK_M": 32, "BLOCK_V": 128, "BLOCK_K": 64}),
     "sparse forward (bucket tail)": (sparse_kl._sparse_forward_kernel, {"s_ptr": "*bf16"},
-                                     {"TAIL": True, "HAS_LABELS": True, "HAS_CE": True, "BLOCK_V": 4096, "BLOCK_K": 64}),
+                                     {"TAIL": True, "HAS_LABELS": True, "HAS_CE": True, "BLOCK_V": 1024, "BLOCK_K": 64}),
     "sparse fix-up": (sparse_kl._sparse_fix_kernel, {"s_ptr": "*bf16", "g_ptr": "*bf16"},
                       {"HAS_LABELS": True, "HAS_CE": True, "BLOCK_K": 64}),
 }

