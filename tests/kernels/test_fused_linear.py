@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from hkd.kernels import chunked, fused_linear_distill_loss
+from hkd.kernels import chunked, fused_linear_distill_loss, fused_linear_kl, softmax_kl
 
 from .helpers import BACKENDS, DEVICE, reduce64, rows64
 
@@ -59,11 +61,58 @@ def test_matches_fp64_reference(backend, divergence, beta, temperature, alpha):
     check(backend, make(bias=alpha > 0), divergence=divergence, beta=beta, temperature=temperature, alpha=alpha)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+class KernelSpy:
+    """Stands in for a Triton kernel object: records each launch grid and BLOCK_M, then launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((tuple(grid), kwargs["BLOCK_M"]))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+# catches: a row-block loop that slices the per-row weights, losses or gradient rows of block i with
+# block 0's offsets (or drops the ragged last block), which one block (N below the block size) hides;
+# the spies assert that the rows really are split: 3-row blocks (ignored rows 4..8 straddle two), or
+# 3-row GEMM chunks, or several tiled programs under the interpreter
+@pytest.mark.parametrize("backend", ["torch", "chunked", "triton:tiled", "triton:gemm"])
 def test_reduction_none_with_per_row_weights(backend, monkeypatch):
-    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 2 * V)  # chunked: several row blocks
-    monkeypatch.setattr(chunked, "FUSED_ROWS", 2)
-    check(backend, make(), reduction="none", upstream=torch.rand(N), divergence="jsd", beta=0.0, alpha=0.3)
+    blocks: list[int] = []  # rows per block, in call order
+    if backend == "chunked":
+        monkeypatch.setattr(chunked, "_fused_rows_per_block", lambda vocab: 3)
+        block_loss_and_grad = chunked.block_loss_and_grad
+
+        def spy(student, *args, **kwargs):
+            blocks.append(student.shape[0])
+            return block_loss_and_grad(student, *args, **kwargs)
+
+        monkeypatch.setattr(chunked, "block_loss_and_grad", spy)
+    elif backend == "triton:gemm":
+        monkeypatch.setattr(fused_linear_kl, "GEMM_PATH", True)
+        monkeypatch.setattr(fused_linear_kl, "CHUNK_ROWS", 3)
+        forward = softmax_kl.forward
+
+        def spy(zs, *args, **kwargs):
+            blocks.append(zs.shape[0])
+            return forward(zs, *args, **kwargs)
+
+        monkeypatch.setattr(softmax_kl, "forward", spy)
+    elif backend == "triton:tiled":
+        monkeypatch.setattr(fused_linear_kl, "GEMM_PATH", False)
+        kernel = KernelSpy(fused_linear_kl.fused_linear_kl_kernel)
+        monkeypatch.setattr(fused_linear_kl, "fused_linear_kl_kernel", kernel)
+    check(backend.split(":")[0], make(), reduction="none", upstream=torch.rand(N, generator=torch.Generator().manual_seed(1)),
+          divergence="jsd", beta=0.0, alpha=0.3)
+    if backend in ("chunked", "triton:gemm"):  # forward, then the backward's recompute with the row weights
+        assert blocks == ([3] * 6 + [2]) * 2, blocks
+    if backend == "triton:tiled":
+        assert kernel.launches and all(grid == (math.ceil(N / block_m),) for grid, block_m in kernel.launches)
+        if DEVICE == "cpu":  # the interpreter's 16-row programs: two, the second ragged
+            assert kernel.launches[0][0] == (2,), kernel.launches
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
