@@ -12,7 +12,9 @@ Every (backend, shape) runs in a fresh subprocess, one at a time, so peaks do no
 * memory: on CUDA ``max_memory_allocated`` minus what is allocated once the inputs exist; on CPU
   peak RSS (``ru_maxrss``) minus RSS after the inputs are allocated and touched. Both include
   the student gradient, so this is "what the loss adds on top of the two logit tensors".
-* time: median of ``--reps`` forward+backward calls after one warm-up (synchronised on CUDA).
+* time: median of ``--reps`` forward+backward calls after one warm-up (synchronised on CUDA);
+  ``cpu_s`` is the median CPU time of the same calls (all threads), steadier than wall-clock
+  time when other jobs share the machine.
 
 The table gives time and memory relative to eager and, when Liger ran, time relative to Liger's
 (``x liger`` < 1 is faster). The JSON file is rewritten after every row, so a run stopped by a
@@ -67,6 +69,13 @@ OPS = {"distill_loss": ("N", "V"), "fused_linear": ("N", "H", "V")}  # op -> sha
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads (user + system): on a shared machine whose other jobs
+    stretch the wall-clock time, this moves much less (``cpu_s`` in the rows)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def loss_fn(backend: str) -> Any:
@@ -143,22 +152,24 @@ def measure(loss: Any, grads: list[Any], reps: int) -> dict[str, Any]:
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, first = [], float("nan")
+    times, cpu_times, first = [], [], float("nan")
     for i in range(reps + 1):  # the first call is a warm-up
         for t in grads:
             t.grad = None
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         out = loss()
         out.backward()
         sync()
         if i:
             times.append(time.perf_counter() - start)
+            cpu_times.append(cpu_seconds() - cpu_start)
         else:
             first = out.item()
         del out
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"time_s": statistics.median(times), "extra_bytes": peak - base, "loss": first}
+    return {"time_s": statistics.median(times), "cpu_s": statistics.median(cpu_times), "extra_bytes": peak - base,
+            "loss": first}
 
 
 def worker(backend: str, n: int, vocab: int, dtype_name: str, reps: int) -> dict[str, Any]:
