@@ -65,7 +65,8 @@ def test_bad_rl_config_names_the_key(tmp_path):
     assert len(RlStage(RlStageConfig(num_prompts=5), ctx).records) == 5  # synthetic prompts by default
     with torch.device("meta"):  # what training from teacher_cache passes: the teacher's skeleton
         skeleton = type(teacher)(teacher.config)
-    offline = StageContext("rl", skeleton, student, {}, "stages.rl", tokenizer=char_tokenizer())
+    offline = StageContext("rl", skeleton, student, {}, "stages.rl", tokenizer=char_tokenizer(),
+                           teacher_live=False)
     with pytest.raises(ConfigError, match=r"stages.rl.kl_weight: .*needs a live teacher \(not teacher_cache\)"):
         RlStage(RlStageConfig(kl_weight=0.1), offline)
     assert RlStage(RlStageConfig(kl_weight=0.0), offline).config.kl_weight == 0.0
