@@ -39,6 +39,17 @@ class AttentionStageConfig:
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/attention/<s>_<t>
 
 
+def key_logprobs(qkv: QKV) -> Tensor:
+    """Per-head attention log-probabilities over keys, rows summing to 1.
+
+    With attention sinks (gpt-oss) the model's rows sum to ``1 - p(sink)``; they are
+    renormalised over the keys, so the KL compares where attention goes among the tokens (a
+    proper distribution on both sides, whether or not the other model has sinks).
+    """
+    logp = qkv.attention_logprobs()
+    return logp if qkv.sink_logprob() is None else logp - logp.logsumexp(-1, keepdim=True)
+
+
 def self_relation_logp(x: Tensor, heads: int, allowed: Tensor) -> Tensor:
     """MiniLMv2 relation: ``x`` ``[B, H, S, d]`` -> log-softmax of scaled ``[B, R, S, S]`` relations."""
     x = rearrange(x.float(), "b h s d -> b s (h d)")
@@ -100,7 +111,7 @@ class AttentionStage(Stage):
                 s = self_relation_logp(getattr(student, pick), self.config.relation_heads, allowed)
                 terms.append(kl_divergence(t, s).mean(1))
             return torch.stack(terms).sum(0)
-        t_logp, s_logp = teacher.attention_logprobs(), student.attention_logprobs()
+        t_logp, s_logp = key_logprobs(teacher), key_logprobs(student)
         if self.per_head:
             kl = kl_divergence(t_logp, s_logp).mean(1)
         else:  # compare head-averaged distributions

@@ -151,3 +151,20 @@ def test_config_errors_name_the_key():
         AttentionStage(AttentionStageConfig(layer_map=LayerMapConfig("explicit", [[3, 1]])), context(teacher, student))
     with pytest.raises(ConfigError, match=r"stages\.x\.relation_heads: 3 does not divide"):
         AttentionStage(AttentionStageConfig(mode="relations", relation_heads=3), context(teacher, student))
+
+
+def test_maps_with_attention_sinks_are_renormalised_over_keys():
+    # catches: comparing gpt-oss rows that sum to 1 - p(sink) with a KL that assumes they sum to 1
+    # (a student without sinks would then never match a teacher with them)
+    from hkd.plugins.attention import key_logprobs
+    from hkd.taps import QKV
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=gen) for _ in range(3))
+    with_sinks = QKV(q, k, v, None, 0.5, True, sinks=torch.tensor([2.0, -1.0]))
+    without = QKV(q, k, v, None, 0.5, True)
+    assert with_sinks.attention_logprobs().exp().sum(-1).max() < 0.99  # the model's own rows
+    torch.testing.assert_close(key_logprobs(with_sinks).exp().sum(-1), torch.ones(1, 2, 5))
+    # the same scores without the sink are the same distribution over keys: KL 0
+    torch.testing.assert_close(kl_divergence(key_logprobs(with_sinks), key_logprobs(without)),
+                               torch.zeros(1, 2, 5), atol=1e-6, rtol=0)
