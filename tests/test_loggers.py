@@ -7,9 +7,10 @@ The TensorBoard and W&B tests are skipped when their package is not installed
 from __future__ import annotations
 
 import json
-import struct
+import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -48,30 +49,22 @@ def tensorboard_scalars(log_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(tag)}
 
 
-def wandb_history(path: Path) -> list[dict[str, str]]:
-    """History rows of an offline ``.wandb`` file: a LevelDB-style log of protobuf records.
+def wandb_records(path: Path) -> list[dict]:
+    """The records of an offline ``.wandb`` transaction log, read by W&B's own reader: what
+    ``wandb leet inspect --json PATH`` prints, run through wandb-core directly (the CLI's Python
+    start-up alone takes two seconds; the arguments are the ones ``wandb/cli/leet.py`` passes).
+    wandb 0.31 has no Python reader any more (``wandb.sdk.internal.datastore`` is gone)."""
+    from wandb.util import get_core_path
 
-    Layout: a 7-byte ``:W&B`` header, then 32 KiB blocks of chunks ``crc u32, length u16,
-    type u8, data`` (type 1 = a whole record, 2/3/4 = first/middle/last part).
-    """
-    from wandb.proto import wandb_internal_pb2
+    done = subprocess.run([get_core_path(), "leet", "inspect", "--no-observability", "--json", "--run-file", str(path),
+                           str(path.parent.parent)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
 
-    data, pos, pending, rows = path.read_bytes(), 7, b"", []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer: too short for a chunk header
-            pos += 32768 - pos % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            pending = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
-    return rows
+
+def wandb_history(path: Path, key: str) -> dict[int, float]:
+    return {int(r["history"]["item"]["_step"]): r["history"]["item"][key] for r in wandb_records(path)
+            if r["type"] == "history"}
 
 
 def test_unknown_backend_is_named_with_its_config_path(raw_config):
@@ -112,25 +105,31 @@ def test_tensorboard_writes_every_metric_and_purges_steps_a_resume_repeats(raw_c
     assert tensorboard_scalars(log_dir, "loss") == pytest.approx({1: 1.0, 2: 0.5, 3: 30.0, 4: 40.0})
 
 
+# catches: a resumed run that starts a new W&B run id (or writes no records for its steps), a step
+# logged under the wrong W&B step, a value changed on the way, the run config not sent, and a run
+# that is not finished (no exit record: finish() is what flushes the log, so nothing is polled)
 def test_wandb_offline_keeps_the_run_id_across_resume(raw_config, tmp_path):
     pytest.importorskip("wandb")
     config = config_with(raw_config, ["wandb"])
     run_hooks(config, tmp_path / "run", STEPS[:2])
     run_id = (tmp_path / "run" / "wandb-run-id").read_text().strip()
-    time.sleep(1.1)  # W&B names offline segments by the second: a resume within it would reuse the directory
+    # W&B names an offline segment by its start second: a resume within that second would reuse
+    # the directory (in practice a resume takes longer; wandb.init alone takes a second or more)
+    first = next((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+    started = datetime.strptime(first.name.split("-")[2], "%Y%m%d_%H%M%S").timestamp()
+    time.sleep(max(0.0, started + 1.05 - time.time()))
     run_hooks(config, tmp_path / "run", STEPS[2:], start_step=2)
     assert (tmp_path / "run" / "wandb-run-id").read_text().strip() == run_id
     files = sorted((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(files) == 2  # one offline segment per process start, one W&B run id
-    expected = {s["step"]: s["loss/hidden"] for s in STEPS}
-    deadline = time.monotonic() + 15
-    while True:  # finish() returns before the wandb-core service has written the last records
-        rows = [row for path in files for row in wandb_history(path)]
-        logged = {int(r["_step"]): float(r["loss/hidden"]) for r in rows}
-        if logged == expected or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert logged == expected
+    segments = [wandb_records(path) for path in files]
+    for records, steps in zip(segments, (STEPS[:2], STEPS[2:])):
+        run = next(r["run"] for r in records if r["type"] == "run")
+        assert run["run_id"] == run_id and run["project"] == "hkd-test"
+        assert run["config"]["update"]["optim"]["lr"] == config.optim.lr
+        assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]
+        history = [r["history"]["item"] for r in records if r["type"] == "history"]
+        assert [{k: row[k] for k in steps[0] if k != "step"} | {"step": row["_step"]} for row in history] == steps
 
 
 def test_one_run_logs_to_all_three_backends(raw_config, tmp_path):
@@ -141,5 +140,6 @@ def test_one_run_logs_to_all_three_backends(raw_config, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     scalars = tensorboard_scalars(tmp_path / "run" / "tensorboard", "loss/hidden")
     assert scalars == pytest.approx({line["step"]: line["loss/hidden"] for line in lines})
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    (wandb_file,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert wandb_history(wandb_file, "loss/hidden") == pytest.approx({line["step"]: line["loss/hidden"] for line in lines})
     assert tensorboard_logger._writer is None and wandb_logger._run is None  # closed at train end
