@@ -19,7 +19,7 @@ def fenced(language: str) -> list[str]:
 
 
 def test_configuration_example_loads_with_every_stage_block_typed():
-    (example,) = [block for block in fenced("yaml") if "schedule:" in block]
+    (example,) = [block for block in fenced("yaml") if "schedule:" in block and "stages:\n  attention" in block]
     raw = yaml.safe_load(example)
     config = from_dict(Config, raw)
     assert [p.name for p in config.schedule.phases] == ["structure", "feature", "decision", "rl"]
@@ -30,10 +30,34 @@ def test_configuration_example_loads_with_every_stage_block_typed():
 
 
 def test_plugin_example_defines_a_working_stage_hook():
-    (snippet,) = fenced("python")
+    (snippet,) = [block for block in fenced("python") if "hkd_add_stages" in block]
     namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), namespace)
     (spec,) = namespace["hkd_add_stages"]()
     assert isinstance(spec, StageSpec) and spec.name == "final_cosine" and spec.level == "feature"
     template = Path(__file__).resolve().parents[1] / "examples/plugin-template/hkd_example_plugin/__init__.py"
     assert "class FinalCosineStage(Stage)" in template.read_text()  # the README shows this file's stage
+
+
+def test_several_teachers_and_per_phase_options_examples_load():
+    # catches: README snippets for teachers:/options: that the config would refuse
+    base = {"teacher": {"preset": "tiny-llama"}, "student": {"preset": "tiny-llama"},
+            "schedule": {"phases": [{"name": "p", "steps": 1, "stages": {"logits": 1.0}}]}}
+    (teachers,) = [block for block in fenced("yaml") if "teachers:" in block and "teacher_weight" in block]
+    config = from_dict(Config, base | yaml.safe_load(teachers))
+    assert [t.weight for t in config.teachers] == [0.5] and config.teacher.path == "/models/teacher-a"
+    (phased,) = [block for block in fenced("yaml") if "options: {hidden:" in block]
+    config = from_dict(Config, base | yaml.safe_load(phased))
+    assert config.schedule.phases[1].options == {"hidden": {"layer_map": {"strategy": "last"}}}
+
+
+def test_the_three_part_loop_example_names_real_functions():
+    # catches: a README loop example calling functions that do not exist (or with other arguments)
+    import inspect
+
+    from hkd import loop
+
+    (snippet,) = [block for block in fenced("python") if "build_run" in block]
+    for name in ("build_run", "train_step", "finish"):
+        assert f"{name}(" in snippet and callable(getattr(loop, name))
+    assert list(inspect.signature(loop.finish).parameters) == ["run", "step", "metrics"]
