@@ -67,8 +67,27 @@ def test_agreement_and_perplexity_match_direct_computation(model_dirs):
         logits = student(torch.tensor([ids])).logits[0, :-1]
     nll = F.cross_entropy(logits, torch.tensor(ids[1:]))
     assert perplexity(student, tok, ["12+34=46"]) == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    # catches: prompt tokens counted as targets, KL the wrong way round or summed instead of averaged,
+    # agreement or perplexity over other positions than the targets (the old check was 0 <= x <= 1)
     mixed = agreement(teacher, student, tok, texts)
-    assert 0 <= mixed["top1_agreement"] <= 1 and mixed["kl_teacher_student"] > 0 and mixed["tokens"] == 9 + 3
+    agree, kls, nll_s, nll_t = [], [], [], []
+    for prompt, completion in [("", "12+34=46"), ("7+8=", "15")]:
+        prompt_ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = prompt_ids + tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            lt = teacher(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+            ls = student(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+        for i in range(len(prompt_ids) - 1, len(ids) - 1):  # position i predicts token i + 1
+            agree.append(float(lt[i].argmax() == ls[i].argmax()))
+            kls.append(float((lt[i].exp() * (lt[i] - ls[i])).sum()))
+            nll_s.append(-float(ls[i, ids[i + 1]]))
+            nll_t.append(-float(lt[i, ids[i + 1]]))
+    assert mixed["tokens"] == len(kls) == 9 + 3
+    assert mixed["top1_agreement"] == pytest.approx(sum(agree) / len(agree), abs=1e-9)
+    assert mixed["kl_teacher_student"] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert mixed["perplexity"] == pytest.approx(math.exp(sum(nll_s) / len(nll_s)), rel=1e-4)
+    assert mixed["teacher_perplexity"] == pytest.approx(math.exp(sum(nll_t) / len(nll_t)), rel=1e-4)
+    assert mixed["kl_teacher_student"] > 1e-3  # the two models do differ: a zero KL cannot pass
 
 
 def test_cli_eval_writes_json_and_prints_a_table(tmp_path, model_dirs, capsys):
