@@ -35,7 +35,7 @@ class AttentionStageConfig:
     value_relation: bool = False  # maps: add the MiniLM value-relation KL
     relations: list[Literal["qq", "kk", "vv"]] = field(default_factory=lambda: ["qq", "kk", "vv"])
     relation_heads: int = 4
-    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="uniform"))
+    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/attention/<s>_<t>
 
 
@@ -70,6 +70,7 @@ class AttentionStage(Stage):
             teacher_cfg.num_hidden_layers,
             pairs=config.layer_map.pairs,
             where=f"{context.config_path}.layer_map",
+            student_dir=getattr(context.student.config, "name_or_path", None),  # init/auto: a cut student's hkd-init.json
         )
         if any(s == 0 or t == 0 for s, t in self.layer_map):
             raise ConfigError(f"{context.config_path}.layer_map: attention exists only for blocks 1..L, not 0")

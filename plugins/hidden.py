@@ -24,7 +24,7 @@ class HiddenStageConfig:
     loss: Literal["mse", "cosine"] = "mse"
     projector: Literal["auto", "linear", "none"] = "auto"  # auto: linear only when widths differ
     include_embeddings: bool = False
-    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="uniform"))
+    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/hidden/<s>_<t>
 
 
@@ -41,6 +41,7 @@ class HiddenStage(Stage):
             pairs=config.layer_map.pairs,
             include_embeddings=config.include_embeddings,
             where=f"{context.config_path}.layer_map",
+            student_dir=getattr(context.student.config, "name_or_path", None),  # init/auto: a cut student's hkd-init.json
         )
         widths_differ = s_cfg.hidden_size != t_cfg.hidden_size
         if config.projector == "none" and widths_differ:

@@ -139,3 +139,19 @@ def test_refusals_name_the_problem(tmp_path: Path) -> None:
             init_student(teacher_dir, tmp_path / "student", options)
     with pytest.raises(HkdError, match="not written by init-student"):
         init_student(teacher_dir, tmp_path, InitOptions(layers="every:2"))
+
+
+def test_feature_and_attention_stages_map_the_layers_the_student_was_cut_from(tmp_path: Path) -> None:
+    # catches: stages that ignore hkd-init.json and pair blocks uniformly (here 1->2, 2->4)
+    # although the student's blocks are the teacher's blocks 1 and 3
+    from hkd.plugins.attention import AttentionStage, AttentionStageConfig
+    from hkd.plugins.hidden import HiddenStage, HiddenStageConfig
+    from hkd.stage import StageContext
+
+    teacher_dir = write_preset("tiny-llama", tmp_path / "teacher", TEACHER, seed=1)
+    out = init_student(teacher_dir, tmp_path / "student", InitOptions(layers="0,2"))
+    teacher, _ = load_model(ModelConfig(path=str(teacher_dir)), "teacher")
+    student, _ = load_model(ModelConfig(path=str(out)), "student")
+    context = StageContext("hidden", teacher, student, {}, "stages.hidden")
+    assert HiddenStage(HiddenStageConfig(include_embeddings=True), context).layer_map == [(0, 0), (1, 1), (2, 3)]
+    assert AttentionStage(AttentionStageConfig(), context).layer_map == [(1, 1), (2, 3)]
