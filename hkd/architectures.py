@@ -16,11 +16,14 @@ missing from the table, or a capability the table marks unsupported, is refused 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
 
 from hkd.errors import HkdError
+
+if TYPE_CHECKING:  # an annotation only: importing transformers costs seconds at start-up
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)

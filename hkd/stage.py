@@ -14,12 +14,14 @@ accumulated gradient equal to the gradient of one big batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
 from hkd.view import ModelView, TapRequest
+
+if TYPE_CHECKING:  # annotations only: `hkd stages` need not import transformers
+    from transformers import PreTrainedModel
 
 
 @dataclass

@@ -17,15 +17,18 @@ padding), summed over real target positions and divided by the step's token coun
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from hkd import QKV, ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
+from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
 from hkd.divergence import kl_divergence
 from hkd.layermap import LayerMapConfig, build_layer_map, layer_metrics
+
+if TYPE_CHECKING:  # QKV lives with the taps, which import transformers
+    from hkd import QKV
 
 
 @dataclass

@@ -47,8 +47,6 @@ from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec
 from hkd.arith import make_problems
 from hkd.data import read_jsonl
 from hkd.divergence import kl_divergence
-from hkd.models import load_tokenizer
-from hkd.sampling import sample
 from hkd.seeding import derive_seed
 from hkd.verify import VerifierConfig, build_verifier
 
@@ -119,7 +117,12 @@ class RlStage(Stage):
                               "which needs a live teacher (not teacher_cache); set kl_weight: 0")
         self.config = config
         self.records = load_prompt_records(config, where)
-        self.tokenizer = context.tokenizer or load_tokenizer(Path(str(context.student.config.name_or_path)))
+        if context.tokenizer is None:
+            from hkd.models import load_tokenizer  # transformers: imported when an RL stage is built
+
+            self.tokenizer = load_tokenizer(Path(str(context.student.config.name_or_path)))
+        else:
+            self.tokenizer = context.tokenizer
         if self.tokenizer is None:
             raise HkdError(f"{where}: the RL stage samples text and needs the student's tokenizer")
         pm = context.plugins
@@ -151,6 +154,8 @@ class RlStage(Stage):
         model = self._models["student"]
         cfg, rank, world = self.config, state.rank, state.world_size
         records = self.step_prompts(state.step, rank, world)
+        from hkd.sampling import sample
+
         samples = sample(model, self.tokenizer, [str(r[cfg.prompt_field]) for r in records],
                          n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                          top_p=cfg.top_p, seed=derive_seed(cfg.seed, f"rl:{state.step}:{rank}"))

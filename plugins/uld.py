@@ -37,7 +37,6 @@ from torch import Tensor
 from hkd.config import ConfigError
 from hkd.errors import HkdError
 from hkd.hookspecs import hookimpl
-from hkd.models import load_tokenizer
 from hkd.stage import Stage, StageContext, StageSpec, StepState
 from hkd.tokenalign import Retokenized, VocabMatch, cross_vocab_distance, retokenize
 from hkd.view import ModelView, TapRequest
@@ -68,6 +67,8 @@ class UldStage(Stage):
             if getattr(model, "lm_head", None) is None:
                 raise ConfigError(f"{where}: the {role} has no LM head (an encoder?); disable this stage")
         self.config = config
+        from hkd.models import load_tokenizer  # transformers: imported when the stage is built, not by `hkd stages`
+
         self.student_tok: Any = context.tokenizer or load_tokenizer(Path(str(context.student.config.name_or_path)))
         teacher_dir = Path(config.teacher_tokenizer or str(teacher.config.name_or_path))
         self.teacher_tok: Any = load_tokenizer(teacher_dir)
