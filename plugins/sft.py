@@ -45,4 +45,5 @@ class SftStage(Stage):
 
 @hookimpl
 def hkd_add_stages() -> list[StageSpec]:
-    return [StageSpec("sft", SftStageConfig, SftStage, "cross-entropy on the labels (no teacher forward)", "decision")]
+    return [StageSpec("sft", SftStageConfig, SftStage, "cross-entropy on the labels (no teacher forward)", "decision",
+                      cross_tokenizer=True)]  # never reads the teacher: any teacher tokenizer will do
