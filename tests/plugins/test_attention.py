@@ -25,8 +25,22 @@ def test_head_mismatch_is_averaged_and_trains_the_student():
     teacher, student = models({"num_attention_heads": 4, "num_key_value_heads": 2}, {"num_attention_heads": 2, "num_key_value_heads": 1})
     stage = AttentionStage(AttentionStageConfig(mode="maps"), context(teacher, student))
     assert not stage.per_head and stage.layer_map == [(1, 2), (2, 4)]
-    loss = run_stage(stage, teacher, student, batch())["attention"]
-    assert loss.item() > 0
+    b = batch()
+    loss = run_stage(stage, teacher, student, b)["attention"]
+    # catches: per-head KL or log-probabilities (not probabilities) averaged over heads, a pair of
+    # the map skipped, the wrong normalisation (the old check was loss > 0)
+    teacher.set_attn_implementation("eager")
+    student.set_attn_implementation("eager")
+    with torch.no_grad():
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "output_attentions": True}
+        t_maps, s_maps = teacher(**inputs).attentions, student(**inputs).attentions
+    expected = 0.0
+    for s, t in [(1, 2), (2, 4)]:
+        pt, ps = t_maps[t - 1].double().mean(1), s_maps[s - 1].double().mean(1)  # [B, S, S], heads averaged
+        kl = torch.where(pt > 0, pt * (pt.log() - ps.clamp_min(1e-300).log()), 0.0).sum(-1)
+        expected += float((kl * b["loss_mask"]).sum())
+    assert loss.item() == pytest.approx(expected / (2 * int(b["loss_mask"].sum())), rel=1e-4)
+    assert expected > 1e-3
     loss.backward()
     assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert teacher.model.layers[0].self_attn.q_proj.weight.grad is None
