@@ -173,8 +173,8 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_init_config(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.init_config import starter_config, write_starter_config
 
-    if args.out is None:  # to stdout, model paths relative to the current directory
-        print(starter_config(args.teacher, args.student, Path.cwd()), end="")
+    if args.out is None:  # to stdout: absolute model paths, since the text may be saved anywhere
+        print(starter_config(args.teacher, args.student, None), end="")
         return 0
     out = write_starter_config(args.teacher, args.student, args.out)
     print(f"wrote {out}; run it with: hkd distill {out} --out runs/{out.stem}", file=sys.stderr)

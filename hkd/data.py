@@ -98,17 +98,58 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
     return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
 
 
+def is_encoder_tokenizer(tokenizer: Any) -> bool:
+    """A masked-LM (BERT-family) tokenizer: it has cls, sep and mask tokens. Causal LM tokenizers have no mask token."""
+    return all(getattr(tokenizer, f"{name}_token_id", None) is not None for name in ("cls", "sep", "mask"))
+
+
+def encoder_special_ids(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prefix, suffix) the tokenizer itself puts around one sequence: ``[CLS]``/``[SEP]`` for BERT, ``<s>``/``</s>``
+    for RoBERTa. Read from the tokenizer's own post-processor on a probe text, so no family is hard-coded."""
+    cached = getattr(tokenizer, "_hkd_encoder_special_ids", None)
+    if cached is not None:
+        return cached
+    probe = "hello world"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    found = ([tokenizer.cls_token_id], [tokenizer.sep_token_id])
+    for start in range(len(full) - len(plain) + 1):
+        if plain and full[start:start + len(plain)] == plain:
+            found = (full[:start], full[start + len(plain):])
+            break
+    try:
+        tokenizer._hkd_encoder_special_ids = found  # asked once per example; the answer never changes
+    except AttributeError:
+        pass
+    return found
+
+
 def encode(
-    tokenizer: Any, prompt: str, completion: str, max_length: int, chat_template: bool = False
+    tokenizer: Any, prompt: str, completion: str, max_length: int, chat_template: bool = False,
+    encoder: bool | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids and labels: [bos] prompt completion [eos]; prompt and bos are not targets (-100).
 
     With ``chat_template`` the prompt is rendered by the tokenizer's template, which writes its
     own special tokens (bos included), so none is added here.
+
+    An encoder's tokenizer (``encoder``; ``None``: :func:`is_encoder_tokenizer`) gets its own
+    special tokens instead, ``[CLS] prompt completion [SEP]`` for BERT, and truncation keeps the
+    final one: BERT was pretrained only on sequences that end in ``[SEP]``.
     """
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     cap = CHARS_PER_TOKEN_CAP * max_length  # a 10 MB line is cut here, not tokenised whole
     prompt, completion = prompt[:cap], completion[:cap]
+    if encoder is None:
+        encoder = is_encoder_tokenizer(tokenizer)
+    if encoder:
+        prefix, suffix = encoder_special_ids(tokenizer)
+        prompt_ids = prefix + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+        body = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        keep = max(max_length - len(suffix), 0)
+        ids = (prompt_ids + body)[:keep] + suffix
+        labels = ([-100] * len(prompt_ids) + body)[:keep] + suffix
+        return ids[:max_length], labels[:max_length]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if chat_template and prompt:
         prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     else:

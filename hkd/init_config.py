@@ -21,8 +21,8 @@ import yaml
 
 from hkd.errors import HkdError
 from hkd.layermap import build_layer_map
+from hkd.models import ENCODER_TYPES, is_encoder_config  # noqa: F401  (ENCODER_TYPES: re-exported)
 
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "modernbert"}
 FUSED_VOCAB = 32_000  # above this the [tokens, vocab] logits dominate memory; fuse the LM head into the loss
 
 
@@ -55,27 +55,38 @@ def read_shape(model_dir: str | Path, role: str) -> ModelShape:
         cfg: dict[str, Any] = json.loads(config_path.read_text())
         heads = int(cfg["num_attention_heads"])
         width = int(cfg["hidden_size"])
-        architectures = cfg.get("architectures") or []
-        causal = any(a.endswith(("CausalLM", "LMHeadModel")) for a in architectures)
         return ModelShape(
             path=path.resolve(), model_type=str(cfg.get("model_type", "?")), layers=int(cfg["num_hidden_layers"]),
             width=width, heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or width // heads), vocab=int(cfg["vocab_size"]),
-            encoder=cfg.get("model_type") in ENCODER_TYPES or (bool(architectures) and not causal),
+            encoder=is_encoder_config(cfg),  # the same test hkd distill applies before loading
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise HkdError(f"init-config: {config_path}: cannot read the model shape ({exc!r})") from exc
 
 
+MAX_RELATION_HEADS = 64  # MiniLMv2: 48 relation heads for base-size teachers, 64 for large ones
+MIN_RELATION_DIM = 8  # MiniLMv2's 384-wide students split q/k/v into 48 relation heads of 8
+
+
 def relation_heads(teacher: ModelShape, student: ModelShape) -> int:
-    """The most relation heads (at most the smaller head count) dividing every q/k/v width of both models."""
+    """The most relation heads dividing every q/k/v width of both models, each at least MIN_RELATION_DIM wide.
+
+    Not capped at either model's attention-head count: MiniLMv2 uses many more relation heads
+    than attention heads (48 for a 12-head BERT-base teacher), since relation heads are only a
+    split of the concatenated q/k/v vectors.
+    """
     widths = [m.heads * m.head_dim for m in (teacher, student)] + [m.kv_heads * m.head_dim for m in (teacher, student)]
     common = math.gcd(*widths)
-    return max(r for r in range(1, min(teacher.heads, student.heads) + 1) if common % r == 0)
+    limit = max(1, min(MAX_RELATION_HEADS, min(widths) // MIN_RELATION_DIM))
+    return max(r for r in range(1, limit + 1) if common % r == 0)
 
 
-def model_path(model: ModelShape, out_dir: Path) -> str:
-    """Relative to the config file where possible, so a project folder can move as a whole."""
+def model_path(model: ModelShape, out_dir: Path | None) -> str:
+    """Relative to the config file where possible, so a project folder can move as a whole; absolute when the
+    text goes to stdout (``out_dir`` None), where no file's location is known."""
+    if out_dir is None:
+        return str(model.path)
     try:
         return os.path.relpath(model.path, out_dir.resolve())
     except ValueError:  # another drive on Windows
@@ -104,8 +115,9 @@ def hidden_block(teacher: ModelShape, student: ModelShape) -> tuple[str, str]:
     return why, "{loss: mse, projector: auto, include_embeddings: true, log_layers: false}"
 
 
-def starter_config(teacher_dir: str | Path, student_dir: str | Path, out_dir: Path) -> str:
-    """The annotated YAML text for distilling ``teacher_dir`` into ``student_dir``."""
+def starter_config(teacher_dir: str | Path, student_dir: str | Path, out_dir: Path | None) -> str:
+    """The annotated YAML text for distilling ``teacher_dir`` into ``student_dir``, to be saved in ``out_dir``
+    (None: printed, with absolute model paths)."""
     teacher, student = read_shape(teacher_dir, "teacher"), read_shape(student_dir, "student")
     if teacher.vocab != student.vocab:
         raise HkdError(f"init-config: vocabulary sizes differ (teacher {teacher.vocab}, student {student.vocab}); "
@@ -129,20 +141,37 @@ def starter_config(teacher_dir: str | Path, student_dir: str | Path, out_dir: Pa
         "student:",
         f"  path: {model_path(student, out_dir)}{encoder_flag}",
         "",
-        "# Training text. synthetic = generated arithmetic with worked solutions, handy for a first run.",
-        "# For your own data: {kind: jsonl, path: data.jsonl, text_field: text}, or prompt_field +",
-        "# completion_field to put the loss on completions only.",
-        "data: {kind: synthetic, num_examples: 4096, batch_size: 8, max_length: 256}",
-        "",
-        "# Progressive schedule: structure (attention) -> feature (hidden states) -> decision (logits).",
-        "# Stage weights ramp linearly between phases over ramp_steps; the temperature softens the",
-        "# teacher's distribution early and anneals to 1.",
-        "schedule:",
-        "  ramp_steps: 50",
-        "  temperature: {kind: cosine, start: 2.0, end: 1.0}",
-        "  phases:",
-        "    - {name: structure, steps: 300, stages: {attention: 1.0}}",
     ]
+    if student.encoder:
+        lines += [
+            "# Training text: one JSON object per line with a \"text\" field (sentences or passages of the",
+            "# domain the encoder will embed); the path is relative to this file. Each text is encoded",
+            "# with the tokenizer's own special tokens ([CLS] text [SEP] for BERT).",
+            "data: {kind: jsonl, path: data.jsonl, text_field: text, batch_size: 16, max_length: 128}",
+            "",
+            "# Progressive schedule: structure (attention) -> feature (hidden states). Stage weights ramp",
+            "# linearly between phases over ramp_steps. (No temperature: encoders have no logits stage.)",
+            "schedule:",
+            "  ramp_steps: 50",
+            "  phases:",
+            "    - {name: structure, steps: 300, stages: {attention: 1.0}}",
+        ]
+    else:
+        lines += [
+            "# Training text. synthetic = generated arithmetic with worked solutions, handy for a first run.",
+            "# For your own data: {kind: jsonl, path: data.jsonl, text_field: text}, or prompt_field +",
+            "# completion_field to put the loss on completions only.",
+            "data: {kind: synthetic, num_examples: 4096, batch_size: 8, max_length: 256}",
+            "",
+            "# Progressive schedule: structure (attention) -> feature (hidden states) -> decision (logits).",
+            "# Stage weights ramp linearly between phases over ramp_steps; the temperature softens the",
+            "# teacher's distribution early and anneals to 1.",
+            "schedule:",
+            "  ramp_steps: 50",
+            "  temperature: {kind: cosine, start: 2.0, end: 1.0}",
+            "  phases:",
+            "    - {name: structure, steps: 300, stages: {attention: 1.0}}",
+        ]
     if student.encoder:
         lines += ["    - {name: feature,   steps: 700, stages: {attention: 0.5, hidden: 1.0}}",
                   "    # Encoders have no LM head, so there is no decision (logits) phase."]
@@ -185,13 +214,13 @@ def starter_config(teacher_dir: str | Path, student_dir: str | Path, out_dir: Pa
     return text
 
 
-def check(text: str, out_dir: Path) -> None:
+def check(text: str, out_dir: Path | None) -> None:
     """Refuse to write a config ``hkd distill`` would reject (a bug here, never the user's)."""
     from hkd.config import Config, from_dict, validate
 
     raw = yaml.safe_load(text)
     for role in ("teacher", "student"):  # paths are relative to the file, as load_config resolves them
-        raw[role]["path"] = str(out_dir / raw[role]["path"])
+        raw[role]["path"] = str((out_dir or Path.cwd()) / raw[role]["path"])
     validate(from_dict(Config, raw))
 
 

@@ -1,7 +1,8 @@
 """Loading teacher and student from local Hugging Face directories, and tiny presets.
 
 Presets exist so tests and demos need no downloads: ``write_preset`` saves a randomly
-initialised tiny model plus a character-level tokenizer to a directory, and from then on
+initialised tiny model plus a tokenizer (character-level for the decoders, a small WordPiece
+with [CLS]/[SEP]/[PAD]/[MASK] for tiny-bert) to a directory, and from then on
 the ordinary ``from_pretrained`` path loads it, exactly as it would a real checkpoint.
 """
 
@@ -64,19 +65,64 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# The text the tiny-bert preset's WordPiece vocabulary is learned from: fixed here, so the
+# preset is the same on every machine (worked arithmetic, as in the synthetic data, and prose).
+WORDPIECE_TEXT = """The teacher model encodes each sentence into a sequence of hidden states.
+A smaller student learns to reproduce the teacher's attention patterns and hidden states layer by layer.
+Knowledge distillation transfers what a large network has learned into a compact one.
+Sentence embeddings are mean-pooled over the tokens; similar sentences get similar vectors.
+Question: what is 47 + 38? Add the ones: 7 + 8 = 15, write 5 carry 1. Add the tens: 4 + 3 + 1 = 8. Answer: 85
+Compute 12 * 3 - 4 = 32, then 32 + 19 = 51 and 51 - 6 = 45. The result is 45.
+"""
+
+
+def wordpiece_vocab() -> dict[str, int]:
+    """Specials, every printable ASCII character (alone and as a ``##`` continuation), then the words of
+    :data:`WORDPIECE_TEXT` in sorted order: deterministic (the ``tokenizers`` trainer breaks ties differently
+    from run to run, and teacher and student presets must share one vocabulary)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    chars = sorted({c.lower() for c in CHARACTERS if c.strip()})
+    normalizer, split = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = sorted({w for w, _ in split.pre_tokenize_str(normalizer.normalize_str(WORDPIECE_TEXT)) if len(w) > 1})
+    tokens = BERT_SPECIAL_TOKENS + chars + [f"##{c}" for c in chars] + words
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+
+
+def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A small BERT-style WordPiece tokenizer ([CLS] text [SEP], [PAD], [MASK]) over :func:`wordpiece_vocab`.
+
+    Every printable ASCII character is in the vocabulary, so nothing ASCII maps to [UNK]; no download.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    backend = Tokenizer(models.WordPiece(vocab=wordpiece_vocab(), unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]", do_lower_case=True)
+
+
+def preset_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """tiny-bert: WordPiece with BERT's special tokens; the decoders: characters with bos/eos."""
+    return wordpiece_tokenizer() if PRESETS[name][0] is BertConfig else char_tokenizer()
+
+
 def build_preset(name: str, overrides: dict[str, Any] | None = None, seed: int = 0) -> PreTrainedModel:
     if name not in PRESETS:
         raise HkdError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
     config_cls, defaults = PRESETS[name]
-    tokenizer = char_tokenizer()
-    fields = {
-        **defaults,
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        **(overrides or {}),
-    }
+    tokenizer = preset_tokenizer(name)
+    specials = {"pad_token_id": tokenizer.pad_token_id}
+    if config_cls is not BertConfig:
+        specials.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    fields = {**defaults, "vocab_size": len(tokenizer), **specials, **(overrides or {})}
     config = config_cls(**fields)
     torch.manual_seed(seed)
     if config_cls is BertConfig:
@@ -92,7 +138,7 @@ def write_preset(name: str, out_dir: str | Path, overrides: dict[str, Any] | Non
     out = Path(out_dir)
     model = build_preset(name, overrides, seed)
     model.save_pretrained(out, safe_serialization=True)
-    char_tokenizer().save_pretrained(out)
+    preset_tokenizer(name).save_pretrained(out)
     (out / PRESET_RECIPE).write_text(json.dumps({"preset": name, "overrides": overrides or {}, "seed": seed}))
     return out
 
@@ -241,6 +287,42 @@ def _some(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "modernbert",
+                 "camembert", "albert", "mpnet", "ernie", "nomic_bert", "neobert"}
+CAUSAL_SUFFIXES = ("CausalLM", "LMHeadModel")
+
+
+def _config_facts(config: Any) -> tuple[str, list[str]]:
+    if isinstance(config, dict):
+        return str(config.get("model_type", "")), list(config.get("architectures") or [])
+    return str(getattr(config, "model_type", "")), list(getattr(config, "architectures", None) or [])
+
+
+def is_encoder_config(config: Any) -> bool:
+    """An encoder (BERT family) by its config (a ``PretrainedConfig`` or a ``config.json`` dict): a known encoder
+    ``model_type``, or architectures none of which is a causal LM (``BertModel``, ``BertForMaskedLM``)."""
+    model_type, architectures = _config_facts(config)
+    if config_is_decoder(config):
+        return False
+    if model_type in ENCODER_TYPES:
+        return True
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # e.g. a bare GPT2Model: loads fine with its LM head
+        return False
+    return bool(architectures) and not any(a.endswith(CAUSAL_SUFFIXES) for a in architectures)
+
+
+def config_is_decoder(config: Any) -> bool:
+    value = config.get("is_decoder") if isinstance(config, dict) else getattr(config, "is_decoder", False)
+    return bool(value)
+
+
+def encoder_reason(config: Any) -> str:
+    model_type, architectures = _config_facts(config)
+    return f"model_type {model_type!r}" + (f", architectures {architectures}" if architectures else "")
+
+
 def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tuple[PreTrainedModel, Any]:
     """Load ``role`` ("teacher"/"student") from ``spec``; returns (model, tokenizer or None)."""
     if spec.preset is not None:
@@ -265,6 +347,10 @@ def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tup
     loader = AutoModel if spec.encoder else AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        if not spec.encoder and is_encoder_config(config):
+            raise HkdError(f"{role}: {str(path)!r} is an encoder ({encoder_reason(config)}), which has no causal LM "
+                           f"head; set {role}.encoder: true (loading it as a causal LM would add a randomly "
+                           "initialised head)")
         with _quiet_transformers(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes; refusals are raised, not warned
             model, info = loader.from_pretrained(path, config=config, **kwargs)  # type: ignore[misc]

@@ -1,8 +1,15 @@
 """Feature stage: align mapped hidden states, through learned projectors when widths differ.
 
 Per token: ``mse`` = mean over features of (P h_s - h_t)^2, ``cosine`` = 1 - cos(P h_s, h_t),
-where P is a linear projector student_width -> teacher_width (identity when widths match
-and ``projector: auto``). Projectors are this stage's parameters: they train with the
+``nmse`` = ||P h_s - h_t||^2 divided by the teacher layer's mean ||h_t||^2 over the batch's real
+tokens (detached), where P is a linear projector student_width -> teacher_width (identity when
+widths match and ``projector: auto``).
+
+Hidden-state norms differ by orders of magnitude across layers (BERT's embedding output is
+near unit scale per feature, its last blocks much larger; a pre-norm decoder's residual stream
+grows with depth), so with plain ``mse`` the mean over mapped pairs is dominated by the layers
+with the largest norms. ``nmse`` puts every pair on the same scale (1.0 = predicting zeros);
+``normalize: layernorm`` applies a parameter-free LayerNorm to both sides before the loss. Projectors are this stage's parameters: they train with the
 student and are saved in checkpoints. Layer 0 (embeddings) can be mapped too.
 """
 
@@ -21,7 +28,8 @@ from hkd.layermap import LayerMapConfig, build_layer_map, layer_metrics
 
 @dataclass
 class HiddenStageConfig:
-    loss: Literal["mse", "cosine"] = "mse"
+    loss: Literal["mse", "cosine", "nmse"] = "mse"
+    normalize: Literal["none", "layernorm"] = "none"  # layernorm: per-token LayerNorm (no affine) on both sides
     projector: Literal["auto", "linear", "none"] = "auto"  # auto: linear only when widths differ
     include_embeddings: bool = False
     layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))
@@ -74,8 +82,14 @@ class HiddenStage(Stage):
             key = f"{s}_{t}"
             if key in self.projectors:
                 s_hidden = self.projectors[key](s_hidden)
+            if self.config.normalize == "layernorm":
+                s_hidden = F.layer_norm(s_hidden, s_hidden.shape[-1:])
+                t_hidden = F.layer_norm(t_hidden, t_hidden.shape[-1:])
             if self.config.loss == "mse":
                 per_token = (s_hidden - t_hidden).pow(2).mean(-1)
+            elif self.config.loss == "nmse":
+                scale = (t_hidden.detach().pow(2).sum(-1) * mask).sum() / mask.sum().clamp_min(1)
+                per_token = (s_hidden - t_hidden).pow(2).sum(-1) / scale.clamp_min(1e-12)
             else:
                 per_token = 1 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)
             pair_sums[(s, t)] = (per_token * mask).sum()
@@ -87,4 +101,4 @@ class HiddenStage(Stage):
 
 @hookimpl
 def hkd_add_stages() -> list[StageSpec]:
-    return [StageSpec("hidden", HiddenStageConfig, HiddenStage, "MSE/cosine between mapped hidden states", "feature")]
+    return [StageSpec("hidden", HiddenStageConfig, HiddenStage, "MSE/normalised MSE/cosine between mapped hidden states", "feature")]
