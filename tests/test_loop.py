@@ -29,7 +29,12 @@ def test_three_phase_run_writes_metrics_checkpoints_and_a_loadable_student(raw_c
     assert "loss/logits" in lines[-1] and "loss/attention" not in lines[-1]
     # ramp_steps=1: the first step of phase 2 is halfway between the phases' weights
     assert lines[2]["weight/attention"] == pytest.approx(0.75) and lines[2]["weight/hidden"] == pytest.approx(0.5)
-    assert all(torch.isfinite(torch.tensor(l["loss"])) for l in lines)
+    # catches: a logged total that is not the weighted sum of the logged stage losses (a stage's loss
+    # dropped or counted twice, weights applied to the log but not the total; was finiteness only)
+    for l in lines:
+        stages = [k.removeprefix("weight/") for k in l if k.startswith("weight/") and l[k] > 0]
+        assert stages and all(f"loss/{k}" in l for k in stages), l
+        assert l["loss"] == pytest.approx(sum(l[f"weight/{k}"] * l[f"loss/{k}"] for k in stages), rel=1e-5)
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-00000004", "step-00000006"]  # keep the last 2
     student = AutoModelForCausalLM.from_pretrained(result.final_dir)
