@@ -44,6 +44,9 @@ def test_matches_an_fp64_reference(divergence, temperature, alpha):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @functools.cache
 def tiny_models():
     return models()
@@ -74,7 +77,7 @@ class Masked:
         shape = (*self.batch["input_ids"].shape, width)
         self.teacher = torch.randn(shape, generator=gen) * 2
         self.student = (torch.randn(shape, generator=gen) * 2).requires_grad_()
-        self.heads = [torch.nn.Linear(self.HIDDEN, self.VOCAB) for _ in range(2)]  # teacher's, student's
+        self.heads = [torch.nn.Linear(self.HIDDEN, self.VOCAB).to(DEVICE) for _ in range(2)]  # teacher's, student's
         backend = None if self.sparse else mode.split(":")[-1]
         serves = TapRequest(sparse_logits=True) if self.sparse else TapRequest(logits=True, final_hidden=True)
         teacher, student = tiny_models()  # the stage looks at them when built; the loss sees only the views
@@ -83,6 +86,8 @@ class Masked:
         self.tokens = int(self.batch["loss_mask"].sum())
 
     def loss(self, teacher: torch.Tensor, student: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+        """The stage's loss on the test device (the Triton kernels run compiled there when it is CUDA)."""
+        teacher, student = teacher.to(DEVICE), student.to(DEVICE)
         if self.fused:
             t_view = ModelView(final_hidden=teacher, lm_head=self.heads[0])
             s_view = ModelView(final_hidden=student, lm_head=self.heads[1])
@@ -92,13 +97,14 @@ class Masked:
         else:
             t_view, s_view = ModelView(logits=teacher), ModelView(logits=student)
         state = StepState(step=0, temperature=temperature, tokens=self.tokens)
-        return self.stage.loss(self.batch, t_view, s_view, state)["logits"]
+        batch_on_device = {k: v.to(DEVICE) for k, v in self.batch.items()}
+        return self.stage.loss(batch_on_device, t_view, s_view, state)["logits"]
 
     def logits64(self, x: torch.Tensor, role: int) -> torch.Tensor:
         if not self.fused:
             return x.detach().double()
         head = self.heads[role]
-        return x.detach().double() @ head.weight.detach().double().T + head.bias.detach().double()
+        return x.detach().double() @ head.weight.detach().double().cpu().T + head.bias.detach().double().cpu()
 
     def reference(self, positions: torch.Tensor, targets: torch.Tensor, temperature: float = 2.0) -> float:
         """(1 - alpha) T^2 KL(teacher_T || student_T) + alpha CE, in fp64, summed over ``positions`` only."""
