@@ -193,10 +193,11 @@ def test_builtin_verifiers():
         build_verifier(pm, "regex_format", {"pattern": "("})
 
 
-def test_cli_runs_the_example_config(tmp_path, capsys):
+def test_cli_runs_the_example_config(tmp_path, capsys, model_dirs):
+    # the example names the demo's trained teacher; any local teacher directory stands in for it
     out = tmp_path / "gen.jsonl"
     code = main(["generate", str(EXAMPLES / "generate.yaml"), "--out", str(out), "--no-progress",
-                 "--n=1", "--max_new_tokens=8", "--batch_size=12"])
+                 f"--teacher.path={model_dirs['teacher']}", "--n=1", "--max_new_tokens=8", "--batch_size=12"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "24 prompts, 24 samples" in printed and out.is_file()
@@ -242,15 +243,16 @@ def test_parts_of_an_interrupted_multi_rank_run_are_merged_in_order(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_write_the_single_process_file(tmp_path, subprocess_env):
+def test_torchrun_two_ranks_write_the_single_process_file(tmp_path, subprocess_env, model_dirs):
     import subprocess
     import sys
 
     import yaml
 
     raw = yaml.safe_load((EXAMPLES / "generate.yaml").read_text())
-    # keep every sample (a random preset teacher passes no verifier): the files then hold all completions
+    # keep every sample (an untrained teacher passes no verifier): the files then hold all completions
     raw.update(prompts=str(EXAMPLES / raw["prompts"]), n=2, max_new_tokens=8, batch_size=5, verifiers=[],
+               teacher={"path": str(model_dirs["teacher"])},
                filters={"require_answer": False, "max_chars": 0, "max_kept_per_prompt": 0, "dedupe": False})
     config_path = tmp_path / "gen.yaml"
     config_path.write_text(yaml.safe_dump(raw))
