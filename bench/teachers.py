@@ -1,0 +1,105 @@
+"""Benchmark: a student distilled from two teachers (their mixture) against each teacher alone.
+
+    python bench/teachers.py                                # 3 seeds, the demo's logits-only arm
+    python bench/teachers.py --set student_steps=400 --seeds 0 1 2
+
+The demo's task. Teacher A is the demo's teacher (cached in ``--work``); teacher B is the same
+architecture trained on the same worked solutions from another initialisation
+(``DemoSettings.seed + 1``). Every arm trains the demo's student for ``student_steps`` steps
+with the logits stage (forward KL) on A's distilled data: ``teacher_a``, ``teacher_b``, and
+``mixture`` (``teachers:`` A and B at equal weight: the KL to the average of their tempered
+distributions). Reported: held-out greedy pass@1 per arm (mean, sample std, min, max over
+seeds) and each teacher's own pass@1. JSON with the command, machine and seeds goes to
+``bench/results/teachers-DATE.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import override_setting, summary  # noqa: E402
+
+from hkd.config import ModelConfig, TeacherConfig  # noqa: E402
+from hkd.tasks.demo import (  # noqa: E402
+    DemoSettings, arm_config, pass_at_1, prepare, prepare_teacher, train_student, write_json,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ARMS = ("teacher_a", "teacher_b", "mixture")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", default="runs/bench-teachers", help="run directory (teachers are cached here)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="JSON path (default bench/results/teachers-DATE.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a DemoSettings field")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    settings = DemoSettings()
+    for item in args.set:
+        settings = override_setting(settings, item, parser)
+    work = Path(args.work)
+    data, teacher_a, distilled = prepare(settings, work, False)
+    teacher_b = prepare_teacher(dataclasses.replace(settings, seed=settings.seed + 1), work / "teacher-b", data, False)
+    teachers = {name: {"pass@1": pass_at_1(path, data.heldout, settings)}
+                for name, path in (("a", teacher_a), ("b", teacher_b))}
+    print(f"teacher A pass@1 {teachers['a']['pass@1']:.3f}, teacher B {teachers['b']['pass@1']:.3f}", flush=True)
+
+    results: dict[str, dict[str, Any]] = {}
+    for seed in args.seeds:
+        for arm in ARMS:
+            t0 = time.perf_counter()
+            config = arm_config("logits_only", settings, data, teacher_a, distilled, seed, False)
+            if arm == "teacher_b":
+                config.teacher = ModelConfig(path=str(teacher_b))
+            elif arm == "mixture":
+                config.teachers = [TeacherConfig(path=str(teacher_b), weight=1.0)]
+            phases = train_student(config, work / "students" / f"{arm}-seed{seed}")
+            score = pass_at_1(phases[config.schedule.phases[-1].name], data.heldout, settings)
+            results.setdefault(arm, {"runs": []})["runs"].append(
+                {"seed": seed, "pass@1": score, "seconds": round(time.perf_counter() - t0, 1)})
+            print(f"seed {seed} {arm:10s} pass@1 {score:.3f} [{time.perf_counter() - t0:.0f} s]", flush=True)
+    for entry in results.values():
+        entry["pass@1"] = summary([r["pass@1"] for r in entry["runs"]])
+
+    report = {
+        "command": " ".join(["python", "bench/teachers.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "settings": dataclasses.asdict(settings),
+        "seeds": args.seeds,
+        "teachers": teachers,
+        "arms": results,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out = Path(args.out) if args.out else RESULTS / f"teachers-{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    print(f"\n{'arm':12s} {'mean':>6s} {'std':>6s} {'min':>6s} {'max':>6s}   ({len(args.seeds)} seeds, "
+          f"{settings.student_steps} steps)")
+    for name, entry in results.items():
+        s = entry["pass@1"]
+        print(f"{name:12s} {s['mean']:6.3f} {s['std']:6.3f} {s['min']:6.3f} {s['max']:6.3f}")
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
