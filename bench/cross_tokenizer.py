@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import override_setting, summary  # noqa: E402
 
 from hkd.config import ModelConfig  # noqa: E402
-from hkd.demo import DemoSettings, arm_config, make_config, pass_at_1, prepare, train_student, write_json  # noqa: E402
+from hkd.tasks.demo import DemoSettings, arm_config, make_config, pass_at_1, prepare, train_student, write_json  # noqa: E402
 from hkd.models import build_preset  # noqa: E402
 from hkd.tokenalign import train_bpe_tokenizer  # noqa: E402
 

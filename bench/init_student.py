@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import override_setting, summary  # noqa: E402
 
 from hkd.config import ModelConfig  # noqa: E402
-from hkd.demo import DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student, write_json  # noqa: E402
+from hkd.tasks.demo import DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student, write_json  # noqa: E402
 from hkd.init_student import InitOptions, init_student  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,7 +45,7 @@ INITS = ("random", "teacher")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=["logits_only"], help="hkd.demo arms (default logits_only)")
+    parser.add_argument("--arms", nargs="+", default=["logits_only"], help="hkd.tasks.demo arms (default logits_only)")
     parser.add_argument("--work", default="runs/bench-init-student", help="run directory (the teacher is cached here)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="JSON path (default bench/results/init-student-DATE.json)")

@@ -161,7 +161,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.demo import DemoSettings, run_demo
+    from hkd.tasks.demo import DemoSettings, run_demo
 
     if extra:
         raise HkdError(f"unrecognised argument(s) {extra}; hkd demo takes --out, --quick, --seed, --threads, --no-progress")

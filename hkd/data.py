@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from hkd.arith import make_problems
+from hkd.tasks.arith import make_problems
 from hkd.config import DataConfig
 from hkd.errors import HkdError
 

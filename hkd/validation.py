@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hkd.arith import make_problems
+from hkd.tasks.arith import make_problems
 from hkd.config import Config
 from hkd.data import Batches, encode, encode_dataset
 from hkd.distributed import all_reduce_tensor

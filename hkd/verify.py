@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from hkd.arith import extract_answer
+from hkd.tasks.arith import extract_answer
 from hkd.errors import ConfigError, HkdError
 
 

@@ -30,7 +30,7 @@ prompts; the stage holds no state to checkpoint.
 
 Prompts come from ``prompts`` (a JSONL file with ``prompt_field``/``answer_field``; a relative
 path is taken from the current directory) or, without one, from ``num_prompts`` synthetic
-addition problems (:mod:`hkd.arith`).
+addition problems (:mod:`hkd.tasks.arith`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
-from hkd.arith import make_problems
+from hkd.tasks.arith import make_problems
 from hkd.data import read_jsonl
 from hkd.divergence import kl_divergence
 from hkd.seeding import derive_seed

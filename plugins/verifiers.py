@@ -2,7 +2,7 @@
 
 * ``exact_answer``: extract the final answer from the completion and compare it with the
   record's reference (``answer_field``). The default extractor is
-  :func:`hkd.arith.extract_answer` (the text after the last ``=> ``); ``pattern`` swaps in a
+  :func:`hkd.tasks.arith.extract_answer` (the text after the last ``=> ``); ``pattern`` swaps in a
   user regex whose last match gives the answer (group 1 if the regex has a group, else the
   whole match). Rejections: ``no_answer`` (nothing extracted), ``no_reference`` (the record
   lacks the field), ``wrong_answer``.

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from hkd.config import Config, from_dict
-from hkd.demo import DemoSettings, prepare_data, prepare_teacher
+from hkd.tasks.demo import DemoSettings, prepare_data, prepare_teacher
 from hkd.models import load_model
 from hkd.config import ModelConfig
 from hkd.cli import main

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hkd.generate as gen
-from hkd.arith import Problem, make_problems
+from hkd.tasks.arith import Problem, make_problems
 from hkd.cli import main
 from hkd.config import DataConfig, from_dict
 from hkd.data import load_records

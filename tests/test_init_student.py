@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hkd.arith import make_problems
+from hkd.tasks.arith import make_problems
 from hkd.cli import main
 from hkd.config import ModelConfig
 from hkd.errors import ConfigError, HkdError

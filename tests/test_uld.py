@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hkd import kernels
-from hkd.arith import make_problems
+from hkd.tasks.arith import make_problems
 from hkd.data import collate, encode
 from hkd.errors import HkdError
 from hkd.models import build_preset, char_tokenizer, check_compatible

@@ -7,7 +7,7 @@ repo="$(cd "$(dirname "$0")/.." && pwd)"
 tree="$(mktemp -d)"
 trap 'rm -rf "$tree"' EXIT
 mkdir "$tree/hkd"
-for f in "$repo"/hkd/*.py "$repo"/hkd/py.typed; do ln -s "$f" "$tree/hkd/"; done
+for f in "$repo"/hkd/*.py "$repo"/hkd/py.typed "$repo"/hkd/tasks; do ln -s "$f" "$tree/hkd/"; done
 ln -s "$repo/plugins" "$tree/hkd/plugins"
 ln -s "$repo/kernels" "$tree/hkd/kernels"
 cd "$tree"

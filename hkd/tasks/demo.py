@@ -35,17 +35,17 @@ from typing import Any, cast
 import torch
 from tqdm.auto import tqdm
 
-from hkd.arith import make_problems
+from hkd.tasks.arith import make_problems
 from hkd.config import Config, ModelConfig, from_dict, validate
 from hkd.data import read_jsonl
 from hkd.errors import HkdError
 from hkd.evaluate import evaluate_pass_at_k
-from hkd.generate import GenerateConfig, VerifierConfig, generate, rewrite_lines
+from hkd.generate import GenerateConfig, generate, rewrite_lines
 from hkd.hookspecs import hookimpl
 from hkd.loop import distill
 from hkd.manager import build_manager
 from hkd.models import freeze, load_model, load_tokenizer
-from hkd.verify import build_verifier
+from hkd.verify import VerifierConfig, build_verifier
 
 TEACHER_ARCH = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                 "num_key_value_heads": 2}
