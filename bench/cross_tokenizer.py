@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import override_setting, summary  # noqa: E402
+from quality import override_setting, print_arms, run_header, summary  # noqa: E402
 
 from hkd.config import ModelConfig  # noqa: E402
 from hkd.tasks.demo import DemoSettings, arm_config, make_config, pass_at_1, prepare, train_student, write_json  # noqa: E402
@@ -103,11 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["pass@1"] = summary([r["pass@1"] for r in entry["runs"]])
 
     report = {
-        "command": " ".join(["python", "bench/cross_tokenizer.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        **run_header("cross_tokenizer.py", argv),
         "settings": settings.__dict__,
         "seeds": args.seeds,
         "student_vocab": args.vocab,
@@ -119,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     print(f"\nteacher pass@1 {teacher_pass:.3f}; {len(args.seeds)} seeds, {settings.student_steps} steps")
-    print(f"{'arm':14s} {'mean':>6s} {'std':>6s} {'min':>6s} {'max':>6s}")
-    for name, entry in results.items():
-        s = entry["pass@1"]
-        print(f"{name:14s} {s['mean']:6.3f} {s['std']:6.3f} {s['min']:6.3f} {s['max']:6.3f}")
+    print_arms(results, 14)
     print(f"written to {out}")
     return 0
 

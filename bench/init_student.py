@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import override_setting, summary  # noqa: E402
+from quality import override_setting, print_arms, run_header, summary  # noqa: E402
 
 from hkd.config import ModelConfig  # noqa: E402
 from hkd.tasks.demo import DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student, write_json  # noqa: E402
@@ -85,11 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["pass@1"] = summary([r["pass@1"] for r in entry["runs"]])
 
     report = {
-        "command": " ".join(["python", "bench/init_student.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        **run_header("init_student.py", argv),
         "settings": settings.__dict__,
         "seeds": args.seeds,
         "init_options": options.__dict__ | {"data": "OUT/data/teacher_train.jsonl"},
@@ -101,11 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"init-student-{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
-    print(f"\n{'arm/init':24s} {'mean':>6s} {'std':>6s} {'min':>6s} {'max':>6s}   ({len(args.seeds)} seeds, "
-          f"{settings.student_steps} steps)")
-    for name, entry in results.items():
-        s = entry["pass@1"]
-        print(f"{name:24s} {s['mean']:6.3f} {s['std']:6.3f} {s['min']:6.3f} {s['max']:6.3f}")
+    print(f"\n{len(args.seeds)} seeds, {settings.student_steps} steps")
+    print_arms(results, 24)
     print(f"written to {out}")
     return 0
 

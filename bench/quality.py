@@ -54,6 +54,25 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def run_header(script: str, argv: list[str] | None) -> dict[str, Any]:
+    """What every bench result file starts with: the command, the date and the machine."""
+    return {
+        "command": " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+    }
+
+
+def print_arms(results: dict[str, dict[str, Any]], width: int) -> None:
+    """The mean, std, min and max pass@1 of each arm, one line each."""
+    print(f"{'arm':{width}s} {'mean':>6s} {'std':>6s} {'min':>6s} {'max':>6s}")
+    for name, entry in results.items():
+        s = entry["pass@1"]
+        print(f"{name:{width}s} {s['mean']:6.3f} {s['std']:6.3f} {s['min']:6.3f} {s['max']:6.3f}")
+
+
 def goals(arms: dict[str, Any], teacher: float, ratio: float) -> dict[str, Any]:
     """The targets, checked against what was measured (absent arms make a goal unknown)."""
     mean = {name: arm["pass@1"]["mean"] for name, arm in arms.items()}
@@ -130,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ratio = student_params / teacher_params
     report = {
-        "command": " ".join(["python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        **run_header("quality.py", argv),
         "settings": settings.__dict__,
         "seeds": args.seeds,
         "teacher": {"pass@1": teacher_pass, "params": teacher_params},

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import override_setting, summary  # noqa: E402
+from quality import override_setting, print_arms, run_header, summary  # noqa: E402
 
 from hkd.config import ModelConfig, TeacherConfig  # noqa: E402
 from hkd.tasks.demo import (  # noqa: E402
@@ -78,11 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         entry["pass@1"] = summary([r["pass@1"] for r in entry["runs"]])
 
     report = {
-        "command": " ".join(["python", "bench/teachers.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        **run_header("teachers.py", argv),
         "settings": dataclasses.asdict(settings),
         "seeds": args.seeds,
         "teachers": teachers,
@@ -92,11 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else RESULTS / f"teachers-{dt.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
-    print(f"\n{'arm':12s} {'mean':>6s} {'std':>6s} {'min':>6s} {'max':>6s}   ({len(args.seeds)} seeds, "
-          f"{settings.student_steps} steps)")
-    for name, entry in results.items():
-        s = entry["pass@1"]
-        print(f"{name:12s} {s['mean']:6.3f} {s['std']:6.3f} {s['min']:6.3f} {s['max']:6.3f}")
+    print(f"\n{len(args.seeds)} seeds, {settings.student_steps} steps")
+    print_arms(results, 12)
     print(f"written to {out}")
     return 0
 
