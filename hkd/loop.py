@@ -279,8 +279,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                                  torch.zeros((), device=run.device))
                 stage_losses[slot] += stage_loss.detach()
                 total = total + active[name] * stage_loss
-                for key in (k for k in terms if k.startswith("metric/")):
-                    metric_sums[key] = metric_sums.get(key, 0) + terms[key].detach().float() * count
+                for metric in (k for k in terms if k.startswith("metric/")):
+                    metric_sums[metric] = metric_sums.get(metric, 0) + terms[metric].detach().float() * count
             if total.requires_grad:  # e.g. the RL stage contributes on the first micro-batch only
                 (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
     sync_gradients(run.params, info)
