@@ -9,7 +9,8 @@ Both loops run the same models, batches and optimizer settings: a live teacher f
 an AdamW step. ``hkd`` is :func:`hkd.loop.train_step` (schedule, taps, stage dispatch, metrics,
 one host read); ``bare`` is those operations written out by hand. They alternate in rounds
 (``--rounds``, each ``--steps`` steps after a warm-up) so machine noise hits both alike; the
-result is the median tokens/s of each and ``overhead = bare / hkd - 1``. On CUDA it also
+result is the median tokens/s of each (per CPU-second of the process on the CPU, per wall second
+on CUDA) and ``overhead = bare / hkd - 1``. On CUDA it also
 reports model FLOPs utilisation (6 x student params + 2 x teacher params per token, against
 ``--peak-tflops``). JSON (device, date, command, numbers) goes to
 ``bench/results/loop-{cpu,cuda}-<time>.json``.
@@ -62,9 +63,10 @@ def bare_step(run: Run, step: int) -> int:
     targets = batch["labels"][:, 1:]
     tokens = int((targets != -100).sum())
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16-mixed"):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        student_logits = run.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            teacher_logits = teacher(**inputs).logits
+        student_logits = run.student(**inputs).logits
         loss = kernels.distill_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=targets,
                                     reduction="sum") / max(tokens, 1)
     loss.backward()
@@ -75,15 +77,18 @@ def bare_step(run: Run, step: int) -> int:
 
 
 def timed(fn: Any, steps: int, first: int, device: torch.device) -> float:
-    """Tokens/s of ``steps`` calls ``fn(step) -> tokens`` starting at step ``first``."""
+    """Tokens/s of ``steps`` calls ``fn(step) -> tokens`` starting at step ``first``: per second of
+    wall time on CUDA, per second of this process's CPU time on the CPU (other jobs on a shared
+    machine then do not move the number)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start, tokens = time.perf_counter(), 0
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
+    start, tokens = clock(), 0
     for step in range(first, first + steps):
         tokens += fn(step)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return tokens / (time.perf_counter() - start)
+    return tokens / (clock() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
