@@ -96,7 +96,7 @@ def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
     Every printable ASCII character is in the vocabulary, so nothing ASCII maps to [UNK]; no download.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizerFast  # type: ignore[attr-defined]  # an alias of BertTokenizer in transformers 5
 
     backend = Tokenizer(models.WordPiece(vocab=wordpiece_vocab(), unk_token="[UNK]", max_input_chars_per_word=100))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
