@@ -24,24 +24,21 @@ command, machine and seeds in ``bench/results/cross-tokenizer-DATE.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import override_setting, print_arms, run_header, summary  # noqa: E402
+from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
 from hkd.config import ModelConfig  # noqa: E402
-from hkd.tasks.demo import DemoSettings, arm_config, make_config, pass_at_1, prepare, train_student, write_json  # noqa: E402
+from hkd.tasks.demo import DemoSettings, arm_config, make_config, pass_at_1, prepare, train_student  # noqa: E402
 from hkd.models import build_preset  # noqa: E402
 from hkd.tokenalign import train_bpe_tokenizer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("answer_only", "sft_distilled", "uld", "uld_pure", "uld_first_char")
 SHARED = {"uld": "kl", "uld_pure": "none", "uld_first_char": "first_char"}
 
@@ -57,20 +54,13 @@ def write_student(settings: DemoSettings, texts: list[str], vocab: int, seed: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--vocab", type=int, default=300, help="student BPE vocabulary size")
-    parser.add_argument("--work", default="runs/bench-cross-tokenizer", help="run directory (the teacher is cached here)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="JSON path (default bench/results/cross-tokenizer-DATE.json)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a DemoSettings field")
+    add_common_arguments(parser, "cross-tokenizer")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    settings = DemoSettings()
-    for item in args.set:
-        settings = override_setting(settings, item, parser)
+    settings = settings_from(args, parser, DemoSettings())
     work = Path(args.work)
     data, teacher, distilled = prepare(settings, work, False)
     teacher_pass = pass_at_1(teacher, data.heldout, settings)
@@ -109,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "arms": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out) if args.out else RESULTS / f"cross-tokenizer-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
+    out = write_result(args, "cross-tokenizer", report)
     print(f"\nteacher pass@1 {teacher_pass:.3f}; {len(args.seeds)} seeds, {settings.student_steps} steps")
     print_arms(results, 14)
     print(f"written to {out}")

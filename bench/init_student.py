@@ -21,40 +21,30 @@ to ``bench/results/init-student-DATE.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import override_setting, print_arms, run_header, summary  # noqa: E402
+from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
 from hkd.config import ModelConfig  # noqa: E402
-from hkd.tasks.demo import DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student, write_json  # noqa: E402
+from hkd.tasks.demo import DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student  # noqa: E402
 from hkd.init_student import InitOptions, init_student  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 INITS = ("random", "teacher")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=["logits_only"], help="hkd.tasks.demo arms (default logits_only)")
-    parser.add_argument("--work", default="runs/bench-init-student", help="run directory (the teacher is cached here)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="JSON path (default bench/results/init-student-DATE.json)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a DemoSettings field")
+    add_common_arguments(parser, "init-student")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    settings = DemoSettings()
-    for item in args.set:
-        settings = override_setting(settings, item, parser)
+    settings = settings_from(args, parser, DemoSettings())
     work = Path(args.work)
     data, teacher, distilled = prepare(settings, work, False)
     teacher_pass = pass_at_1(teacher, data.heldout, settings)
@@ -92,9 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "arms": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out) if args.out else RESULTS / f"init-student-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
+    out = write_result(args, "init-student", report)
     print(f"\n{len(args.seeds)} seeds, {settings.student_steps} steps")
     print_arms(results, 24)
     print(f"written to {out}")

@@ -54,6 +54,33 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every demo-task benchmark takes: seeds, work directory, threads, output, --set."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--work", default=f"runs/bench-{name}", help="run directory (teachers are cached here)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", help=f"JSON path (default bench/results/{name}-DATE.json)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a DemoSettings field, e.g. --set student_steps=400 (repeatable)")
+
+
+def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser, base: DemoSettings) -> DemoSettings:
+    """``base`` with every ``--set`` applied; also sets the torch thread count."""
+    torch.set_num_threads(args.threads)  # 1: OpenMP threads spinning against other jobs cost more than they give
+    settings = base
+    for item in args.set:
+        settings = override_setting(settings, item, parser)
+    return settings
+
+
+def write_result(args: argparse.Namespace, name: str, report: dict[str, Any]) -> Path:
+    """Write ``report`` to ``--out`` or ``bench/results/<name>-DATE.json``; returns the path."""
+    out = Path(args.out) if args.out else RESULTS / f"{name}-{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    return out
+
+
 def run_header(script: str, argv: list[str] | None) -> dict[str, Any]:
     """What every bench result file starts with: the command, the date and the machine."""
     return {
@@ -104,22 +131,14 @@ def override_setting(settings: DemoSettings, item: str, parser: argparse.Argumen
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_common_arguments(parser, "quality")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
-    parser.add_argument("--work", default="runs/bench-quality", help="run directory (the teacher is cached here)")
     parser.add_argument("--quick", action="store_true", help="the demo's quick settings (checks plumbing only)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--progress", action="store_true", help="progress bars for every sub-run")
-    parser.add_argument("--out", help="JSON path (default bench/results/quality-DATE.json)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a DemoSettings field, e.g. --set rl_lr_scale=0.3 (repeatable)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)  # 1: OpenMP threads spinning against other jobs cost more than they give
     started = time.perf_counter()
-    settings = DemoSettings.quick() if args.quick else DemoSettings()
-    for item in args.set:
-        settings = override_setting(settings, item, parser)
+    settings = settings_from(args, parser, DemoSettings.quick() if args.quick else DemoSettings())
     work = Path(args.work)
     data, teacher, distilled = prepare(settings, work, args.progress)
     teacher_pass = pass_at_1(teacher, data.heldout, settings)
@@ -159,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": goals(per_arm, teacher_pass, ratio),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out) if args.out else RESULTS / f"quality-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
+    out = write_result(args, "quality", report)
 
     print(f"\nteacher pass@1 {teacher_pass:.3f} ({teacher_params:,} params); student {student_params:,} params "
           f"({ratio:.2f} of the teacher); {len(args.seeds)} seeds")

@@ -17,40 +17,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import override_setting, print_arms, run_header, summary  # noqa: E402
+from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
 from hkd.config import ModelConfig, TeacherConfig  # noqa: E402
 from hkd.tasks.demo import (  # noqa: E402
-    DemoSettings, arm_config, pass_at_1, prepare, prepare_teacher, train_student, write_json,
+    DemoSettings, arm_config, pass_at_1, prepare, prepare_teacher, train_student,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("teacher_a", "teacher_b", "mixture")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--work", default="runs/bench-teachers", help="run directory (teachers are cached here)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="JSON path (default bench/results/teachers-DATE.json)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a DemoSettings field")
+    add_common_arguments(parser, "teachers")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    settings = DemoSettings()
-    for item in args.set:
-        settings = override_setting(settings, item, parser)
+    settings = settings_from(args, parser, DemoSettings())
     work = Path(args.work)
     data, teacher_a, distilled = prepare(settings, work, False)
     teacher_b = prepare_teacher(dataclasses.replace(settings, seed=settings.seed + 1), work / "teacher-b", data, False)
@@ -83,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "arms": results,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out) if args.out else RESULTS / f"teachers-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, report)
+    out = write_result(args, "teachers", report)
     print(f"\n{len(args.seeds)} seeds, {settings.student_steps} steps")
     print_arms(results, 12)
     print(f"written to {out}")

@@ -21,7 +21,7 @@ import yaml
 
 from hkd.errors import HkdError
 from hkd.layermap import build_layer_map
-from hkd.models import ENCODER_TYPES, is_encoder_config  # noqa: F401  (ENCODER_TYPES: re-exported)
+from hkd.models import is_encoder_config
 
 FUSED_VOCAB = 32_000  # above this the [tokens, vocab] logits dominate memory; fuse the LM head into the loss
 

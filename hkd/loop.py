@@ -35,7 +35,7 @@ from hkd.distributed import (
 )
 from hkd.errors import ConfigError, HkdError, StoppedEarly
 from hkd.manager import HkdPluginManager, build_manager
-from hkd.models import check_compatible, decoder_body, freeze, load_model
+from hkd.models import check_compatible, decoder_body, load_model
 from hkd.schedule import Schedule
 from hkd.seeding import seed_everything
 from hkd.sources import CachedTeacher, TeacherSource, check_requests, open_teachers, teacher_entries

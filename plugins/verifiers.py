@@ -16,7 +16,7 @@ the teacher emits does not count as a wrong answer.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from hkd.errors import ConfigError
 from hkd import hookimpl
