@@ -14,6 +14,13 @@ block; :math:`p = P_s`, :math:`q = P_t`):
 * JSD, :math:`\beta\,\mathrm{KL}(q\|m) + (1-\beta)\,\mathrm{KL}(p\|m)` with
   :math:`m = \beta q + (1-\beta) p`: :math:`(1-\beta)\,p\,(\log p - \log m - \mathrm{KL}(p\|m))`
   (the terms through :math:`m` cancel)
+* skew KL, :math:`\mathrm{KL}(q\|m)` with :math:`m = a q + (1-a) p` (``skew`` = :math:`a`), and
+  skew reverse KL, :math:`\mathrm{KL}(p\|m)` with :math:`m = a p + (1-a) q`: both are
+  :math:`p\,(f - \sum_v p_v f_v)` for a per-token :math:`f = \partial D / \partial p`
+  (up to a constant, which the softmax Jacobian removes):
+  :math:`f = -(1-a)\,q/m` for skew KL and :math:`f = \log p - \log m - a\,p/m` for skew
+  reverse KL. The ratios are bounded (:math:`q/m \le 1/a`, :math:`p/m \le 1/a`); at
+  :math:`a = 0` they are not, so ``skew=0`` runs as plain forward / reverse KL.
 
 and the chain rule adds :math:`(1-\alpha)\,c / T` (:math:`c = T^2` or 1); the cross-entropy
 term adds :math:`\alpha(\mathrm{softmax}(z_s) - \mathrm{onehot}(y))`.
@@ -52,13 +59,29 @@ class Options(NamedTuple):
     temperature: float
     scale_t2: bool
     alpha: float
+    skew: float = 0.1  # skew_forward_kl / skew_reverse_kl mixing weight (last: it has a default)
 
     @property
     def kind(self) -> str:
-        """jsd at beta 0 / 1 is forward / reverse KL (TRL's convention; see reference)."""
+        """jsd at beta 0 / 1 is forward / reverse KL (TRL's convention; see reference); the skew
+        divergences at skew 0 are plain forward / reverse KL (their closed forms divide by m = p or q)."""
         if self.divergence == "jsd" and self.beta in (0.0, 1.0):
             return "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        if self.divergence in ("skew_forward_kl", "skew_reverse_kl") and self.skew == 0.0:
+            return self.divergence[len("skew_"):]
         return self.divergence
+
+    @property
+    def mix(self) -> float:
+        """The teacher's weight in the mixture ``m = mix q + (1 - mix) p`` (jsd and skew kinds; 0.5 unused)."""
+        kind = self.kind
+        if kind == "jsd":
+            return self.beta
+        if kind == "skew_forward_kl":
+            return self.skew
+        if kind == "skew_reverse_kl":
+            return 1.0 - self.skew
+        return 0.5
 
     @property
     def soft_weight(self) -> float:
@@ -108,6 +131,17 @@ def block_loss_and_grad(student: Tensor, teacher: Tensor, labels: Tensor | None,
         diff, loss = _plogq(p, log_p, log_q)
         if need_grad:
             grad = p.mul_(diff.sub_(loss[:, None]))
+    elif kind in ("skew_forward_kl", "skew_reverse_kl"):
+        w = o.mix  # teacher weight in m
+        log_m = torch.logaddexp(log_q + math.log(w), log_p + math.log(1.0 - w))
+        if kind == "skew_forward_kl":  # KL(q || m), f = -(1 - skew) q / m
+            loss = _plogq(q, log_q, log_m)[1]
+            f = torch.where(q > 0, (log_q - log_m).exp_(), 0.0).mul_(-(1.0 - w)) if need_grad else None
+        else:  # KL(p || m), f = log p - log m - skew p / m
+            diff, loss = _plogq(p, log_p, log_m)
+            f = diff.sub_(torch.where(p > 0, (log_p - log_m).exp_(), 0.0).mul_(1.0 - w)) if need_grad else None
+        if f is not None:
+            grad = f.sub_((p * f).sum(-1, keepdim=True)).mul_(p)
     else:
         b = o.beta
         log_m = torch.logaddexp(log_q + math.log(b), log_p + math.log(1.0 - b))

@@ -18,7 +18,7 @@ False``). Each program owns ``BLOCK_M`` rows of hidden states and walks the voca
 1. **LSE pass**: running max / rescaled sum per row for :math:`z_s/T`, :math:`z_t/T` and, for the
    cross-entropy term, :math:`z_s` (the online softmax of :mod:`hkd.kernels.softmax_kl`, with a
    vector of rows instead of a scalar).
-2. **Loss pass**: the divergence per row and the row total the reverse-KL / JSD gradients need,
+2. **Loss pass**: the divergence per row and the row total the reverse-KL / JSD / skew gradients need,
    plus the label's logit for the CE term.
 3. **Gradient pass** (only when a gradient is needed): the logits-gradient tile ``G[BLOCK_M,
    BLOCK_V]`` (closed forms in :mod:`hkd.kernels.chunked`, optionally scaled by per-row weights),
@@ -145,16 +145,28 @@ def fused_linear_kl_kernel(
             soft += tl.sum(tl.where(q > 0, q * (log_q - log_p), 0.0), axis=1)
         elif KIND == 1:
             inner += tl.sum(tl.where(p > 0, p * (log_p - log_q), 0.0), axis=1)
-        else:
+        elif KIND == 2:
             log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
             soft += beta * tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=1)
             inner += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=1)
+        elif KIND == 3:  # skew KL: KL(q || m) and sum p q / m (beta = skew = q's weight in m)
+            log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+            soft += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=1)
+            inner += tl.sum(tl.where(q > 0, p * tl.exp(log_q - log_m), 0.0), axis=1)
+        else:  # skew reverse KL: KL(p || m) and sum p p / m (beta = 1 - skew)
+            log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+            soft += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=1)
+            inner += tl.sum(tl.where(p > 0, p * tl.exp(log_p - log_m), 0.0), axis=1)
         if HAS_CE:
             z_label += tl.sum(tl.where(cols[None, :] == label[:, None], zs, 0.0), axis=1)
     if KIND == 1:
         soft = inner
     elif KIND == 2:
         soft += (1.0 - beta) * inner
+    elif KIND == 3:  # the gradient's row constant F = sum p f (see hkd.kernels.chunked)
+        inner = -(1.0 - beta) * inner
+    elif KIND == 4:
+        inner = soft - (1.0 - beta) * inner
     loss = soft_w * soft
     if HAS_CE:
         loss += alpha * (lse_1 - z_label)
@@ -180,9 +192,17 @@ def fused_linear_kl_kernel(
                 g = p - tl.exp(log_q)
             elif KIND == 1:
                 g = p * (tl.where(p > 0, log_p - log_q, 0.0) - inner[:, None])
-            else:
+            elif KIND == 2:
                 log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
                 g = (1.0 - beta) * p * (tl.where(p > 0, log_p - log_m, 0.0) - inner[:, None])
+            elif KIND == 3:  # p (f - F), f = -(1 - skew) q / m
+                log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+                ratio = tl.where(log_q > float("-inf"), tl.exp(log_q - log_m), 0.0)
+                g = p * (-(1.0 - beta) * ratio - inner[:, None])
+            else:  # p (f - F), f = log p - log m - skew p / m
+                log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+                f = tl.where(p > 0, (log_p - log_m) - (1.0 - beta) * tl.exp(log_p - log_m), 0.0)
+                g = p * (f - inner[:, None])
             g = g * grad_w
             if HAS_CE:
                 g += alpha * (tl.exp(zs - lse_1[:, None]) - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
@@ -227,7 +247,7 @@ def _tiled(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt
     upcast = UPCAST if UPCAST is not None else interpreting or not low_precision
     precision = "ieee" if upcast else "tf32"  # tf32 only matters for fp32 tiles; bf16 tiles ignore it
     block_m, block_v, block_k = (16, 64, 32) if interpreting else (32, 128, 64)
-    beta = o.beta if o.kind == "jsd" else 0.5
+    beta = o.mix  # the teacher's weight in m (jsd, skew kinds); in (0, 1) whenever read
     dummy = rows  # stands in for absent optional pointers; never read
     if n:
         fused_linear_kl_kernel[(triton.cdiv(n, block_m),)](

@@ -3,8 +3,8 @@
 Public API (stable)::
 
     distill_loss(student_logits, teacher_logits, *, labels=None, ignore_index=-100,
-                 divergence="forward_kl", beta=0.5, temperature=1.0, scale_t2=True, alpha=0.0,
-                 reduction="mean", backend="auto")
+                 divergence="forward_kl", beta=0.5, skew=0.1, temperature=1.0, scale_t2=True,
+                 alpha=0.0, reduction="mean", backend="auto")
     fused_linear_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                               teacher_lm_head_weight, *, student_bias=None, teacher_bias=None,
                               <same options>)
@@ -32,7 +32,7 @@ from hkd.kernels.registry import KernelBackend, get_backend, register_backend
 
 OPS = ("distill_loss", "fused_linear_distill_loss", "sparse_distill_loss")
 TAILS = ("renormalize", "bucket")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -82,13 +82,17 @@ def backends(op: str) -> list[dict[str, Any]]:
     return registry.backends(op)
 
 
-def _check_options(divergence: str, beta: float, temperature: float, alpha: float, reduction: str, labels: Tensor | None) -> None:
+def _check_options(divergence: str, beta: float, temperature: float, alpha: float, reduction: str, labels: Tensor | None,
+                   skew: float = 0.1) -> None:
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; use one of {list(DIVERGENCES)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; use one of {list(REDUCTIONS)}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not 0.0 <= skew < 1.0:  # also catches NaN
+        raise ValueError(f"skew must be in [0, 1), got {skew} (skew=0 is plain KL; at skew=1 the skew divergences "
+                         "are identically 0 and would train nothing)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
@@ -148,7 +152,7 @@ def _check_floating(**tensors: Tensor | None) -> None:
 
 def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tensor | None = None,
                  ignore_index: int = -100, divergence: str = "forward_kl", beta: float = 0.5,
-                 temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
+                 skew: float = 0.1, temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
                  reduction: str = "mean", backend: str = "auto") -> Tensor:
     """Distillation loss between student and teacher logits ``[..., V]`` (leading dims are rows).
 
@@ -157,7 +161,11 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tens
     ``divergence``: ``forward_kl`` = KL(P_t||P_s), ``reverse_kl`` = KL(P_s||P_t), ``jsd`` =
     beta KL(P_t||M) + (1-beta) KL(P_s||M) with M = beta P_t + (1-beta) P_s; at ``beta=0`` / ``1``
     that formula is identically 0, so (TRL's ``generalized_jsd_loss`` convention) ``jsd`` means
-    forward / reverse KL there. Rows whose label is ``ignore_index`` count for nothing.
+    forward / reverse KL there. ``skew_forward_kl`` = KL(P_t || skew P_t + (1-skew) P_s) and
+    ``skew_reverse_kl`` = KL(P_s || skew P_s + (1-skew) P_t) (DistiLLM's skew KL / skew reverse
+    KL, Ko et al. 2024; ``0 <= skew < 1``, default 0.1 as in the paper; ``skew=0`` is plain
+    forward / reverse KL; other divergences ignore it). Rows whose label is ``ignore_index``
+    count for nothing.
     ``reduction``: ``mean`` over non-ignored rows (none left -> 0.0 with a zero gradient),
     ``sum``, or ``none`` (shape ``[...]``, ignored rows 0). The result is fp32; only
     ``student_logits`` gets a gradient (same dtype as it). ``-inf`` logits are zero-probability
@@ -172,14 +180,14 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tens
             + (f" (vocab sizes {student_logits.shape[-1]} vs {teacher_logits.shape[-1]})"
                if student_logits.shape[-1] != teacher_logits.shape[-1] else "")
         )
-    _check_options(divergence, beta, temperature, alpha, reduction, labels)
+    _check_options(divergence, beta, temperature, alpha, reduction, labels, skew)
     lead = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
     flat_labels, bad = _flat_labels(labels, lead, vocab, ignore_index, alpha)
     student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     chosen = registry.resolve("distill_loss", backend, student, teacher)
     rows = chosen.fn(student, teacher, flat_labels, ignore_index=ignore_index, divergence=divergence, beta=beta,
-                     temperature=temperature, scale_t2=scale_t2, alpha=alpha)
+                     skew=skew, temperature=temperature, scale_t2=scale_t2, alpha=alpha)
     return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
 
 
@@ -187,7 +195,7 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
                               teacher_lm_head_weight: Tensor, *, student_bias: Tensor | None = None,
                               teacher_bias: Tensor | None = None, labels: Tensor | None = None,
                               ignore_index: int = -100, divergence: str = "forward_kl", beta: float = 0.5,
-                              temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
+                              skew: float = 0.1, temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
                               reduction: str = "mean", backend: str = "auto") -> Tensor:
     """:func:`distill_loss` of the LM-head logits ``hidden @ W.T (+ b)`` without building ``[N, V]`` logits.
 
@@ -216,7 +224,7 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
     for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if bias is not None and bias.shape != student_lm_head_weight.shape[:1]:
             raise ValueError(f"{name} must have shape ({student_lm_head_weight.shape[0]},), got {tuple(bias.shape)}")
-    _check_options(divergence, beta, temperature, alpha, reduction, labels)
+    _check_options(divergence, beta, temperature, alpha, reduction, labels, skew)
     lead = student_hidden.shape[:-1]
     flat_labels, bad = _flat_labels(labels, lead, student_lm_head_weight.shape[0], ignore_index, alpha)
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -225,7 +233,8 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
                               teacher_lm_head_weight)
     rows = chosen.fn(s_hidden, student_lm_head_weight, t_hidden, teacher_lm_head_weight, flat_labels,
                      student_bias=student_bias, teacher_bias=teacher_bias, ignore_index=ignore_index,
-                     divergence=divergence, beta=beta, temperature=temperature, scale_t2=scale_t2, alpha=alpha)
+                     divergence=divergence, beta=beta, skew=skew, temperature=temperature, scale_t2=scale_t2,
+                     alpha=alpha)
     return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
 
 

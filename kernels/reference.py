@@ -8,6 +8,15 @@ Per row (token) ``i`` with temperature ``T`` and ``P = softmax(z / T)``:
   M = beta·P_t + (1-beta)·P_s. At the end points this is identically 0, so — as in TRL's
   ``generalized_jsd_loss`` — ``beta=0`` means forward KL and ``beta=1`` means reverse KL
   (the limits of JSD_beta/beta and JSD_beta/(1-beta)).
+* ``skew_forward_kl`` (weight ``skew`` = a) = KL(P_t || a·P_t + (1-a)·P_s) and
+  ``skew_reverse_kl`` = KL(P_s || a·P_s + (1-a)·P_t): the skew KL and skew reverse KL of
+  DistiLLM (Ko et al., ICML 2024: ``SKL_a(p, q) = KL(p || a p + (1-a) q)`` with p the
+  teacher, ``SRKL_a(p, q) = KL(q || (1-a) p + a q)``, as in their ``distillm/losses.py``; the
+  paper uses a = 0.1). Mixing the other distribution into the second argument bounds the log-ratio by ``log(1/a)``, so a student
+  token of probability ~0 does not blow the loss up. ``skew=0`` is plain forward / reverse KL;
+  ``skew=1`` would be identically 0, so ``ops`` accepts ``0 <= skew < 1``. (DistiLLM's own
+  ``skewed_forward_kl`` code drops the teacher-entropy constant; here the value is the KL itself,
+  which is 0 when the distributions agree; the gradient is the same.)
 
 ``loss_i = (1-alpha)·scale·soft_i + alpha·CE_i`` with ``scale = T²`` when ``scale_t2`` and
 ``CE_i`` the student's cross-entropy at temperature 1 against ``labels[i]``. Rows whose
@@ -38,7 +47,17 @@ def tempered(x: Tensor, temperature: float) -> Tensor:
     return (x - x.detach().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)) / temperature
 
 
-def soft_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence: str, beta: float, temperature: float) -> Tensor:
+def _log_mixture(log_pt: Tensor, log_ps: Tensor, weight: float) -> Tensor:
+    """``log(weight·P_t + (1-weight)·P_s)`` for ``0 < weight < 1``, in log space. Where both
+    probabilities are 0 (-inf logits) logaddexp's gradient is NaN, so those entries (whose terms
+    are masked anyway) get a dummy 0 inside."""
+    mass = (log_pt > float("-inf")) | (log_ps > float("-inf"))
+    return torch.where(mass, torch.logaddexp(torch.where(mass, log_pt, 0.0) + math.log(weight),
+                                             torch.where(mass, log_ps, 0.0) + math.log(1 - weight)), float("-inf"))
+
+
+def soft_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence: str, beta: float, temperature: float,
+                    skew: float = 0.1) -> Tensor:
     """Per-row divergence between temperature-softened distributions, ``[N]``."""
     log_ps = tempered(student_logits, temperature).log_softmax(-1)
     log_pt = tempered(teacher_logits, temperature).log_softmax(-1)
@@ -46,21 +65,25 @@ def soft_divergence(student_logits: Tensor, teacher_logits: Tensor, divergence: 
         divergence = "forward_kl"
     if divergence == "jsd" and beta == 1.0:
         divergence = "reverse_kl"
+    if divergence == "skew_forward_kl" and skew == 0.0:
+        divergence = "forward_kl"
+    if divergence == "skew_reverse_kl" and skew == 0.0:
+        divergence = "reverse_kl"
     if divergence == "forward_kl":
         return _xlogy_diff(log_pt.exp(), log_pt, log_ps)
     if divergence == "reverse_kl":
         return _xlogy_diff(log_ps.exp(), log_ps, log_pt)
-    pt, ps = log_pt.exp(), log_ps.exp()
-    # log M in log space; where both probabilities are 0 (-inf logits) logaddexp's gradient is
-    # NaN, so those entries (whose terms are masked anyway) get a dummy 0 inside.
-    mass = (pt > 0) | (ps > 0)
-    log_m = torch.where(mass, torch.logaddexp(torch.where(mass, log_pt, 0.0) + math.log(beta),
-                                              torch.where(mass, log_ps, 0.0) + math.log(1 - beta)), float("-inf"))
-    return beta * _xlogy_diff(pt, log_pt, log_m) + (1 - beta) * _xlogy_diff(ps, log_ps, log_m)
+    if divergence == "skew_forward_kl":  # KL(P_t || skew·P_t + (1-skew)·P_s)
+        return _xlogy_diff(log_pt.exp(), log_pt, _log_mixture(log_pt, log_ps, skew))
+    if divergence == "skew_reverse_kl":  # KL(P_s || skew·P_s + (1-skew)·P_t)
+        return _xlogy_diff(log_ps.exp(), log_ps, _log_mixture(log_pt, log_ps, 1 - skew))
+    log_m = _log_mixture(log_pt, log_ps, beta)
+    return beta * _xlogy_diff(log_pt.exp(), log_pt, log_m) + (1 - beta) * _xlogy_diff(log_ps.exp(), log_ps, log_m)
 
 
 def row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None, *, ignore_index: int,
-               divergence: str, beta: float, temperature: float, scale_t2: bool, alpha: float) -> Tensor:
+               divergence: str, beta: float, temperature: float, scale_t2: bool, alpha: float,
+               skew: float = 0.1) -> Tensor:
     """``[N]`` per-row losses (ignored rows are 0) from ``[N, V]`` logits."""
     acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     student = student_logits.to(acc)
@@ -68,7 +91,7 @@ def row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | 
     if labels is not None:  # ignored rows may hold anything (NaN padding): keep it out of loss and grad
         keep = (labels != ignore_index)[:, None]
         student, teacher = torch.where(keep, student, 0.0), torch.where(keep, teacher, 0.0)
-    loss = soft_divergence(student, teacher, divergence, beta, temperature)
+    loss = soft_divergence(student, teacher, divergence, beta, temperature, skew)
     if scale_t2:
         loss = loss * temperature**2
     if labels is None:

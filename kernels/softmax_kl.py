@@ -18,7 +18,9 @@ and rescaled sums, in ``exp2``) and, for forward / reverse KL, the closed-form r
 kept online too: when the maxima grow by :math:`\delta_t, \delta_s` (in units of ``T``), every
 :math:`u - w` shifts by :math:`\delta_s - \delta_t`, so :math:`A \leftarrow e^{-\delta_t}(A +
 (\delta_s - \delta_t) d_t)` (reverse KL swaps the roles). JSD needs :math:`\log M` with both
-final normalisers, so it takes a second sweep. With ``alpha > 0`` the student's log-sum-exp at
+final normalisers, so it takes a second sweep, as do the skew divergences (``skew_forward_kl`` =
+KL(q || a q + (1-a) p), ``skew_reverse_kl`` = KL(p || a p + (1-a) q)), whose row constant
+:math:`F = \sum_v p_v f_v` (see the backward) the same sweep sums. With ``alpha > 0`` the student's log-sum-exp at
 ``T = 1`` shares the same maximum. Per-row statistics (:math:`M_s, M_t, \log d_s, \log d_t,
 \log d_1` and the row total :math:`D` the reverse-KL / JSD gradients need) go to a small
 ``[N, 6]`` fp32 tensor.
@@ -27,7 +29,9 @@ final normalisers, so it takes a second sweep. With ``alpha > 0`` the student's 
 logits, the saved statistics and the upstream gradient of the row, and writes
 
 * forward KL: :math:`p - q`; reverse KL: :math:`p(\log p - \log q - D)`;
-  JSD: :math:`(1-\beta)p(\log p - \log m - D)` (closed forms in :mod:`hkd.kernels.chunked`)
+  JSD: :math:`(1-\beta)p(\log p - \log m - D)`; skew KL / skew reverse KL: :math:`p(f - F)`
+  with :math:`f = -(1-a)q/m` / :math:`\log p - \log m - a p/m` (closed forms in
+  :mod:`hkd.kernels.chunked`)
 
 times :math:`g_i (1-\alpha) c / T`, plus :math:`g_i\alpha(\mathrm{softmax}(z_s) -
 \mathrm{onehot})`, where :math:`g_i` is the upstream gradient of row ``i`` read in fp32 (for
@@ -58,12 +62,12 @@ from torch import Tensor
 
 from .chunked import Options
 
-KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
+KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3, "skew_reverse_kl": 4}
 # globals a compiled kernel reads must be tl.constexpr (the interpreter would accept plain floats)
 NEG_BIG = tl.constexpr(-3.0e38)  # running-max start: finite, so (-inf) - NEG_BIG = -inf and exp gives 0, not NaN
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-N_STATS = 6  # M_s, M_t, log d_s, log d_t, log d_1, D
+N_STATS = 6  # M_s, M_t, log d_s, log d_t, log d_1, D (reverse KL / JSD) or F (skew kinds)
 BLOCK_V: int | None = None  # override (tests: force several blocks per row); None = autotune / default
 INTERPRET_BLOCK_V = 16384  # fixed block under the interpreter (numpy vectorises a block)
 
@@ -74,7 +78,8 @@ def interpreting() -> bool:
 
 @triton.jit
 def _log_m(log_q, log_p, log_beta, log_1mbeta):
-    """log(beta q + (1 - beta) p) computed in log space (logaddexp)."""
+    """log(beta q + (1 - beta) p) computed in log space (logaddexp); beta is the teacher's weight
+    (jsd: beta; skew_forward_kl: skew; skew_reverse_kl: 1 - skew)."""
     a = log_q + log_beta
     b = log_p + log_1mbeta
     hi = tl.maximum(a, b)
@@ -131,7 +136,7 @@ def _forward_kernel(s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, s_stride, t_s
     elif KIND == 1:
         soft = acc / d_s + log_dt - log_ds
         inner = soft
-    else:  # JSD: log M needs both final normalisers, so a second sweep
+    else:  # JSD / skew: log M needs both final normalisers, so a second sweep
         soft = 0.0
         for start in range(0, V, BLOCK_V):
             offs = start + cols
@@ -141,9 +146,21 @@ def _forward_kernel(s_ptr, t_ptr, labels_ptr, loss_ptr, stats_ptr, s_stride, t_s
             p = tl.exp2(log_p * LOG2E)
             q = tl.exp2(log_q * LOG2E)
             log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
-            soft += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=0)
-            inner += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=0)
-        soft = beta * soft + (1.0 - beta) * inner
+            if KIND == 2:
+                soft += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=0)
+                inner += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=0)
+            elif KIND == 3:  # KL(q || m) and sum p q / m
+                soft += tl.sum(tl.where(q > 0, q * (log_q - log_m), 0.0), axis=0)
+                inner += tl.sum(tl.where(q > 0, p * tl.exp2((log_q - log_m) * LOG2E), 0.0), axis=0)
+            else:  # KL(p || m) and sum p p / m
+                soft += tl.sum(tl.where(p > 0, p * (log_p - log_m), 0.0), axis=0)
+                inner += tl.sum(tl.where(p > 0, p * tl.exp2((log_p - log_m) * LOG2E), 0.0), axis=0)
+        if KIND == 2:
+            soft = beta * soft + (1.0 - beta) * inner
+        elif KIND == 3:  # F = sum p f, f = -(1 - skew) q / m; 1 - skew = 1 - beta here
+            inner = -(1.0 - beta) * inner
+        else:  # F = KL(p || m) - skew sum p^2 / m; skew = 1 - beta here
+            inner = soft - (1.0 - beta) * inner
     loss = soft_w * soft
     log_d1 = 0.0
     if HAS_CE:
@@ -186,9 +203,17 @@ def _backward_kernel(s_ptr, t_ptr, labels_ptr, stats_ptr, up_ptr, g_ptr, s_strid
         g = p - tl.exp2(log_q * LOG2E)
     elif KIND == 1:
         g = p * (tl.where(p > 0, log_p - log_q, 0.0) - tl.load(st + 5))
-    else:
+    elif KIND == 2:
         log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
         g = (1.0 - beta) * p * (tl.where(p > 0, log_p - log_m, 0.0) - tl.load(st + 5))
+    elif KIND == 3:  # p (f - F), f = -(1 - skew) q / m
+        log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+        ratio = tl.where(log_q > float("-inf"), tl.exp2((log_q - log_m) * LOG2E), 0.0)
+        g = p * (-(1.0 - beta) * ratio - tl.load(st + 5))
+    else:  # p (f - F), f = log p - log m - skew p / m
+        log_m = _log_m(log_q, log_p, log_beta, log_1mbeta)
+        f = tl.where(p > 0, (log_p - log_m) - (1.0 - beta) * tl.exp2((log_p - log_m) * LOG2E), 0.0)
+        g = p * (f - tl.load(st + 5))
     g = g * (grad_w * up)
     if HAS_CE:
         p1 = tl.exp2(((z - m_s) - tl.load(st + 4)) * LOG2E)
@@ -243,7 +268,7 @@ def _row_major(x: Tensor) -> Tensor:
 
 
 def _scalars(o: Options) -> tuple[float, float, float, float]:
-    beta = o.beta if o.kind == "jsd" else 0.5  # log(0) is never needed outside jsd
+    beta = o.mix  # the teacher's weight in m; in (0, 1) whenever a kind reads it (log(0) is never needed)
     return 1.0 / o.temperature, beta, math.log(beta), math.log(1.0 - beta)
 
 
