@@ -1,8 +1,9 @@
 """Decision stage: soft targets with temperature plus hard labels.
 
 ``loss = (1 - alpha) * T^2 * D(teacher_T, student_T) + alpha * CE(student, labels)`` per
-target token, where D is forward KL, reverse KL or generalized JSD(beta) between the
-temperature-softened distributions (see :func:`hkd.kernels.distill_loss`). Position ``i``
+target token, where D is forward KL, reverse KL, generalized JSD(beta) or DistiLLM's skew KL /
+skew reverse KL (``skew``: KL(p_t || skew p_t + (1-skew) p_s) / KL(p_s || skew p_s + (1-skew) p_t))
+between the temperature-softened distributions (see :func:`hkd.kernels.distill_loss`). Position ``i``
 predicts token ``i + 1``; label -100 (padding, prompt tokens) is excluded. The per-token sum
 is divided by the step's token count across all accumulation micro-batches.
 
@@ -40,8 +41,9 @@ from hkd.architectures import apply_logit_softcap, check_supported, output_head
 
 @dataclass
 class LogitsStageConfig:
-    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"
     beta: float = 0.5  # jsd mixing weight
+    skew: float = 0.1  # skew_*_kl: weight of the first distribution mixed into the second (DistiLLM), in [0, 1)
     alpha: float = 0.0  # weight of the hard-label cross-entropy
     scale_t2: bool = True  # multiply the soft loss by T^2 (Hinton) so gradients keep their scale
     fused: bool = False  # LM head fused into the loss kernel: no logits tensor is ever built
@@ -64,6 +66,9 @@ class LogitsStage(Stage):
             raise ConfigError(f"{context.config_path}.alpha: must be in [0, 1], got {config.alpha}")
         if not 0.0 <= config.beta <= 1.0:
             raise ConfigError(f"{context.config_path}.beta: must be in [0, 1], got {config.beta}")
+        if not 0.0 <= config.skew < 1.0:  # at 1 the skew divergences are identically 0 (no signal)
+            raise ConfigError(f"{context.config_path}.skew: must be in [0, 1), got {config.skew} (0 = plain KL; "
+                              "at 1 skew_forward_kl / skew_reverse_kl are identically 0)")
         self.op = "fused_linear_distill_loss" if config.fused else "distill_loss"
         self.backend = config.backend or context.kernels.get(self.op, "auto")
         # a source without full logits (the offline cache) serves top-k targets instead
@@ -107,6 +112,7 @@ class LogitsStage(Stage):
             labels=labels,
             divergence=self.config.divergence,
             beta=self.config.beta,
+            skew=self.config.skew,
             temperature=state.temperature,
             scale_t2=self.config.scale_t2,
             alpha=self.config.alpha,
