@@ -1,0 +1,173 @@
+"""On-policy distillation stage (GKD): prompts from the batch, the loss on the student's own samples
+against an fp64 reference, the lambda coin, the refreshed sampling policy, config errors, and a
+run that resumes bit-exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hkd.config import Config, ConfigError, from_dict
+from hkd.loop import distill
+from hkd.manager import build_manager
+from hkd.hookspecs import hookimpl
+from hkd.models import char_tokenizer
+from hkd.plugins.logits import LogitsStage, LogitsStageConfig
+from hkd.plugins.onpolicy import OnPolicyStage, OnPolicyStageConfig, batch_prompts
+from hkd.sampling import sample
+from hkd.seeding import derive_seed
+from hkd.stage import StageContext, StepState
+from tests.conftest import BASE_CONFIG
+from tests.plugins.helpers import batch, models, run_stage
+
+
+def stage(config: OnPolicyStageConfig, teacher, student, **context) -> OnPolicyStage:
+    return OnPolicyStage(config, StageContext("onpolicy", teacher, student, {}, "stages.onpolicy",
+                                              tokenizer=char_tokenizer(), **context))
+
+
+def test_prompts_are_each_rows_tokens_before_its_first_target():
+    # catches: an off-by-one that leaks the first completion token into the prompt (or drops the
+    # prompt's last character), and padding or bos decoded into the text
+    b = batch(texts=("12+34=", "7+8="), completions=("46", "15 ok"))
+    assert batch_prompts(b, char_tokenizer()) == ["12+34=", "7+8="]
+
+
+def reference_reverse_kl(student, teacher, samples, temperature: float) -> torch.Tensor:
+    """fp64 mean over sampled tokens of T^2 KL(student_T || teacher_T), written from the formula."""
+    ids = torch.cat([samples.prompt_ids, samples.completion_ids], 1)
+    mask = torch.cat([samples.prompt_mask, samples.completion_mask], 1)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    width = samples.prompt_ids.shape[1]
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask, position_ids=positions).logits.double()
+        t = teacher(input_ids=ids, attention_mask=mask, position_ids=positions).logits.double()
+    for row in range(ids.shape[0]):
+        for j in range(samples.completion_ids.shape[1]):
+            if samples.completion_mask[row, j] == 0:
+                continue
+            col = width + j - 1  # the logits that predicted completion token j
+            log_q = torch.log_softmax(s[row, col] / temperature, -1)
+            log_p = torch.log_softmax(t[row, col] / temperature, -1)
+            total += (log_q.exp() * (log_q - log_p)).sum() * temperature ** 2
+            count += 1
+    return total / count
+
+
+def test_on_policy_loss_is_the_reverse_kl_on_the_students_own_samples():
+    # catches: scoring the wrong columns (prompt positions or shifted by one), counting padding after
+    # EOS, the wrong normalisation, or a sample that is not the one the seed draws
+    teacher, student = models()
+    config = OnPolicyStageConfig(lmbda=1.0, max_new_tokens=5, seed=7)
+    s = stage(config, teacher, student)
+    b = batch()
+    state = StepState(step=3, temperature=2.0, tokens=999)
+    terms = s.loss(b, None, None, state)
+    samples = sample(student, char_tokenizer(), ["12+34=", "7+8="], n=1, max_new_tokens=5, temperature=1.0,
+                     seed=derive_seed(7, "onpolicy-sample:3:0:0"))
+    assert samples.completion_mask.sum() > 2  # the check sees real sampled tokens
+    expected = reference_reverse_kl(student, teacher, samples, temperature=2.0)
+    torch.testing.assert_close(terms["onpolicy"].double(), expected, rtol=1e-4, atol=1e-6)
+    assert terms["metric/onpolicy_steps"].item() == 1.0
+    terms["onpolicy"].backward()  # the student is what learns
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_off_policy_steps_equal_logits_kd_on_the_data():
+    # catches: an off-policy branch that is not supervised KD on the data's completions
+    # (another divergence direction, other positions, or a different normaliser)
+    teacher, student = models()
+    b = batch()
+    mine = stage(OnPolicyStageConfig(lmbda=0.0, divergence="forward_kl"), teacher, student)
+    state = StepState(step=0, temperature=1.5, tokens=int(b["loss_mask"].sum()))
+    got = mine.loss(b, None, None, state)["onpolicy"]
+    logits = LogitsStage(LogitsStageConfig(divergence="forward_kl"), StageContext("logits", teacher, student, {},
+                                                                                   "stages.logits"))
+    want = run_stage(logits, teacher, student, b, temperature=1.5)["logits"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_lambda_is_the_fraction_of_on_policy_steps_and_the_same_after_a_restart():
+    # catches: a coin that ignores lambda, differs between ranks/restarts (it would be drawn from
+    # global RNG state), or is inverted
+    teacher, student = models()
+    for lmbda in (0.0, 0.3, 1.0):
+        s = stage(OnPolicyStageConfig(lmbda=lmbda), teacher, student)
+        again = stage(OnPolicyStageConfig(lmbda=lmbda), teacher, student)
+        torch.manual_seed(123)
+        coins = [s.on_policy(step) for step in range(400)]
+        assert coins == [again.on_policy(step) for step in range(400)]
+        assert abs(sum(coins) / 400 - lmbda) < 0.06
+
+
+def test_refresh_every_samples_from_the_copy_taken_at_the_last_refresh():
+    # catches: sampling from the live weights between refreshes, never refreshing, or a copy the
+    # checkpoint does not carry (a resumed run would sample from other weights)
+    teacher, student = models()
+    s = stage(OnPolicyStageConfig(refresh_every=2), teacher, student)
+    first = s.sampling_model(0)
+    assert first is not student
+    before = [p.detach().clone() for p in student.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.1)
+    assert all(torch.equal(a, b) for a, b in zip(s.sampling_model(1).parameters(), before))
+    assert all(torch.equal(a, b) for a, b in zip(s.sampling_model(2).parameters(), student.parameters()))
+    assert any(key.startswith("policy.") for key in s.state_dict())
+    assert not any(p.requires_grad for p in s.parameters())  # the copy is never trained
+    assert stage(OnPolicyStageConfig(refresh_every=1), teacher, student).sampling_model(5) is student
+
+
+def test_bad_onpolicy_config_names_the_option():
+    teacher, student = models()
+    with pytest.raises(ConfigError, match=r"stages.onpolicy.lmbda: .*\[0, 1\], got 1.5"):
+        stage(OnPolicyStageConfig(lmbda=1.5), teacher, student)
+    with pytest.raises(ConfigError, match=r"stages.onpolicy.divergence: unknown 'nope'"):
+        stage(OnPolicyStageConfig(divergence="nope"), teacher, student)
+    with pytest.raises(ConfigError, match=r"stages.onpolicy.sample_temperature"):
+        stage(OnPolicyStageConfig(sample_temperature=0.0), teacher, student)
+    with pytest.raises(ConfigError, match=r"stages.onpolicy.refresh_every"):
+        stage(OnPolicyStageConfig(refresh_every=0), teacher, student)
+    with torch.device("meta"):  # what a teacher_cache run passes: an architecture without weights
+        skeleton = type(teacher)(teacher.config)
+    with pytest.raises(ConfigError, match=r"stages.onpolicy: .*needs a live teacher"):
+        stage(OnPolicyStageConfig(), skeleton, student, teacher_live=False)
+
+
+def onpolicy_config() -> dict:
+    raw = json.loads(json.dumps(BASE_CONFIG))
+    raw["schedule"] = {"phases": [{"name": "gkd", "steps": 4, "stages": {"onpolicy": 1.0}}]}
+    raw["stages"] = {"onpolicy": {"lmbda": 0.5, "max_new_tokens": 4, "refresh_every": 2, "seed": 3}}
+    raw["data"]["num_examples"] = 16
+    return raw
+
+
+def test_an_onpolicy_run_resumes_bit_exactly(tmp_path):
+    # catches: a sampling copy missing from the checkpoint, sampling seeds that depend on process
+    # state, or a coin drawn from the global RNG — any of them changes the resumed run's samples
+    from transformers import AutoModelForCausalLM
+
+    raw = onpolicy_config()
+    full = distill(from_dict(Config, raw), tmp_path / "full")
+    raw["train"]["checkpoint_every"] = 3
+
+    class StopAfter3:
+        @hookimpl
+        def hkd_on_checkpoint(self, step):
+            if step == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(from_dict(Config, raw), tmp_path / "resumed", pm=build_manager(extra_plugins=[("stop", StopAfter3())]))
+    resumed = distill(from_dict(Config, raw), tmp_path / "resumed", resume=True)
+    a = AutoModelForCausalLM.from_pretrained(full.final_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed.final_dir).state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    metrics = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    kinds = [m["metric/onpolicy_steps"] for m in metrics]
+    assert set(kinds) <= {0.0, 1.0} and len(kinds) == 4
