@@ -30,6 +30,13 @@ _EXPORTS: dict[str, str] = {
     "Verifier": "hkd.verify",
     "VerifierSpec": "hkd.verify",
     "KernelBackend": "hkd.kernels.registry",
+    "GenerationBackend": "hkd.generation",
+    "GenerationBackendSpec": "hkd.generation",
+    "GenerationContext": "hkd.generation",
+    "SamplingParams": "hkd.generation",
+    "Samples": "hkd.sampling",
+    "get_generation_backend": "hkd.generation",
+    "build_generation_backend": "hkd.generation",
     "HkdError": "hkd.errors",
     "ConfigError": "hkd.errors",
 }
@@ -38,8 +45,11 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from hkd.errors import ConfigError, HkdError
+    from hkd.generation import (GenerationBackend, GenerationBackendSpec, GenerationContext, SamplingParams,
+                                build_generation_backend, get_generation_backend)
     from hkd.hookspecs import hookimpl, hookspec
     from hkd.kernels.registry import KernelBackend
+    from hkd.sampling import Samples
     from hkd.stage import Stage, StageContext, StageSpec, StepState
     from hkd.taps import QKV
     from hkd.verify import Verdict, Verifier, VerifierSpec

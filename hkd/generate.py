@@ -1,7 +1,9 @@
 """Data distillation: the teacher writes worked solutions, verifiers keep the correct ones.
 
 ``hkd generate CONFIG`` reads prompt records (JSONL), samples ``n`` completions per prompt
-from the teacher (batched, KV cache: :func:`hkd.sampling.sample`), and keeps a completion
+from the teacher through a generation backend (``backend:``; the built-in ``transformers``
+samples the live model with the KV cache, :func:`hkd.sampling.sample`; engines are plugins,
+:mod:`hkd.generation`), and keeps a completion
 only if it passes the filters (length, has an answer, not a duplicate, per-prompt cap) and
 every configured verifier (rejection sampling). Kept completions are written as JSONL lines
 that ``data.kind: jsonl`` with ``prompt_field``/``completion_field`` trains on directly; each
@@ -39,9 +41,9 @@ from hkd.config import ModelConfig, PluginsConfig, apply_overrides, from_dict, r
 from hkd.data import read_jsonl
 from hkd.distributed import barrier, init_distributed
 from hkd.errors import ConfigError, HkdError
+from hkd.generation import GenerationContext, SamplingParams, build_generation_backend, get_generation_backend
 from hkd.manager import build_manager
-from hkd.models import freeze, load_model
-from hkd.sampling import sample
+from hkd.models import freeze, load_model, load_tokenizer, preset_dir
 from hkd.seeding import derive_seed
 from hkd.verify import Verdict, Verifier, VerifierConfig, answer_extractor, build_verifier
 
@@ -72,6 +74,8 @@ class GenerateConfig:
     batch_size: int = 8  # prompts per sampling call (n rows each) and per ledger line
     seed: int = 0
     device: str = "auto"  # "auto": cuda if available else cpu
+    backend: str = "transformers"  # generation backend a plugin registers (hkd_add_generation_backends)
+    backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
     verifiers: list[VerifierConfig] = field(default_factory=list)
     filters: FilterConfig = field(default_factory=FilterConfig)
     progress: bool = True
@@ -90,9 +94,17 @@ class GenerateConfig:
 
     def settings(self) -> dict[str, Any]:
         """What decides the lines: a resumed run must use the same."""
-        keys = ("n", "temperature", "top_p", "max_new_tokens", "batch_size", "seed")
+        keys = ("n", "temperature", "top_p", "max_new_tokens", "batch_size", "seed", "backend", "backend_options")
         return {k: getattr(self, k) for k in keys} | {"filters": asdict(self.filters),
                                                          "verifiers": [asdict(v) for v in self.verifiers]}
+
+    def sampling_params(self, seed: int) -> SamplingParams:
+        return SamplingParams(n=self.n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=seed)
+
+
+# settings keys added after files were written: a ledger without one was written with this value
+SETTINGS_DEFAULTS: dict[str, Any] = {"backend": "transformers", "backend_options": {}}
 
 
 def load_generate_config(path: str | Path, overrides: list[str] = ()) -> GenerateConfig:  # type: ignore[assignment]
@@ -151,8 +163,9 @@ def recover(output: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
         raise HkdError(f"{output} exists but has no ledger {ledger.name}; refusing to append to a file hkd did not write")
     entries = read_lines(ledger)
     for entry in entries[:1]:
-        if entry["settings"] != settings:
-            changed = sorted(k for k in settings if entry["settings"].get(k) != settings[k])
+        written = {k: v for k, v in SETTINGS_DEFAULTS.items() if k in settings} | entry["settings"]
+        if written != settings:
+            changed = sorted(k for k in settings.keys() | written.keys() if written.get(k) != settings.get(k))
             raise ConfigError(f"{output} was written with different settings ({', '.join(changed)}); "
                               "use another output path or the original settings")
     done = {pid for entry in entries for pid in entry["ids"]}
@@ -266,11 +279,29 @@ def prompt_records(config: GenerateConfig) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def teacher_dir(config: GenerateConfig, run_dir: Path) -> Path:
+    """The teacher's HF directory (a preset is written under ``run_dir``)."""
+    if config.teacher.preset is not None:
+        return preset_dir(config.teacher, "teacher", run_dir)
+    return Path(str(config.teacher.path)).expanduser()
+
+
+def load_teacher(config: GenerateConfig, needs_model: bool, run_dir: Path) -> tuple[Any, Any]:
+    """(model or None, tokenizer): a backend that loads its own weights gets only the tokenizer here."""
+    if needs_model:
+        return load_model(config.teacher, "teacher", run_dir)
+    path = teacher_dir(config, run_dir)
+    if not path.is_dir():
+        raise HkdError(f"teacher.path: {str(path)!r} is not a model directory")
+    return None, load_tokenizer(path, config.teacher.trust_remote_code)
+
+
 def generate(config: GenerateConfig) -> GenerateSummary:
     """Sample, verify, filter and append; resumes where an interrupted run stopped."""
     pm = build_manager(config.plugins.disable)
     verifiers = [(v.name, build_verifier(pm, v.name, v.options, f"verifiers[{i}]"))
                  for i, v in enumerate(config.verifiers)]
+    needs_model = get_generation_backend(pm, config.backend, "backend").needs_model  # unknown name: before any work
     prompts = prompt_records(config)
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -283,18 +314,23 @@ def generate(config: GenerateConfig) -> GenerateSummary:
             else:
                 recover(part, settings)
         recover(output, settings)
-        model, tokenizer = load_model(config.teacher, "teacher", output.parent)
+        model, tokenizer = load_teacher(config, needs_model, output.parent)
     barrier(info)
     done = {pid for path in [output, *existing_parts(output)] for entry in read_lines(ledger_path(path))
             for pid in entry["ids"]}
     barrier(info)  # every rank has read the same ledgers before any rank appends to one
     if not info.is_main:
-        model, tokenizer = load_model(config.teacher, "teacher", output.parent)
+        model, tokenizer = load_teacher(config, needs_model, output.parent)
     if tokenizer is None:
         raise HkdError("teacher: the model directory has no tokenizer")
-    freeze(model).to(pick_device(config.device))  # type: ignore[arg-type]
-    teacher = {"path": config.teacher.path, "preset": config.teacher.preset,
-               "name": str(getattr(model.config, "name_or_path", "")), "model_type": model.config.model_type}
+    device = pick_device(config.device)
+    if model is not None:
+        freeze(model).to(device)  # type: ignore[arg-type]
+    backend = build_generation_backend(pm, config.backend, GenerationContext(
+        "teacher", tokenizer, model, str(teacher_dir(config, output.parent)), device, "backend"), config.backend_options)
+    teacher = {"path": config.teacher.path, "preset": config.teacher.preset, "backend": config.backend,
+               "name": str(getattr(model.config, "name_or_path", "")) if model is not None else "",
+               "model_type": model.config.model_type if model is not None else ""}
 
     batches = [prompts[i: i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
     # a batch is finished or not (one ledger line each); prompts added to the file since are new work
@@ -307,9 +343,7 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     for index, batch in mine:
         ids = [pid for pid, _ in batch]
         seed = derive_seed(config.seed, "\x1f".join(ids))
-        samples = sample(model, tokenizer, [str(r[config.prompt_field]) for _, r in batch], n=config.n,
-                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                         top_p=config.top_p, seed=seed)
+        samples = backend.generate([str(r[config.prompt_field]) for _, r in batch], config.sampling_params(seed))
         kept_lines, decisions = [], {}
         for p, (pid, record) in enumerate(batch):
             judged = judge(record, samples.texts[p * config.n: (p + 1) * config.n], verifiers, config.filters)

@@ -9,7 +9,7 @@ which are found through the entry-point group ``hkd``.
 Two kinds of hooks:
 
 * **Registration hooks** (``hkd_add_*``) return things the core collects from every plugin:
-  stage specs, kernel backends, verifiers. Each returns a list (or ``None``); the
+  stage specs, kernel backends, verifiers, generation backends. Each returns a list (or ``None``); the
   core concatenates the lists. Duplicate names are an error that names both plugins.
 * **Lifecycle hooks** (``hkd_on_*``, ``hkd_after_step``) observe the run. They return
   nothing; an exception raised in one is reported with the plugin and hook name.
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from hkd.config import Config
+    from hkd.generation import GenerationBackendSpec
     from hkd.kernels.registry import KernelBackend
     from hkd.stage import StageSpec
     from hkd.verify import VerifierSpec
@@ -63,6 +64,25 @@ def hkd_add_verifiers() -> list[VerifierSpec] | None:
 
     A verifier scores a completion for a prompt record; ``hkd generate`` keeps completions
     that every configured verifier accepts.
+    """
+
+
+@hookspec
+def hkd_add_generation_backends() -> list[GenerationBackendSpec] | None:
+    """Return generation backends (:class:`hkd.generation.GenerationBackendSpec`): who samples text.
+
+    ``hkd generate`` (``backend:``), pseudo-labelling, the RL stage and the on-policy stage
+    (``stages.<name>.backend``) look a backend up by name; the built-in one is ``transformers``
+    (the live model's ``generate`` with the KV cache). A spec's factory is called as
+    ``factory(context, **backend_options)`` with a :class:`hkd.generation.GenerationContext`
+    (tokenizer, live model if any, model directory, device) and returns an object with
+    ``generate(prompts, params) -> hkd.sampling.Samples``: ``params.n`` completions per prompt,
+    prompt-major, with token ids, masks, texts and the log-probability of each sampled token
+    under the sampling distribution (temperature and top-p applied; 0 for greedy). An engine
+    that keeps its own copy of the weights also implements ``sync_weights(model)``, which a
+    trainer calls before sampling from a model it has updated. Set ``needs_model=False`` on
+    the spec when the backend loads its own weights from ``context.model_path``, so that
+    ``hkd generate`` does not load the model into its own process as well.
     """
 
 

@@ -28,6 +28,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "sft": "hkd.plugins.sft",
     "rl": "hkd.plugins.rl",
     "uld": "hkd.plugins.uld",
+    "generation": "hkd.plugins.generation",
     "onpolicy": "hkd.plugins.onpolicy",
     "console": "hkd.plugins.console",
 }

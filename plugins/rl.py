@@ -1,8 +1,10 @@
 """RL correction stage: the student samples, verifiers reward, a policy gradient corrects it.
 
 Once per optimizer step the stage picks ``prompts_per_step`` prompts (with reference answers),
-lets the student sample ``samples_per_prompt`` completions for each (on-policy, batched, KV
-cache: :func:`hkd.sampling.sample`), scores every completion with a verifier (the reward is
+lets the student sample ``samples_per_prompt`` completions for each (on-policy, through the
+generation backend ``backend``: the built-in ``transformers`` samples the live student batched
+with the KV cache; an engine plugin gets the student's weights through ``sync_weights`` before
+each step's sampling), scores every completion with a verifier (the reward is
 the verdict's ``score``) and returns
 
     rl    = - sum_{i,t} A_i * log pi(y_{i,t} | x_i, y_{i,<t})  /  N
@@ -67,6 +69,8 @@ class RlStageConfig:
     kl_weight: float = 0.0  # per-token reverse KL toward the teacher on the student's samples
     verifier: VerifierConfig = field(default_factory=lambda: VerifierConfig("exact_answer"))
     seed: int = 0
+    backend: str = "transformers"  # generation backend (hkd_add_generation_backends) the student samples through
+    backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
 
 
 def group_advantages(rewards: Tensor, group_size: int, normalize_std: bool, eps: float = 1e-6) -> Tensor:
@@ -131,6 +135,12 @@ class RlStage(Stage):
 
             pm = build_manager()
         self.verify = build_verifier(pm, config.verifier.name, config.verifier.options, f"{where}.verifier")
+        from hkd.generation import GenerationContext, build_generation_backend
+
+        student = context.student
+        self.backend = build_generation_backend(pm, config.backend, GenerationContext(
+            "student", self.tokenizer, student, str(getattr(student.config, "name_or_path", "")) or None,
+            next(student.parameters()).device, f"{where}.backend"), config.backend_options)
         # not submodules: the models are trained/frozen by the loop, not owned by this stage
         self._models: dict[str, Any] = {"student": context.student, "teacher": context.teacher}
 
@@ -154,11 +164,13 @@ class RlStage(Stage):
         model = self._models["student"]
         cfg, rank, world = self.config, state.rank, state.world_size
         records = self.step_prompts(state.step, rank, world)
-        from hkd.sampling import sample
+        from hkd.generation import SamplingParams, sync_weights
 
-        samples = sample(model, self.tokenizer, [str(r[cfg.prompt_field]) for r in records],
-                         n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                         top_p=cfg.top_p, seed=derive_seed(cfg.seed, f"rl:{state.step}:{rank}"))
+        sync_weights(self.backend, model)  # an engine with its own weights copy samples today's student
+        samples = self.backend.generate(
+            [str(r[cfg.prompt_field]) for r in records],
+            SamplingParams(n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           top_p=cfg.top_p, seed=derive_seed(cfg.seed, f"rl:{state.step}:{rank}")))
         device = samples.completion_ids.device
         rewards = torch.tensor([self.verify(records[i // cfg.samples_per_prompt], text).score
                                 for i, text in enumerate(samples.texts)], dtype=torch.float32, device=device)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import hkd.generate as gen
+import hkd.sampling as sampling
 from hkd.tasks.arith import Problem, make_problems
 from hkd.cli import main
 from hkd.config import DataConfig, from_dict
@@ -38,14 +39,14 @@ def solution(prompt: str) -> str:
 
 
 def scripted(make_texts):
-    """A stand-in for hkd.sampling.sample returning ``make_texts(prompt, n, seed)`` per prompt."""
+    """A stand-in for hkd.sampling.sample (what the transformers backend calls) returning ``make_texts(prompt, n, seed)`` per prompt."""
     calls = []
 
     def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
         calls.append(seed)
         texts = [t for p in prompts for t in make_texts(p, n, seed)]
         empty = torch.zeros(len(texts), 0, dtype=torch.long)
-        return Samples(empty, empty, empty, empty, texts)
+        return Samples(empty, empty, empty, empty, texts, empty.float())
 
     fake_sample.calls = calls
     return fake_sample
@@ -71,7 +72,7 @@ def five_kinds(prompt, n, seed):
 
 
 def test_rejection_sampling_keeps_exactly_the_verified_completions(tmp_path, model_dirs, monkeypatch):
-    monkeypatch.setattr(gen, "sample", scripted(five_kinds))
+    monkeypatch.setattr(sampling, "sample", scripted(five_kinds))
     summary = generate(config(tmp_path, model_dirs))
     assert (summary.prompts, summary.samples, summary.kept) == (10, 50, 10)
     assert summary.rejected == {"duplicate": 10, "exact_answer:wrong_answer": 10, "no_answer": 10, "too_long": 10}
@@ -88,7 +89,7 @@ def test_rejection_sampling_keeps_exactly_the_verified_completions(tmp_path, mod
 
 
 def test_cap_per_prompt_and_disabled_dedupe(tmp_path, model_dirs, monkeypatch):
-    monkeypatch.setattr(gen, "sample", scripted(lambda p, n, seed: [solution(p)] * n))
+    monkeypatch.setattr(sampling, "sample", scripted(lambda p, n, seed: [solution(p)] * n))
     summary = generate(config(tmp_path, model_dirs, filters={"dedupe": False, "max_kept_per_prompt": 2}))
     assert summary.kept == 20 and summary.rejected == {"over_cap": 30}
 
@@ -101,7 +102,7 @@ def random_texts(prompt, n, seed):
 
 
 def test_resume_after_crashes_gives_the_uninterrupted_file(tmp_path, model_dirs, monkeypatch):
-    monkeypatch.setattr(gen, "sample", scripted(random_texts))
+    monkeypatch.setattr(sampling, "sample", scripted(random_texts))
     reference = generate(config(tmp_path / "a", model_dirs, filters={"dedupe": False})).output.read_text()
     assert reference.count("\n") > 5
 
@@ -113,7 +114,7 @@ def test_resume_after_crashes_gives_the_uninterrupted_file(tmp_path, model_dirs,
             raise RuntimeError("killed")
         return fake(*args, **kwargs)
 
-    monkeypatch.setattr(gen, "sample", crash_on_third_batch)
+    monkeypatch.setattr(sampling, "sample", crash_on_third_batch)
     with pytest.raises(RuntimeError):
         generate(cfg)
     out = Path(cfg.output)
@@ -130,7 +131,7 @@ def test_resume_after_crashes_gives_the_uninterrupted_file(tmp_path, model_dirs,
             raise RuntimeError("killed")
         real_append(path, rows)
 
-    monkeypatch.setattr(gen, "sample", scripted(random_texts))
+    monkeypatch.setattr(sampling, "sample", scripted(random_texts))
     monkeypatch.setattr(gen, "append_lines", die_before_ledger)
     with pytest.raises(RuntimeError):
         generate(cfg)
@@ -139,13 +140,13 @@ def test_resume_after_crashes_gives_the_uninterrupted_file(tmp_path, model_dirs,
 
     monkeypatch.setattr(gen, "append_lines", real_append)
     resumed_sampler = scripted(random_texts)
-    monkeypatch.setattr(gen, "sample", resumed_sampler)
+    monkeypatch.setattr(sampling, "sample", resumed_sampler)
     summary = generate(cfg)
     assert out.read_text() == reference  # no duplicates, no losses, same lines
     assert len(resumed_sampler.calls) == 2  # only the unfinished batches (4 batches of 3, 2 done)
     assert summary.prompts == 10 and summary.samples == 50
 
-    monkeypatch.setattr(gen, "sample", scripted(random_texts))
+    monkeypatch.setattr(sampling, "sample", scripted(random_texts))
     assert generate(cfg).kept == summary.kept and out.read_text() == reference  # a finished run is a no-op
 
     with open(cfg.prompts, "a") as handle:  # prompts added later are new work; old lines stay unique
@@ -156,7 +157,7 @@ def test_resume_after_crashes_gives_the_uninterrupted_file(tmp_path, model_dirs,
 
 
 def test_resume_refuses_changed_settings_and_foreign_files(tmp_path, model_dirs, monkeypatch):
-    monkeypatch.setattr(gen, "sample", scripted(five_kinds))
+    monkeypatch.setattr(sampling, "sample", scripted(five_kinds))
     generate(config(tmp_path, model_dirs))
     with pytest.raises(ConfigError, match="different settings.*temperature"):
         generate(config(tmp_path, model_dirs, temperature=0.5))
@@ -207,7 +208,7 @@ def test_cli_runs_the_example_config(tmp_path, capsys, model_dirs):
 def test_parts_of_an_interrupted_multi_rank_run_are_merged_in_order(tmp_path, model_dirs, monkeypatch):
     from hkd.distributed import DistInfo
 
-    monkeypatch.setattr(gen, "sample", scripted(random_texts))
+    monkeypatch.setattr(sampling, "sample", scripted(random_texts))
     reference = generate(config(tmp_path / "a", model_dirs, filters={"dedupe": False})).output.read_text()
 
     cfg = config(tmp_path / "b", model_dirs, filters={"dedupe": False})
@@ -222,7 +223,7 @@ def test_parts_of_an_interrupted_multi_rank_run_are_merged_in_order(tmp_path, mo
     # rank 1 of 2 takes batches 1 and 3 of 4, finishes batch 1, dies in batch 3
     monkeypatch.setattr(gen, "init_distributed", lambda: DistInfo(rank=1, world_size=2))
     monkeypatch.setattr(gen, "barrier", lambda info: None)
-    monkeypatch.setattr(gen, "sample", crash_on_second_batch)
+    monkeypatch.setattr(sampling, "sample", crash_on_second_batch)
     with pytest.raises(RuntimeError):
         generate(cfg)
     part = gen.part_path(out, 1)
@@ -234,7 +235,7 @@ def test_parts_of_an_interrupted_multi_rank_run_are_merged_in_order(tmp_path, mo
     # one process resumes: batches 0, 2, 3 remain; the merge puts batch 1's lines in their place
     monkeypatch.setattr(gen, "init_distributed", lambda: DistInfo())
     resumed = scripted(random_texts)
-    monkeypatch.setattr(gen, "sample", resumed)
+    monkeypatch.setattr(sampling, "sample", resumed)
     summary = generate(cfg)
     assert len(resumed.calls) == 3 and summary.prompts == 10
     assert out.read_text() == reference
