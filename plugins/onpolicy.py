@@ -21,7 +21,8 @@ is one of two kinds, decided by a coin with probability ``lmbda`` (TRL's name fo
 
 ``D`` is any divergence of :func:`hkd.kernels.distill_loss` at the schedule's temperature
 ``T``: ``reverse_kl`` (the default, mode-seeking, as in MiniLLM/GKD), ``forward_kl``, ``jsd``
-with ``beta`` (GKD's generalized JSD), and the kernels' skew divergences where installed.
+with ``beta`` (GKD's generalized JSD), and DistiLLM's ``skew_forward_kl`` / ``skew_reverse_kl``
+(``skew``).
 No gradient flows through the sampling: the samples are treated as data, as in GKD.
 
 ``lmbda: 0`` is supervised KD on the data (the logits stage's soft loss); ``lmbda: 1`` is
@@ -56,7 +57,8 @@ from hkd.seeding import derive_seed
 class OnPolicyStageConfig:
     lmbda: float = 0.5  # probability that a step trains on the student's own samples (GKD's lambda)
     divergence: str = "reverse_kl"  # any divergence of hkd.kernels.distill_loss
-    beta: float = 0.5  # jsd's mixing weight (and the skew divergences' coefficient)
+    beta: float = 0.5  # jsd's mixing weight
+    skew: float = 0.1  # skew_forward_kl / skew_reverse_kl: DistiLLM's mixing weight, in [0, 1)
     scale_t2: bool = True  # multiply by T^2 so gradients keep their scale across temperatures
     sample_temperature: float = 1.0  # the student's sampling temperature (> 0)
     top_p: float = 1.0
@@ -75,6 +77,8 @@ class OnPolicyStage(Stage):
             raise ConfigError(f"{where}.lmbda: a probability, must be in [0, 1], got {config.lmbda}")
         if not 0.0 <= config.beta <= 1.0:
             raise ConfigError(f"{where}.beta: must be in [0, 1], got {config.beta}")
+        if not 0.0 <= config.skew < 1.0:  # at 1 the skew divergences are identically 0
+            raise ConfigError(f"{where}.skew: must be in [0, 1), got {config.skew}")
         if config.sample_temperature <= 0:
             raise ConfigError(f"{where}.sample_temperature: sampling needs > 0, got {config.sample_temperature}")
         if not 0.0 < config.top_p <= 1.0:
@@ -151,8 +155,8 @@ class OnPolicyStage(Stage):
             teacher_logits, student_logits = teacher_logits[..., :vocab], student_logits[..., :vocab]
         total = kernels.distill_loss(
             student_logits, teacher_logits.to(student_logits.dtype), labels=labels,
-            divergence=self.config.divergence, beta=self.config.beta, temperature=state.temperature,
-            scale_t2=self.config.scale_t2, reduction="sum", backend=self.kernel_backend)
+            divergence=self.config.divergence, beta=self.config.beta, skew=self.config.skew,
+            temperature=state.temperature, scale_t2=self.config.scale_t2, reduction="sum", backend=self.kernel_backend)
         if tokens is None:  # the data's completions: the loop's per-token normalisation
             loss = total / max(state.tokens, 1)
         else:  # the samples: mean over this micro-batch's sampled tokens, averaged over micro-batches and ranks

@@ -35,8 +35,9 @@ def test_prompts_are_each_rows_tokens_before_its_first_target():
     assert batch_prompts(b, char_tokenizer()) == ["12+34=", "7+8="]
 
 
-def reference_reverse_kl(student, teacher, samples, temperature: float) -> torch.Tensor:
-    """fp64 mean over sampled tokens of T^2 KL(student_T || teacher_T), written from the formula."""
+def reference_reverse_kl(student, teacher, samples, temperature: float, skew: float = 0.0) -> torch.Tensor:
+    """fp64 mean over sampled tokens of T^2 KL(q || skew q + (1 - skew) p), q the student's and p the
+    teacher's distribution at T (skew 0: the reverse KL), written from the formula."""
     ids = torch.cat([samples.prompt_ids, samples.completion_ids], 1)
     mask = torch.cat([samples.prompt_mask, samples.completion_mask], 1)
     positions = (mask.cumsum(1) - 1).clamp_min(0)
@@ -52,16 +53,19 @@ def reference_reverse_kl(student, teacher, samples, temperature: float) -> torch
             col = width + j - 1  # the logits that predicted completion token j
             log_q = torch.log_softmax(s[row, col] / temperature, -1)
             log_p = torch.log_softmax(t[row, col] / temperature, -1)
-            total += (log_q.exp() * (log_q - log_p)).sum() * temperature ** 2
+            log_m = torch.log(skew * log_q.exp() + (1 - skew) * log_p.exp())
+            total += (log_q.exp() * (log_q - log_m)).sum() * temperature ** 2
             count += 1
     return total / count
 
 
-def test_on_policy_loss_is_the_reverse_kl_on_the_students_own_samples():
+@pytest.mark.parametrize("divergence,skew", [("reverse_kl", 0.0), ("skew_reverse_kl", 0.3)])
+def test_on_policy_loss_is_the_reverse_kl_on_the_students_own_samples(divergence, skew):
     # catches: scoring the wrong columns (prompt positions or shifted by one), counting padding after
-    # EOS, the wrong normalisation, or a sample that is not the one the seed draws
+    # EOS, the wrong normalisation, a sample that is not the one the seed draws, or the skew option
+    # not reaching the kernel
     teacher, student = models()
-    config = OnPolicyStageConfig(lmbda=1.0, max_new_tokens=5, seed=7)
+    config = OnPolicyStageConfig(lmbda=1.0, max_new_tokens=5, seed=7, divergence=divergence, skew=skew)
     s = stage(config, teacher, student)
     b = batch()
     state = StepState(step=3, temperature=2.0, tokens=999)
@@ -69,7 +73,7 @@ def test_on_policy_loss_is_the_reverse_kl_on_the_students_own_samples():
     samples = sample(student, char_tokenizer(), ["12+34=", "7+8="], n=1, max_new_tokens=5, temperature=1.0,
                      seed=derive_seed(7, "onpolicy-sample:3:0:0"))
     assert samples.completion_mask.sum() > 2  # the check sees real sampled tokens
-    expected = reference_reverse_kl(student, teacher, samples, temperature=2.0)
+    expected = reference_reverse_kl(student, teacher, samples, temperature=2.0, skew=skew)
     torch.testing.assert_close(terms["onpolicy"].double(), expected, rtol=1e-4, atol=1e-6)
     assert terms["metric/onpolicy_steps"].item() == 1.0
     terms["onpolicy"].backward()  # the student is what learns
@@ -128,6 +132,8 @@ def test_bad_onpolicy_config_names_the_option():
         stage(OnPolicyStageConfig(lmbda=1.5), teacher, student)
     with pytest.raises(ConfigError, match=r"stages.onpolicy.divergence: unknown 'nope'"):
         stage(OnPolicyStageConfig(divergence="nope"), teacher, student)
+    with pytest.raises(ConfigError, match=r"stages.onpolicy.skew: must be in \[0, 1\), got 1.0"):
+        stage(OnPolicyStageConfig(divergence="skew_reverse_kl", skew=1.0), teacher, student)
     with pytest.raises(ConfigError, match=r"stages.onpolicy.sample_temperature"):
         stage(OnPolicyStageConfig(sample_temperature=0.0), teacher, student)
     with pytest.raises(ConfigError, match=r"stages.onpolicy.refresh_every"):
