@@ -140,7 +140,8 @@ def cmd_cache_teacher(args: argparse.Namespace, extra: list[str]) -> int:
     out = args.out or config.teacher_cache
     if not out:
         raise HkdError("cache-teacher: give --out DIR or set teacher_cache in the config")
-    index = build_cache(config, Path(out), top_k=args.top_k, hidden=not args.no_hidden,
+    index = build_cache(config, Path(out), top_k=args.top_k, hidden=not args.no_hidden, targets=args.targets,
+                        samples=args.samples, temperature=args.temperature, seed=args.seed,
                         examples_per_shard=args.examples_per_shard, progress=not args.no_progress and _terminal())
     print(f"teacher cache written: {_shown(index)}; train from it with --teacher_cache={_shown(Path(out))}")
     return 0
@@ -296,10 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML generate config")
     p.add_argument("--out", help="output JSONL (default: output in the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p = add("cache-teacher", cmd_cache_teacher, "store the teacher's top-k logits and hidden states for a distill config")
+    p = add("cache-teacher", cmd_cache_teacher,
+            "store the teacher's top-k or sampled targets and hidden states for a distill config")
     p.add_argument("config", help="YAML distill config")
     p.add_argument("--out", help="cache directory (default: teacher_cache in the config)")
+    p.add_argument("--targets", choices=["topk", "sampled", "none"],
+                   help="topk: the k largest logits and the log-normaliser (default; none for an encoder); sampled: "
+                        "--samples draws from the teacher (unbiased); none: hidden states only")
     p.add_argument("--top-k", type=int, default=64, help="teacher logits kept per position (default 64)")
+    p.add_argument("--samples", type=int, default=64, help="draws per position for --targets sampled (default 64)")
+    p.add_argument("--temperature", type=float,
+                   help="temperature of the log-normaliser and the draws (default: the config's constant "
+                        "schedule.temperature, else 1); tail buckets and sampled targets serve only runs at it")
+    p.add_argument("--seed", type=int, help="seed of the draws (default: train.seed)")
     p.add_argument("--no-hidden", action="store_true", help="do not store hidden states")
     p.add_argument("--examples-per-shard", type=int, default=1024)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from hkd.cache import TeacherCache, fingerprint, teacher_skeleton
-from hkd.config import Config, ModelConfig
+from hkd.cache import (
+    TeacherCache, cache_serves, constant_temperature, describe_temperature, fingerprint, teacher_skeleton,
+)
+from hkd.config import Config, ModelConfig, TemperatureConfig
 from hkd.errors import ConfigError
 from hkd.models import freeze, load_model, num_layers
 from hkd.taps import forward_with_taps
@@ -63,20 +65,31 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """Targets written once by ``hkd cache-teacher``: top-k logits and the mapped hidden states.
+    """Targets written once by ``hkd cache-teacher``: top-k logits with the teacher's log-normaliser,
+    sampled targets, or none, and the mapped hidden states.
 
     ``model`` is the teacher's architecture on the meta device (no weights are loaded).
+    ``temperature``: the run's ``schedule.temperature``; the tail bucket and sampled targets are
+    exact only at the cache's temperature, so they are served only when the run uses that one
+    at every step (:func:`hkd.cache.cache_serves`).
     """
 
     live = False
 
-    def __init__(self, cache: TeacherCache, skeleton: PreTrainedModel) -> None:
+    def __init__(self, cache: TeacherCache, skeleton: PreTrainedModel,
+                 temperature: TemperatureConfig | None = None) -> None:
         self.cache = cache
         self.model = skeleton
         self.name = f"teacher_cache {str(cache.path)!r}"
+        self.temperature = temperature or TemperatureConfig()
 
     def serves(self) -> TapRequest:
-        return TapRequest(hidden=set(self.cache.index["layers"]), sparse_logits=True)
+        return cache_serves(self.cache.index, constant_temperature(self.temperature))[0]
+
+    def notes(self) -> list[str]:
+        """Why the cache serves less than a cache could (its targets kind, its temperature)."""
+        return cache_serves(self.cache.index, constant_temperature(self.temperature),
+                            describe_temperature(self.temperature))[1]
 
     def check_fingerprint(self, teacher_path: Path, tokenizer: Any, encoded: list[tuple[list[int], list[int]]]) -> None:
         """Refuse targets computed for another teacher, tokenizer or data set."""
@@ -117,7 +130,12 @@ def open_teachers(config: Config, run_dir: Path, device: torch.device, dtype: to
         source: TeacherSource
         if cache_path:
             skeleton, tokenizer = teacher_skeleton(spec, run_dir, role)
-            source = CachedTeacher(TeacherCache(cache_path), skeleton)
+            cache = TeacherCache(cache_path)
+            if cache.index["causal"] == config.student.encoder:  # rows are stored at the loss mask's positions
+                built = "a causal student (targets after each token)" if cache.index["causal"] else "an encoder student"
+                raise ConfigError(f"teacher_cache {str(cache.path)!r} was built for {built}, but student.encoder is "
+                                  f"{str(config.student.encoder).lower()}; rebuild it with hkd cache-teacher")
+            source = CachedTeacher(cache, skeleton, config.schedule.temperature)
         else:
             model, tokenizer = load_model(spec, role, run_dir)
             source = LiveTeacher(freeze(model).to(device, dtype), name=role)  # type: ignore[arg-type]
@@ -131,4 +149,5 @@ def check_requests(source: TeacherSource, requests: dict[str, TapRequest]) -> No
     if problems:
         hint = ("; build the cache with the layers the stages map to (hkd cache-teacher with this config), "
                 "remove the stage, or train with the live teacher") if not source.live else ""
-        raise ConfigError(f"{source.name} cannot serve what the schedule asks: {'; '.join(problems)}{hint}")
+        notes = "".join(f" ({note})" for note in source.notes()) if isinstance(source, CachedTeacher) else ""
+        raise ConfigError(f"{source.name} cannot serve what the schedule asks: {'; '.join(problems)}{notes}{hint}")

@@ -8,7 +8,7 @@ cache). Layers are numbered 0 = embeddings output, k = output of block k.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +26,8 @@ class TapRequest:
     logits: bool = False  # full logits from the model's LM head
     final_hidden: bool = False  # input of the LM head (for the fused logits loss)
     sparse_logits: bool = False  # top-k teacher targets (:class:`SparseTargets`), e.g. from an offline cache
+    # with the sparse targets, the teacher's log-normaliser at the run's temperature (the tail bucket)
+    sparse_logsumexp: bool = False
 
     def merge(self, other: TapRequest) -> TapRequest:
         return TapRequest(**{
@@ -62,16 +64,28 @@ def unserved(offered: TapRequest, requests: dict[str, TapRequest]) -> list[str]:
 class SparseTargets:
     """Teacher targets kept at ``k`` vocabulary entries per position.
 
-    ``ids`` ``[B, S, k]`` (int64) and ``values`` ``[B, S, k]``: the teacher's logits at those
-    ids, at temperature 1. ``logsumexp`` ``[B, S]`` (optional): the teacher's full log-normaliser
-    at temperature 1, which gives the tail mass outside the k ids
-    (``1 - sum(exp(values - logsumexp))``); ``None`` means the k entries are all there is and
-    stages renormalise within them. Positions outside ``loss_mask`` hold zeros.
+    ``ids`` ``[B, S, k]`` (int64) and ``values`` ``[B, S, k]``. Positions outside ``loss_mask``
+    hold zeros. What the values mean depends on ``kind``:
+
+    * ``"topk"``: the teacher's logits at its ``k`` most likely ids, at temperature 1 (raw
+      logits). ``logsumexp`` ``[B, S]`` (optional) is the teacher's full log-normaliser of
+      ``logits / temperature``, so ``exp(values / temperature - logsumexp)`` are the teacher's exact
+      probabilities at ``temperature`` and the tail outside the ``k`` ids has the rest of the mass.
+      ``None`` means only the ``k`` entries are known and stages renormalise within them.
+    * ``"sampled"``: ``values`` are ``log(count / K)`` of ``K`` tokens drawn with replacement from
+      the teacher at ``temperature``; slots with ``-inf`` are empty (fewer distinct ids than
+      slots). ``exp(values)`` is an unbiased estimate of the teacher's distribution at that
+      temperature (its expectation is the distribution itself).
+
+    ``temperature``: for ``"sampled"`` and for a ``logsumexp``, the only temperature at which
+    the targets are exact; a loss at another temperature must refuse them.
     """
 
     ids: Tensor
     values: Tensor
     logsumexp: Tensor | None = None
+    temperature: float = 1.0
+    kind: Literal["topk", "sampled"] = "topk"
 
 
 @dataclass

@@ -23,6 +23,7 @@ like the formula it reproduces.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -112,6 +113,34 @@ def sparse_block_pass(student: Tensor, targets: tuple[Tensor, Tensor, Tensor | N
         if grad is not None and g is not None:
             grad[i:j] = g
     return rows, grad
+
+
+def exact_bucket_inputs(values: Tensor, logsumexp: Tensor, temperature: float, vocab: int) -> tuple[Tensor, Tensor]:
+    r"""``(values', logsumexp')`` for ``sparse_distill_loss(tail="bucket", temperature=T)`` such that it
+    compares the student with the teacher's **exact** tempered targets.
+
+    Input: raw teacher logits ``values [..., k]`` and ``logsumexp [...]`` = the teacher's full
+    :math:`\log\sum_v e^{z_v/T}` at this ``T`` (what a cache built at ``T`` stores), so
+    :math:`q_j = e^{v_j/T - L_T}` and the tail :math:`q_t = 1 - \sum_j q_j` are exact. The kernels
+    take a log-normaliser at ``T = 1`` and re-temper (:math:`q_j^{1/T}`, the tail as if spread evenly
+    over its :math:`m = V - k` tokens), which is exact only at ``T = 1``. Feeding them
+    :math:`v'_j = T(\log q_j + c)` and :math:`L' = 0` with
+    :math:`Tc = -\log(\sum_j q_j^T + m^{1-T} q_t^T)` makes their re-tempering land on exactly
+    :math:`(q_j, q_t)`: their "tail at ``T = 1``" is :math:`r' = m^{1-T} q_t^T e^{Tc}`, and
+    :math:`m (r'/m)^{1/T} = q_t e^c`, beside :math:`e^{v'_j/T} = q_j e^c`. At ``T = 1`` the inputs
+    are returned as they are.
+    """
+    if temperature == 1.0:
+        return values, logsumexp
+    acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+    t = float(temperature)
+    log_q = values.to(acc) / t - logsumexp.to(acc)[..., None]
+    covered = log_q.logsumexp(-1)
+    # log q_t = log(1 - sum q_j); an exhausted tail (rounding: covered >= 0) is probability 0
+    log_tail = torch.where(covered < 0, torch.log(-torch.expm1(torch.clamp(covered, max=-1e-30))), float("-inf"))
+    log_m = math.log(max(vocab - values.shape[-1], 1))
+    tc = -torch.logaddexp((t * log_q).logsumexp(-1), (1 - t) * log_m + t * log_tail)
+    return t * log_q + tc[..., None], torch.zeros_like(logsumexp, dtype=acc)
 
 
 def chunked_sparse_row_losses(student_logits: Tensor, topk_ids: Tensor, topk_values: Tensor,

@@ -10,17 +10,27 @@ is divided by the step's token count across all accumulation micro-batches.
 ``fused: true`` hands the kernels the final hidden states and the LM-head weights instead
 of logits, so neither model ever holds a ``[tokens, vocab]`` logits tensor.
 
-From an offline teacher cache (``teacher_cache``) the teacher's view carries top-k logits
-(``view.sparse``: :class:`hkd.SparseTargets`) instead of full logits. The teacher
-distribution is then **renormalised within the top-k** — ``p_t = softmax(topk_values / T)``
-over those k tokens, zero elsewhere — and the soft loss is the forward KL
-``sum_k p_t (log p_t - log q_s)`` with the student's full-vocabulary ``log q_s`` gathered at
-the k ids (:func:`hkd.kernels.sparse_distill_loss`, ``tail="renormalize"``). When a source
-also gives the teacher's log-normaliser (``SparseTargets.logsumexp``), the tokens outside
-the top-k become one more bucket (``tail="bucket"``), so the student also learns how much
-mass to leave there. With k = vocabulary size it equals the dense loss exactly. Only
+From an offline teacher cache (``teacher_cache``) the teacher's view carries sparse targets
+(``view.sparse``: :class:`hkd.SparseTargets`) instead of full logits, and the soft loss is the
+forward KL ``sum_k p_t (log p_t - log q_s)`` with the student's full-vocabulary ``log q_s``
+gathered at the k ids (:func:`hkd.kernels.sparse_distill_loss`). ``sparse_tail`` says what
+happens to the teacher's mass outside the cached ids:
+
+* ``renormalize``: ``p_t = softmax(topk_values / T)`` over the k tokens, zero elsewhere. Biased
+  (the tail mass vanishes and the top-k are inflated), exact at any temperature for what it is.
+* ``bucket``: the tokens outside the top-k are one more outcome with the teacher's exact tail
+  mass, from the log-normaliser the cache stored at its temperature; the student also learns
+  how much mass to leave there. Exact only at the cache's temperature, so a run at another
+  (or a varying) temperature is refused by name.
+* ``auto`` (default): ``bucket`` when the source serves the log-normaliser at the run's
+  temperature, else ``renormalize``.
+
+Sampled targets (``hkd cache-teacher --targets sampled``) are ``count / K`` of K draws from the
+teacher at the cache's temperature: an unbiased estimate of the teacher's distribution, used
+as the target as it is (no tail: the draws already cover it); a run at another temperature is
+refused. With k = vocabulary size every mode equals the dense loss exactly. Only
 ``forward_kl`` is defined on sparse targets (reverse KL and JSD need teacher probabilities
-outside the top-k). ``kernels: {sparse_distill_loss: NAME}`` picks its backend.
+outside the cached ids). ``kernels: {sparse_distill_loss: NAME}`` picks its backend.
 """
 
 from __future__ import annotations
@@ -33,9 +43,10 @@ import torch
 from torch import Tensor
 
 from hkd import (
-    ConfigError, ModelView, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl,
+    ConfigError, HkdError, ModelView, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl,
     kernels,
 )
+from hkd.kernels.sparse import exact_bucket_inputs
 from hkd.architectures import apply_logit_softcap, check_supported, output_head
 
 
@@ -51,6 +62,9 @@ class LogitsStageConfig:
     # several teachers (config ``teachers:``): distil towards their weighted mixture, or sum the
     # weighted per-teacher losses
     teachers: Literal["mixture", "sum"] = "mixture"
+    # sparse targets (teacher_cache): the teacher's mass outside the cached top-k ids as one more
+    # bucket, or dropped (renormalised within the top-k); auto: bucket when the cache serves it
+    sparse_tail: Literal["auto", "renormalize", "bucket"] = "auto"
 
 
 class LogitsStage(Stage):
@@ -74,6 +88,10 @@ class LogitsStage(Stage):
         # a source without full logits (the offline cache) serves top-k targets instead
         self.sparse = not context.teacher_serves.logits and context.teacher_serves.sparse_logits
         self.sparse_backend = context.kernels.get("sparse_distill_loss", "auto")
+        self.sparse_tail = config.sparse_tail
+        if self.sparse_tail == "auto":
+            self.sparse_tail = "bucket" if context.teacher_serves.sparse_logsumexp else "renormalize"
+        self.config_path = context.config_path
         if self.sparse and config.divergence != "forward_kl":
             raise ConfigError(f"{context.config_path}.divergence: {config.divergence} needs the teacher's full "
                               "distribution; a teacher_cache holds top-k logits only, so use forward_kl")
@@ -98,7 +116,7 @@ class LogitsStage(Stage):
 
     def teacher_request(self) -> TapRequest:
         if self.sparse:
-            return TapRequest(sparse_logits=True)
+            return TapRequest(sparse_logits=True, sparse_logsumexp=self.sparse_tail == "bucket")
         return self.student_request()
 
     def student_request(self) -> TapRequest:
@@ -164,13 +182,29 @@ class LogitsStage(Stage):
         return kernels.distill_loss(student_logits, (mixed * t).to(student_logits.dtype), **options)
 
     def sparse_loss(self, student_logits: Tensor, targets: SparseTargets, labels: Tensor, temperature: float) -> Tensor:
-        """Summed loss against top-k teacher targets (``[B, S, k]``, shifted here to predict the next
-        token); student logits ``[B, S-1, V]``. Renormalised within the top-k, or with the tail as
-        one more bucket when the source knows the teacher's log-normaliser."""
-        logsumexp = None if targets.logsumexp is None else targets.logsumexp[:, :-1]
+        """Summed loss against sparse teacher targets (``[B, S, k]``, shifted here to predict the next
+        token); student logits ``[B, S-1, V]``. Top-k targets are renormalised within the top-k or get
+        the tail as one more bucket (``sparse_tail``); sampled targets are used as they are."""
+        ids, values = targets.ids[:, :-1], targets.values[:, :-1]
+        exact_at = targets.kind == "sampled" or self.sparse_tail == "bucket"
+        if exact_at and not math.isclose(temperature, targets.temperature, rel_tol=1e-6):
+            what = "sampled targets" if targets.kind == "sampled" else f"{self.config_path}.sparse_tail: bucket"
+            raise HkdError(f"{what}: the targets are exact at temperature {targets.temperature:g} only (the "
+                           f"teacher_cache's), but this step runs at {temperature:g}; set schedule.temperature to "
+                           f"{targets.temperature:g} or rebuild the cache with --temperature")
+        tail, logsumexp = "renormalize", None
+        if targets.kind == "sampled":
+            # log(count / K) times T: the kernel divides by T, and softmax(log(count / K)) = count / K
+            values = values * temperature
+        elif self.sparse_tail == "bucket":
+            if targets.logsumexp is None:
+                raise HkdError(f"{self.config_path}.sparse_tail: bucket needs the teacher's log-normaliser, which "
+                               "these targets lack; use sparse_tail: renormalize or a cache built by this hkd")
+            tail = "bucket"
+            values, logsumexp = exact_bucket_inputs(values, targets.logsumexp[:, :-1], temperature,
+                                                    student_logits.shape[-1])
         return kernels.sparse_distill_loss(
-            student_logits, targets.ids[:, :-1], targets.values[:, :-1], labels, temperature=temperature,
-            tail="renormalize" if logsumexp is None else "bucket", teacher_logsumexp=logsumexp,
+            student_logits, ids, values, labels, temperature=temperature, tail=tail, teacher_logsumexp=logsumexp,
             alpha=self.config.alpha, scale_t2=self.config.scale_t2, reduction="sum", backend=self.sparse_backend)
 
 
