@@ -50,6 +50,14 @@ CASES = {
     "softmax_kl backward": (softmax_kl._backward_kernel, {"s_ptr": "*bf16", "t_ptr": "*bf16", "g_ptr": "*bf16",
                                                           "labels_ptr": "*i64"},
                             {"KIND": 2, "HAS_LABELS": True, "HAS_CE": True, "BLOCK_V": 4096}),
+    # the skew kinds' branches (second sweep, ratio terms); their fused-kernel branches compile too
+    # (checked by hand: 14 s each, too slow for the suite)
+    "softmax_kl forward (skew KL)": (softmax_kl._forward_kernel, {"s_ptr": "*bf16", "t_ptr": "*bf16",
+                                                                  "labels_ptr": "*i64"},
+                                     {"KIND": 3, "HAS_LABELS": True, "HAS_CE": True, "BLOCK_V": 4096}),
+    "softmax_kl backward (skew reverse KL)": (softmax_kl._backward_kernel, {"s_ptr": "*bf16", "t_ptr": "*bf16",
+                                                                            "g_ptr": "*bf16", "labels_ptr": "*i64"},
+                                              {"KIND": 4, "HAS_LABELS": True, "HAS_CE": True, "BLOCK_V": 4096}),
     "fused_linear_kl bf16 tiles": (fused_linear_kl.fused_linear_kl_kernel,
                                    {p: "*bf16" for p in ("hs_ptr", "ws_ptr", "ht_ptr", "wt_ptr", "bs_ptr", "bt_ptr")}
                                    | {"labels_ptr": "*i64"},
