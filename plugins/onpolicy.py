@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,8 @@ class OnPolicyStageConfig:
     top_p: float = 1.0
     max_new_tokens: int = 32
     refresh_every: int = 1  # sample from a copy of the student refreshed every N steps (1: live weights)
-    generation_backend: str = "transformers"  # how the student samples (a plugin may add engines)
+    generation_backend: str = "transformers"  # how the student samples (hkd_add_generation_backends)
+    generation_backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
     backend: str | None = None  # kernel backend for distill_loss; default: the run's kernels.distill_loss
     seed: int = 0
 
@@ -106,14 +107,29 @@ class OnPolicyStage(Stage):
             self.tokenizer = load_tokenizer(Path(str(context.student.config.name_or_path)))
         if self.tokenizer is None:
             raise HkdError(f"{where}: on-policy distillation samples text and needs the student's tokenizer")
-        self.generate = _generation_backend(context, config, where)
         # not submodules: the loop trains/freezes these models, this stage does not own them
         self._models: dict[str, Any] = {"student": context.student, "teacher": context.teacher}
         # the sampling policy for refresh_every > 1: a frozen copy, a submodule so checkpoints carry it
         self.policy = None
         if config.refresh_every > 1:
+            from hkd.taps import enable_taps
+
             self.policy = copy.deepcopy(context.student).requires_grad_(False).eval()
+            enable_taps(self.policy)  # a tapped student's copy needs its own registration to run
         self._refreshed_at: int | None = None
+        self._synced_at: int | None = -1  # the refresh whose weights the backend last received
+        pm = context.plugins
+        if pm is None:  # built outside the loop (tests, notebooks): the default plugins
+            from hkd.manager import build_manager
+
+            pm = build_manager()
+        from hkd.generation import GenerationContext, build_generation_backend
+
+        sampler = self.policy if self.policy is not None else context.student
+        self.generator = build_generation_backend(pm, config.generation_backend, GenerationContext(
+            "student", self.tokenizer, sampler, str(getattr(context.student.config, "name_or_path", "")) or None,
+            next(context.student.parameters()).device, f"{where}.generation_backend"),
+            config.generation_backend_options)
 
     # the stage runs its own forwards (on samples, or on the data when the coin says off-policy)
     def teacher_request(self) -> TapRequest:
@@ -170,12 +186,18 @@ class OnPolicyStage(Stage):
         """Sample one continuation per prompt of ``batch``; returns model inputs for prompt +
         sample, labels marking the sampled tokens, the column where predictions of sampled tokens
         start, and the number of sampled tokens."""
+        from hkd.generation import SamplingParams, sync_weights
+
         prompts = batch_prompts(batch, self.tokenizer)
-        samples = self.generate(
-            self.sampling_model(state.step), self.tokenizer, prompts, n=1,
-            max_new_tokens=self.config.max_new_tokens, temperature=self.config.sample_temperature,
+        policy = self.sampling_model(state.step)
+        if self.policy is None or self._synced_at != self._refreshed_at:
+            # an engine keeping its own weights gets the policy's; the live student: every step
+            sync_weights(self.generator, policy)
+            self._synced_at = self._refreshed_at
+        samples = self.generator.generate(prompts, SamplingParams(
+            n=1, max_new_tokens=self.config.max_new_tokens, temperature=self.config.sample_temperature,
             top_p=self.config.top_p,
-            seed=derive_seed(self.config.seed, f"onpolicy-sample:{state.step}:{state.rank}:{state.micro_batch}"))
+            seed=derive_seed(self.config.seed, f"onpolicy-sample:{state.step}:{state.rank}:{state.micro_batch}")))
         input_ids = torch.cat([samples.prompt_ids, samples.completion_ids], 1)
         attention_mask = torch.cat([samples.prompt_mask, samples.completion_mask], 1)
         # left-padded prompts: the positions generate() used, so the student scores what it sampled
@@ -197,17 +219,6 @@ def batch_prompts(batch: dict[str, Tensor], tokenizer: Any) -> list[str]:
     first = torch.where(is_target.any(1), is_target.float().argmax(1), lengths)
     rows = [ids[r, : int(n)].tolist() for r, n in enumerate(first.tolist())]  # one host read per micro-batch
     return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
-
-
-def _generation_backend(context: StageContext, config: OnPolicyStageConfig, where: str) -> Any:
-    """The function that samples: ``fn(model, tokenizer, prompts, *, n, max_new_tokens, temperature,
-    top_p, seed) -> hkd.sampling.Samples``."""
-    if config.generation_backend != "transformers":
-        raise ConfigError(f"{where}.generation_backend: unknown backend {config.generation_backend!r}; "
-                          "known: ['transformers']")
-    from hkd.sampling import sample
-
-    return sample
 
 
 @hookimpl

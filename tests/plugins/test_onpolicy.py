@@ -147,7 +147,7 @@ def test_bad_onpolicy_config_names_the_option():
 def onpolicy_config() -> dict:
     raw = json.loads(json.dumps(BASE_CONFIG))
     raw["schedule"] = {"phases": [{"name": "gkd", "steps": 4, "stages": {"onpolicy": 1.0}}]}
-    raw["stages"] = {"onpolicy": {"lmbda": 0.5, "max_new_tokens": 4, "refresh_every": 2, "seed": 3}}
+    raw["stages"] = {"onpolicy": {"lmbda": 0.5, "max_new_tokens": 4, "refresh_every": 2, "seed": 1}}
     raw["data"]["num_examples"] = 16
     return raw
 
@@ -175,5 +175,25 @@ def test_an_onpolicy_run_resumes_bit_exactly(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     metrics = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    kinds = [m["metric/onpolicy_steps"] for m in metrics]
-    assert set(kinds) <= {0.0, 1.0} and len(kinds) == 4
+    # seed 1's coins: the resumed step (index 3) samples on-policy from the copy taken at step 2
+    assert [m["metric/onpolicy_steps"] for m in metrics] == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_samples_come_from_the_configured_backend_which_gets_the_policy_at_each_refresh():
+    # catches: a stage that bypasses the generation backend (an engine plugin would never be used),
+    # syncs stale or live weights instead of the refreshed copy, or syncs on every step (a full
+    # weight transfer per step to an engine)
+    from tests.test_generation import Recording
+
+    teacher, student = models()
+    recording = Recording()
+    pm = build_manager(extra_plugins=[("rec", recording)])
+    s = stage(OnPolicyStageConfig(lmbda=1.0, refresh_every=2, max_new_tokens=3, generation_backend="recording"),
+              teacher, student, plugins=pm)
+    for step in range(5):
+        terms = s.loss(batch(), None, None, StepState(step=step, temperature=1.0, tokens=1))
+        assert torch.isfinite(terms["onpolicy"]) and terms["onpolicy"].requires_grad
+    assert [p.max_new_tokens for p in recording.calls] == [3] * 5
+    assert recording.syncs == [s.policy] * 3  # at steps 0, 2 and 4
+    with pytest.raises(ConfigError, match=r"stages.onpolicy.generation_backend: unknown generation backend 'vllm'"):
+        stage(OnPolicyStageConfig(generation_backend="vllm"), teacher, student, plugins=pm)
