@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from hkd.augment import PromptTransform, TransformConfig, TransformContext, build_prompt_transform
 from hkd.config import ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
 from hkd.data import read_jsonl
 from hkd.distributed import barrier, init_distributed
@@ -78,10 +80,28 @@ class GenerateConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
     verifiers: list[VerifierConfig] = field(default_factory=list)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    # solve: sample and verify against each record's answer; pseudo_label: the same, but a record
+    # without an answer gets the majority answer of its n samples (self-consistency), kept only
+    # when that answer's share of the n samples is >= min_agreement; augment: write the records
+    # and their augment: variants, no sampling (encoder text)
+    mode: Literal["solve", "pseudo_label", "augment"] = "solve"
+    min_agreement: float = 0.0  # pseudo_label: the majority answer's share of the n samples needed
+    augment: list[TransformConfig] = field(default_factory=list)  # prompt transforms (hkd_add_prompt_transforms)
     progress: bool = True
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
     def validate(self, path: str = "") -> None:
+        if self.mode not in ("solve", "pseudo_label", "augment"):
+            raise ConfigError(f"mode: must be solve, pseudo_label or augment, got {self.mode!r}")
+        if not 0 <= self.min_agreement <= 1:
+            raise ConfigError(f"min_agreement: must be in [0, 1], got {self.min_agreement}")
+        if self.min_agreement and self.mode != "pseudo_label":
+            raise ConfigError(f"min_agreement: only used with mode: pseudo_label (mode is {self.mode})")
+        for i, transform in enumerate(self.augment):
+            if transform.variants < 1:
+                raise ConfigError(f"augment[{i}].variants: must be >= 1, got {transform.variants}")
+        if self.mode == "augment" and not self.augment:
+            raise ConfigError("mode: augment writes the augment: variants, but augment: is empty")
         for name in ("n", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -94,9 +114,11 @@ class GenerateConfig:
 
     def settings(self) -> dict[str, Any]:
         """What decides the lines: a resumed run must use the same."""
-        keys = ("n", "temperature", "top_p", "max_new_tokens", "batch_size", "seed", "backend", "backend_options")
+        keys = ("n", "temperature", "top_p", "max_new_tokens", "batch_size", "seed", "backend", "backend_options",
+                "mode", "min_agreement")
         return {k: getattr(self, k) for k in keys} | {"filters": asdict(self.filters),
-                                                         "verifiers": [asdict(v) for v in self.verifiers]}
+                                                         "verifiers": [asdict(v) for v in self.verifiers],
+                                                         "augment": [asdict(t) for t in self.augment]}
 
     def sampling_params(self, seed: int) -> SamplingParams:
         return SamplingParams(n=self.n, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
@@ -104,7 +126,8 @@ class GenerateConfig:
 
 
 # settings keys added after files were written: a ledger without one was written with this value
-SETTINGS_DEFAULTS: dict[str, Any] = {"backend": "transformers", "backend_options": {}}
+SETTINGS_DEFAULTS: dict[str, Any] = {"backend": "transformers", "backend_options": {}, "mode": "solve",
+                                     "min_agreement": 0.0, "augment": []}
 
 
 def load_generate_config(path: str | Path, overrides: list[str] = ()) -> GenerateConfig:  # type: ignore[assignment]
@@ -279,6 +302,73 @@ def prompt_records(config: GenerateConfig) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def has_answer(record: dict[str, Any], answer_field: str) -> bool:
+    """A reference answer is there: the field exists and is not null or blank."""
+    value = record.get(answer_field)
+    return value is not None and str(value).strip() != ""
+
+
+def majority_answer(texts: list[str], extract: Any) -> dict[str, Any]:
+    """Self-consistency: the most common extracted answer of ``texts`` and its share of all of them.
+
+    The share is over every sample (one without an answer counts against agreement); a tie goes
+    to the answer reached first, so the label does not depend on dict order. ``answer`` is None
+    when no sample has one.
+    """
+    answers = [extract(t) for t in texts]
+    votes = Counter(a.strip() for a in answers if a is not None)
+    if not votes:
+        return {"answer": None, "agreement": 0.0, "votes": {}}
+    first = {a.strip(): i for i, a in reversed(list(enumerate(answers))) if a is not None}
+    answer = max(votes, key=lambda a: (votes[a], -first[a]))
+    return {"answer": answer, "agreement": votes[answer] / len(texts), "votes": dict(votes.most_common())}
+
+
+def pseudo_labelled(decision: Decision, label: dict[str, Any], min_agreement: float, extract: Any) -> Decision:
+    """Reject a kept completion of a pseudo-labelled prompt unless the label is agreed on and it reaches it."""
+    if decision.reason is not None:
+        return decision
+    reason = None
+    if label["answer"] is None:
+        reason = "no_majority"
+    elif label["agreement"] < min_agreement:
+        reason = "low_agreement"
+    elif (extract(decision.completion) or "").strip() != label["answer"]:
+        reason = "minority_answer"
+    return Decision(decision.sample, decision.completion, decision.verdicts, reason)
+
+
+def expand(batch: list[tuple[str, dict[str, Any]]], transforms: list[tuple[TransformConfig, PromptTransform]],
+           config: GenerateConfig, source_ids: set[str]) -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """Each source record, followed by its variants from every transform: (id, record, origin or None).
+
+    A variant's id is ``SOURCE~TRANSFORM~K``; its randomness comes from (seed, transform, source id)
+    alone, so a resumed batch gets the same variants. Variants repeating a prompt already in the
+    list for this source are dropped.
+    """
+    out: list[tuple[str, dict[str, Any], dict[str, Any] | None]] = []
+    for pid, record in batch:
+        out.append((pid, record, None))
+        seen = {str(record[config.prompt_field])}
+        for t_index, (spec, transform) in enumerate(transforms):
+            rng = random.Random(derive_seed(config.seed, f"augment:{t_index}:{spec.name}:{pid}"))
+            kept = 0
+            for variant in transform(dict(record), rng, spec.variants)[: spec.variants]:
+                text = str(variant.get(config.prompt_field, ""))
+                if not text or text in seen:
+                    continue
+                seen.add(text)
+                vid = f"{pid}~{spec.name}~{kept}"
+                if vid in source_ids:
+                    raise HkdError(f"{config.prompts}: prompt id {vid!r} collides with a variant id; rename it")
+                if config.id_field:
+                    variant[config.id_field] = vid
+                out.append((vid, variant, {"id": pid, config.prompt_field: record[config.prompt_field],
+                                           "transform": spec.name, "options": spec.options}))
+                kept += 1
+    return out
+
+
 def teacher_dir(config: GenerateConfig, run_dir: Path) -> Path:
     """The teacher's HF directory (a preset is written under ``run_dir``)."""
     if config.teacher.preset is not None:
@@ -301,7 +391,8 @@ def generate(config: GenerateConfig) -> GenerateSummary:
     pm = build_manager(config.plugins.disable)
     verifiers = [(v.name, build_verifier(pm, v.name, v.options, f"verifiers[{i}]"))
                  for i, v in enumerate(config.verifiers)]
-    needs_model = get_generation_backend(pm, config.backend, "backend").needs_model  # unknown name: before any work
+    # an unknown backend is refused before any work; mode: augment samples nothing and loads no model
+    needs_model = config.mode != "augment" and get_generation_backend(pm, config.backend, "backend").needs_model
     prompts = prompt_records(config)
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -314,23 +405,35 @@ def generate(config: GenerateConfig) -> GenerateSummary:
             else:
                 recover(part, settings)
         recover(output, settings)
-        model, tokenizer = load_teacher(config, needs_model, output.parent)
+        model, tokenizer = load_teacher(config, needs_model, output.parent) if config.mode != "augment" else (None, None)
     barrier(info)
     done = {pid for path in [output, *existing_parts(output)] for entry in read_lines(ledger_path(path))
             for pid in entry["ids"]}
     barrier(info)  # every rank has read the same ledgers before any rank appends to one
-    if not info.is_main:
+    if not info.is_main and config.mode != "augment":
         model, tokenizer = load_teacher(config, needs_model, output.parent)
-    if tokenizer is None:
+    if tokenizer is None and config.mode != "augment":
         raise HkdError("teacher: the model directory has no tokenizer")
     device = pick_device(config.device)
     if model is not None:
         freeze(model).to(device)  # type: ignore[arg-type]
-    backend = build_generation_backend(pm, config.backend, GenerationContext(
-        "teacher", tokenizer, model, str(teacher_dir(config, output.parent)), device, "backend"), config.backend_options)
+    # a preset teacher exists on disk only when rank 0 loaded it (not in mode: augment)
+    teacher_path = (Path(config.teacher.path).expanduser() if config.teacher.path is not None
+                    else teacher_dir(config, output.parent) if config.mode != "augment" else None)
+    transforms = [(t, build_prompt_transform(pm, t, TransformContext(
+        config.prompt_field, config.answer_field, Path(config.prompts).parent, device, f"augment[{i}]",
+        teacher_path)))
+        for i, t in enumerate(config.augment)]
+    backend = None
+    if config.mode != "augment":
+        backend = build_generation_backend(pm, config.backend, GenerationContext(
+            "teacher", tokenizer, model, str(teacher_dir(config, output.parent)), device, "backend"),
+            config.backend_options)
     teacher = {"path": config.teacher.path, "preset": config.teacher.preset, "backend": config.backend,
                "name": str(getattr(model.config, "name_or_path", "")) if model is not None else "",
                "model_type": model.config.model_type if model is not None else ""}
+    extract = answer_extractor(config.filters.answer_pattern)  # the verifiers' extraction, for the votes
+    source_ids = {pid for pid, _ in prompts}
 
     batches = [prompts[i: i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
     # a batch is finished or not (one ledger line each); prompts added to the file since are new work
@@ -340,13 +443,29 @@ def generate(config: GenerateConfig) -> GenerateSummary:
                unit="batch")
     mine = todo[info.rank::info.world_size]
     target = part_path(output, info.rank) if info.enabled else output
-    for index, batch in mine:
-        ids = [pid for pid, _ in batch]
+    for index, sources in mine:
+        batch = expand(sources, transforms, config, source_ids)
+        ids = [pid for pid, _, _ in batch]
         seed = derive_seed(config.seed, "\x1f".join(ids))
-        samples = backend.generate([str(r[config.prompt_field]) for _, r in batch], config.sampling_params(seed))
-        kept_lines, decisions = [], {}
-        for p, (pid, record) in enumerate(batch):
-            judged = judge(record, samples.texts[p * config.n: (p + 1) * config.n], verifiers, config.filters)
+        kept_lines: list[dict[str, Any]] = []
+        decisions: dict[str, list[dict[str, Any]]] = {}
+        labels: dict[str, dict[str, Any]] = {}
+        if backend is None:  # mode: augment: the records themselves are the output
+            for pid, record, origin in batch:
+                decisions[pid] = [{"sample": 0, "kept": True, "reason": None}]
+                kept_lines.append({"id": pid, "sample": 0, **record} | ({"augmented_from": origin} if origin else {}))
+        else:
+            samples = backend.generate([str(r[config.prompt_field]) for _, r, _ in batch], config.sampling_params(seed))
+        for p, (pid, record, origin) in enumerate(batch if backend is not None else []):
+            texts = samples.texts[p * config.n: (p + 1) * config.n]
+            label = None
+            if config.mode == "pseudo_label" and not has_answer(record, config.answer_field):
+                label = majority_answer(texts, extract)
+                labels[pid] = label
+                record = {**record, config.answer_field: label["answer"]}
+            judged = judge(record, texts, verifiers, config.filters)
+            if label is not None:  # only completions that reach the majority answer teach it
+                judged = [pseudo_labelled(d, label, config.min_agreement, extract) for d in judged]
             decisions[pid] = [{"sample": d.sample, "kept": d.reason is None, "reason": d.reason} for d in judged]
             kept_lines += [{
                 "id": pid,
@@ -358,9 +477,13 @@ def generate(config: GenerateConfig) -> GenerateSummary:
                 "teacher": teacher,
                 "sampling": settings,
                 "seed": seed,
-            } for d in judged if d.reason is None]
+            } | ({"pseudo_label": label} if label is not None else {})
+              | ({"augmented_from": origin} if origin is not None else {})
+                for d in judged if d.reason is None]
         append_lines(target, kept_lines)  # output first: the ledger line below marks the batch finished
         entry = {"batch": index, "ids": ids, "seed": seed, "settings": settings, "decisions": decisions}
+        if labels:
+            entry["pseudo_labels"] = labels
         append_lines(ledger_path(target), [entry])
         bar.update(min(info.world_size, bar.total - bar.n))  # the other ranks finish theirs alongside
     bar.close()

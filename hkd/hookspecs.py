@@ -9,7 +9,7 @@ which are found through the entry-point group ``hkd``.
 Two kinds of hooks:
 
 * **Registration hooks** (``hkd_add_*``) return things the core collects from every plugin:
-  stage specs, kernel backends, verifiers, generation backends. Each returns a list (or ``None``); the
+  stage specs, kernel backends, verifiers, generation backends, prompt transforms. Each returns a list (or ``None``); the
   core concatenates the lists. Duplicate names are an error that names both plugins.
 * **Lifecycle hooks** (``hkd_on_*``, ``hkd_after_step``) observe the run. They return
   nothing; an exception raised in one is reported with the plugin and hook name.
@@ -25,6 +25,7 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
+    from hkd.augment import PromptTransformSpec
     from hkd.config import Config
     from hkd.generation import GenerationBackendSpec
     from hkd.kernels.registry import KernelBackend
@@ -83,6 +84,21 @@ def hkd_add_generation_backends() -> list[GenerationBackendSpec] | None:
     trainer calls before sampling from a model it has updated. Set ``needs_model=False`` on
     the spec when the backend loads its own weights from ``context.model_path``, so that
     ``hkd generate`` does not load the model into its own process as well.
+    """
+
+
+@hookspec
+def hkd_add_prompt_transforms() -> list[PromptTransformSpec] | None:
+    """Return prompt transforms (:class:`hkd.augment.PromptTransformSpec`) for augmentation.
+
+    ``hkd generate`` with ``augment: [{name, variants, options}]`` builds each as
+    ``factory(context, **options)`` (:class:`hkd.augment.TransformContext`) and calls it as
+    ``transform(record, rng, count) -> list[record]``: up to ``count`` new prompt records
+    made from ``record``, drawing randomness only from ``rng`` (seeded per prompt, so a
+    resumed run makes the same variants). A transform that can compute a variant's answer
+    sets ``answer_field``; one that cannot drops it (pseudo-labelling can fill it). Built-ins:
+    ``arith_operands`` (new operands for the arithmetic task's prompts) and ``mlm_replace``
+    (TinyBERT-style word replacement proposed by a masked-LM).
     """
 
 

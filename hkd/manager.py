@@ -29,6 +29,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "rl": "hkd.plugins.rl",
     "uld": "hkd.plugins.uld",
     "generation": "hkd.plugins.generation",
+    "augment": "hkd.plugins.augment",
     "onpolicy": "hkd.plugins.onpolicy",
     "console": "hkd.plugins.console",
 }
