@@ -108,8 +108,8 @@ def main() -> None:
     path = out / f"divergences-{device}-{stamp}.json"
     path.write_text(json.dumps({
         "command": "python " + " ".join(sys.argv), "date": stamp, "device": device,
-        "machine": torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()}, "
-                   f"{torch.get_num_threads()} torch threads",
+        "machine": (torch.cuda.get_device_name() if device == "cuda"
+                    else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"),
         "shape": [n, vocab], "dtype": str(dtype), "temperature": 2.0, "alpha": 0.1, "rows": rows, "summary": summary,
     }, indent=1))
     print(f"wrote {path}")

@@ -12,11 +12,12 @@ Per row (token) ``i`` with temperature ``T`` and ``P = softmax(z / T)``:
   ``skew_reverse_kl`` = KL(P_s || a·P_s + (1-a)·P_t): the skew KL and skew reverse KL of
   DistiLLM (Ko et al., ICML 2024: ``SKL_a(p, q) = KL(p || a p + (1-a) q)`` with p the
   teacher, ``SRKL_a(p, q) = KL(q || (1-a) p + a q)``, as in their ``distillm/losses.py``; the
-  paper uses a = 0.1). Mixing the other distribution into the second argument bounds the log-ratio by ``log(1/a)``, so a student
-  token of probability ~0 does not blow the loss up. ``skew=0`` is plain forward / reverse KL;
-  ``skew=1`` would be identically 0, so ``ops`` accepts ``0 <= skew < 1``. (DistiLLM's own
-  ``skewed_forward_kl`` code drops the teacher-entropy constant; here the value is the KL itself,
-  which is 0 when the distributions agree; the gradient is the same.)
+  paper uses a = 0.1). Mixing the other distribution into the second argument bounds the
+  log-ratio by ``log(1/a)``, so a student token of probability ~0 does not blow the loss up.
+  ``skew=0`` is plain forward / reverse KL; ``skew=1`` would be identically 0, so ``ops``
+  accepts ``0 <= skew < 1``. (DistiLLM's own ``skewed_forward_kl`` code drops the
+  teacher-entropy constant; here the value is the KL itself, which is 0 when the distributions
+  agree; the gradient is the same.)
 
 ``loss_i = (1-alpha)·scale·soft_i + alpha·CE_i`` with ``scale = T²`` when ``scale_t2`` and
 ``CE_i`` the student's cross-entropy at temperature 1 against ``labels[i]``. Rows whose
