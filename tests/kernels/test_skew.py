@@ -156,14 +156,14 @@ def test_skew_outside_its_range_is_rejected(bad):
 def fused_compare(backend: str, dtype=torch.float32, tol: float = 2e-5, **opts) -> None:
     """Loss and the gradients of student hidden, weight and bias against fp64 logits built from them."""
     gen = torch.Generator().manual_seed(4)
-    n, hs_dim, ht_dim = 13, 40, 24  # interpreter tiles: one ragged 16-row block; V = 301: 5 64-wide tiles
+    n, hs_dim, ht_dim, vocab = 13, 40, 24, 131  # interpreter tiles: one ragged 16-row block, 3 64-wide vocab tiles
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(dtype)
 
-    hs, ws, bs, ht, wt, bt = rand(n, hs_dim), rand(V, hs_dim, scale=0.3), rand(V), rand(n, ht_dim), \
-        rand(V, ht_dim, scale=0.3), rand(V)
-    labels = torch.randint(0, V, (n,), generator=gen)
+    hs, ws, bs, ht, wt, bt = rand(n, hs_dim), rand(vocab, hs_dim, scale=0.3), rand(vocab), rand(n, ht_dim), \
+        rand(vocab, ht_dim, scale=0.3), rand(vocab)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[[0, 7]] = -100
     ref = [x.double().requires_grad_() for x in (hs, ws, bs)]
     want = skew_rows64(ref[0] @ ref[1].T + ref[2], ht.double() @ wt.double().T + bt.double(), labels, **opts)
