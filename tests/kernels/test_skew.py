@@ -141,6 +141,26 @@ def test_equal_distributions_give_zero_loss_and_gradient(backend, divergence):
     assert torch.isfinite(x.grad).all() and float(x.grad.abs().max()) < 1e-6
 
 
+# catches: the mixture on the wrong side (m = p for skew KL, m = q for skew reverse KL: log 0 where
+# the other model has mass), which plain KL cannot survive: the skew divergences are bounded by
+# log(1/skew) however little mass one model puts where the other has it
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", SKEWS)
+def test_bounded_where_plain_kl_is_infinite(backend, divergence):
+    s, t, _ = logits(n=3, seed=5)
+    zero = s if divergence == "skew_forward_kl" else t  # the distribution in the second argument of plain KL
+    zero[:, : V // 2] = float("-inf")  # half the vocabulary has probability 0 there, mass in the other one
+    x = s.to(DEVICE).requires_grad_()
+    loss = distill_loss(x, t.to(DEVICE), divergence=divergence, skew=0.2, scale_t2=False, reduction="none",
+                        backend=backend)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and (loss > 0.1).all() and (loss <= math.log(1 / 0.2) + 1e-5).all()
+    assert torch.isfinite(x.grad).all()
+    plain = distill_loss(s.to(DEVICE), t.to(DEVICE), divergence=divergence[len("skew_"):], scale_t2=False,
+                         reduction="none", backend="torch")
+    assert (plain > 10 * loss.detach()).all()  # plain KL: infinite or huge, so the bound is not trivial
+
+
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, math.nan])
 def test_skew_outside_its_range_is_rejected(bad):
     s, t, _ = logits(n=2)
