@@ -31,7 +31,7 @@ from hkd.config import DataConfig
 from hkd.errors import HkdError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
-ENCODING_VERSION = 1  # bump when the token layout written to the cache changes
+ENCODING_VERSION = 2  # bump when the token layout written to the cache changes (2: encoders get [CLS]/[SEP])
 
 
 class HFEncoded(Sequence[tuple[list[int], list[int]]]):
@@ -71,7 +71,7 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 def _encode_batch(rows: dict[str, list[Any]], tokenizer: Any, config: DataConfig) -> dict[str, list[Any]]:
     """:func:`hkd.data.encode` for a batch of rows, with one tokenizer call per field."""
-    from hkd.data import CHARS_PER_TOKEN_CAP, chat_prompt
+    from hkd.data import CHARS_PER_TOKEN_CAP, chat_prompt, encoder_special_ids, is_encoder_tokenizer
 
     cap = CHARS_PER_TOKEN_CAP * config.max_length
     if config.prompt_field is None:
@@ -79,18 +79,28 @@ def _encode_batch(rows: dict[str, list[Any]], tokenizer: Any, config: DataConfig
     else:
         prompts = [str(p)[:cap] for p in rows[config.prompt_field]]
         completions = [str(c)[:cap] for c in rows[config.completion_field]]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    templated = config.chat_template and config.prompt_field is not None
+    # an encoder gets its tokenizer's own [CLS] ... [SEP] (no chat template), and truncation keeps the [SEP]
+    encoder = is_encoder_tokenizer(tokenizer)
+    if encoder:
+        bos, eos = encoder_special_ids(tokenizer)
+    else:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    templated = config.chat_template and config.prompt_field is not None and not encoder
     prompt_texts = [chat_prompt(tokenizer, p) if templated and p else p for p in prompts]
     prompt_ids = tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]
     completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    keep = max(config.max_length - len(eos), 0) if encoder else config.max_length
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "targets": []}
     for prompt, p_ids, c_ids in zip(prompts, prompt_ids, completion_ids):
         head = p_ids if templated and prompt else bos + (p_ids if prompt else [])
-        tail = c_ids + eos
-        ids = (head + tail)[: config.max_length]
-        labels = ([-100] * len(head) + tail)[: config.max_length]
+        if encoder:
+            ids = ((head + c_ids)[:keep] + eos)[: config.max_length]
+            labels = (([-100] * len(head) + c_ids)[:keep] + eos)[: config.max_length]
+        else:
+            tail = c_ids + eos
+            ids = (head + tail)[: config.max_length]
+            labels = ([-100] * len(head) + tail)[: config.max_length]
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))

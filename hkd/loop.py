@@ -34,6 +34,7 @@ from hkd.distributed import (
     sync_gradients,
 )
 from hkd.errors import ConfigError, HkdError, StoppedEarly
+from hkd.export import export_encoder
 from hkd.manager import HkdPluginManager, build_manager
 from hkd.models import check_compatible, decoder_body, load_model
 from hkd.schedule import Schedule
@@ -418,6 +419,7 @@ def finish(run: Run, step: int, metrics: dict[str, float]) -> RunResult:
     if run.info.is_main:
         run.student.save_pretrained(final_dir, state_dict=student_state, safe_serialization=True)
         run.tokenizer.save_pretrained(final_dir)
+        export_encoder(final_dir, run.config, run.student.config)  # an encoder's final/ loads in sentence-transformers
     run.hook("hkd_on_train_end", step=step, run_dir=run.run_dir, final_dir=final_dir, metrics=metrics)
     barrier(run.info)
     return RunResult(run.run_dir, final_dir, step, metrics)

@@ -31,6 +31,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "generation": "hkd.plugins.generation",
     "augment": "hkd.plugins.augment",
     "onpolicy": "hkd.plugins.onpolicy",
+    "mlm": "hkd.plugins.mlm",
+    "sentence": "hkd.plugins.sentence",
     "console": "hkd.plugins.console",
 }
 

@@ -24,6 +24,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoTokenizer,
     BertConfig,
     LlamaConfig,
@@ -318,6 +319,13 @@ def config_is_decoder(config: Any) -> bool:
     return bool(value)
 
 
+def encoder_loader(config: Any) -> Any:
+    """``AutoModelForMaskedLM`` for a ``*ForMaskedLM`` checkpoint, so its head loads too (the mlm stage's
+    targets; loaded bare, the head's tensors would be refused as unexpected), else ``AutoModel``."""
+    _, architectures = _config_facts(config)
+    return AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") for a in architectures) else AutoModel
+
+
 def encoder_reason(config: Any) -> str:
     model_type, architectures = _config_facts(config)
     return f"model_type {model_type!r}" + (f", architectures {architectures}" if architectures else "")
@@ -344,9 +352,9 @@ def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tup
         "output_loading_info": True,
         "ignore_mismatched_sizes": True,  # reported in the loading info, refused below with the names
     }
-    loader = AutoModel if spec.encoder else AutoModelForCausalLM
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+        loader = encoder_loader(config) if spec.encoder else AutoModelForCausalLM
         if not spec.encoder and is_encoder_config(config):
             raise HkdError(f"{role}: {str(path)!r} is an encoder ({encoder_reason(config)}), which has no causal LM "
                            f"head; set {role}.encoder: true (loading it as a causal LM would add a randomly "
