@@ -256,7 +256,7 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int = 64, hidden: bool 
     if not (math.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"--temperature: must be a positive number, got {temperature}")
     seed = config.train.seed if seed is None else seed
-    facts = {"targets": targets, "temperature": float(temperature), "layers": []}
+    facts: dict[str, Any] = {"targets": targets, "temperature": float(temperature), "layers": []}
 
     # the stages as training from this cache will build them, asking what a cache can serve
     serves, notes = cache_serves(facts, run_t, describe_temperature(config.schedule.temperature))

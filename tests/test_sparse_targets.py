@@ -164,6 +164,29 @@ def test_sampled_targets_estimate_the_teachers_cross_entropy_without_bias_unlike
     assert ((topk_grad - full_grad).abs() > grad_bound).any()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch", "chunked", "triton"])
+def test_sampled_targets_with_empty_slots_give_the_kl_to_count_over_k_on_every_backend(backend):
+    """Catches: empty slots (count 0, value -inf) turning into NaN or mass in a backend, or the values not
+    scaled by T before the kernel tempers them (the target would be (count/K)^(1/T), renormalised)."""
+    gen = torch.Generator().manual_seed(4)
+    teacher, student = torch.randn(5, V, generator=gen), (torch.randn(5, V, generator=gen) * 2).requires_grad_()
+    drawn = sampled_targets(teacher, 6, 2.0, example_generator(0, 0))
+    counts = drawn["sample_counts"].double()
+    assert (counts == 0).any()  # some positions drew a token twice: empty slots are exercised
+    values = (counts / 6).log().float()
+    targets = as_view_targets(drawn["sample_ids"].long(), values, temperature=2.0, kind="sampled")
+    loss = stage("auto", serves_lse=False, backend=backend).sparse_loss(
+        student[None], targets, torch.zeros(1, 5, dtype=torch.long), temperature=2.0)
+    s64 = student.detach().double().requires_grad_()
+    p_hat, log_p = counts / 6, (s64 / 2).log_softmax(-1).gather(-1, drawn["sample_ids"].long())
+    expected = 4 * (p_hat * torch.where(p_hat > 0, p_hat.log() - log_p, 0.0)).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(student.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_sampled_targets_at_another_temperature_are_refused_in_the_loss():
     """Catches: sampled targets used at a temperature they were not drawn at (silently wrong)."""
     targets = as_view_targets(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), temperature=1.0, kind="sampled")
