@@ -35,7 +35,7 @@ from typing import Any, cast
 import torch
 from tqdm.auto import tqdm
 
-from hkd.tasks.arith import make_problems
+from hkd.tasks.chain import make_chain_problems
 from hkd.config import Config, ModelConfig, from_dict, validate
 from hkd.data import read_jsonl
 from hkd.errors import HkdError
@@ -59,6 +59,7 @@ class DemoSettings:
     """Everything that decides the demo's numbers (written to ``results.json``)."""
 
     digits: int = 2
+    operands: int = 2  # numbers summed per problem: 2 is the demo's addition, more is the harder chain task
     teacher_problems: int = 3000  # worked solutions the teacher trains on
     student_problems: int = 1500  # answer-only training problems
     heldout_problems: int = 200
@@ -81,6 +82,20 @@ class DemoSettings:
         return cls(teacher_problems=1500, student_problems=200, heldout_problems=50, teacher_steps=250,
                    student_steps=60, rl_steps=4, seed=seed)
 
+    @classmethod
+    def hard(cls, seed: int = 0) -> DemoSettings:
+        """The harder task: 3-digit addition (:mod:`hkd.tasks.chain`), the demo's student at a fixed budget.
+
+        Sized with ``bench/hard_task.py`` (seed 0 probes, 2-core CPU): the teacher (1000 steps on
+        6000 worked solutions) solves all held-out problems, while at 600 student steps logits KD
+        reached 0.855 and SFT on distilled data stays lower (answer-only SFT near 0). Sums of three
+        3-digit numbers (``operands=3``) were too hard: the teacher reached 0.91 in 1200 steps and
+        no student arm solved any problem in 600. The student LR is 1e-2: at the demo's 3e-3 no arm
+        passed 0.05 in 600 steps (logits KD 0.005).
+        """
+        return cls(digits=3, operands=2, teacher_problems=6000, student_problems=2000, teacher_steps=1000,
+                   student_steps=600, student_lr=1e-2, seed=seed)
+
 
 @dataclass
 class DemoData:
@@ -94,11 +109,15 @@ def prepare_data(settings: DemoSettings, out: Path) -> DemoData:
     """Three disjoint problem sets: teacher training, student training (answers only), held out."""
     folder = out / "data"
     folder.mkdir(parents=True, exist_ok=True)
-    heldout = make_problems(settings.heldout_problems, settings.digits, seed=10_000 + settings.seed)
-    used = {(p.a, p.b) for p in heldout}
-    student = make_problems(settings.student_problems, settings.digits, seed=20_000 + settings.seed, exclude=used)
-    used |= {(p.a, p.b) for p in student}
-    teacher = make_problems(settings.teacher_problems, settings.digits, seed=30_000 + settings.seed, exclude=used)
+    # with operands=2 these are make_problems' addition problems, drawn identically (tests/test_hard_task.py)
+    heldout = make_chain_problems(settings.heldout_problems, settings.digits, settings.operands,
+                                  seed=10_000 + settings.seed)
+    used = {p.operands for p in heldout}
+    student = make_chain_problems(settings.student_problems, settings.digits, settings.operands,
+                                  seed=20_000 + settings.seed, exclude=used)
+    used |= {p.operands for p in student}
+    teacher = make_chain_problems(settings.teacher_problems, settings.digits, settings.operands,
+                                  seed=30_000 + settings.seed, exclude=used)
     data = DemoData(folder / "teacher_train.jsonl", folder / "train_prompts.jsonl", folder / "answer_only.jsonl",
                     folder / "heldout.jsonl")
     rewrite_lines(data.teacher_train, [{"prompt": p.prompt, "completion": p.worked_solution()} for p in teacher])
