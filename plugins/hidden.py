@@ -11,10 +11,17 @@ grows with depth), so with plain ``mse`` the mean over mapped pairs is dominated
 with the largest norms. ``nmse`` puts every pair on the same scale (1.0 = predicting zeros);
 ``normalize: layernorm`` applies a parameter-free LayerNorm to both sides before the loss. Projectors are this stage's parameters: they train with the
 student and are saved in checkpoints. Layer 0 (embeddings) can be mapped too.
+
+The stage loss is the mean over mapped pairs, or with ``layer_weights`` (one non-negative
+weight per pair, in layer-map order) the weighted mean ``sum w_i L_i / sum w_i``. Under AdamW a
+constant factor on the whole stage cancels, but the weights still decide how the student's
+shared lower blocks split their update between the intermediate targets and the last one
+(bench/layer_analysis.py measures that split).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,6 +41,7 @@ class HiddenStageConfig:
     include_embeddings: bool = False
     layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/hidden/<s>_<t>
+    layer_weights: list[float] | None = None  # one weight per mapped pair (layer-map order); None: equal
 
 
 class HiddenStage(Stage):
@@ -51,6 +59,7 @@ class HiddenStage(Stage):
             where=f"{context.config_path}.layer_map",
             student_dir=getattr(context.student.config, "name_or_path", None),  # init/auto: a cut student's hkd-init.json
         )
+        self.pair_weights = pair_weights(config.layer_weights, self.layer_map, f"{context.config_path}.layer_weights")
         widths_differ = s_cfg.hidden_size != t_cfg.hidden_size
         if config.projector == "none" and widths_differ:
             raise ConfigError(
@@ -93,10 +102,28 @@ class HiddenStage(Stage):
             else:
                 per_token = 1 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)
             pair_sums[(s, t)] = (per_token * mask).sum()
-        terms = {"hidden": torch.stack(list(pair_sums.values())).sum() / (len(self.layer_map) * max(state.tokens, 1))}
+        stacked = torch.stack(list(pair_sums.values()))
+        weights = stacked.new_tensor(self.pair_weights)
+        terms = {"hidden": (stacked * weights).sum() / (weights.sum() * max(state.tokens, 1))}
         if self.config.log_layers:
             terms.update(layer_metrics("hidden", pair_sums, mask))
         return terms
+
+
+def pair_weights(weights: list[float] | None, layer_map: list[tuple[int, int]], where: str) -> list[float]:
+    """One finite non-negative weight per mapped pair, not all zero; equal weights when none are given."""
+    if weights is None:
+        return [1.0] * len(layer_map)
+    pairs = ", ".join(f"{s}->{t}" for s, t in layer_map)
+    if len(weights) != len(layer_map):
+        raise ConfigError(f"{where}: {len(weights)} weight(s) for {len(layer_map)} mapped pair(s) ({pairs}); "
+                          "give one per pair, in this order")
+    for index, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"{where}[{index}]: expected a finite number >= 0, got {weight!r}")
+    if not any(weights):
+        raise ConfigError(f"{where}: every weight is 0; at least one pair ({pairs}) must count")
+    return [float(w) for w in weights]
 
 
 @hookimpl
