@@ -74,6 +74,23 @@ class _SampledLogprobs:
         return torch.stack(self.logprobs[: completion.shape[1]], 1)
 
 
+def _generate(model: PreTrainedModel, ids: Tensor, mask: Tensor, max_new_tokens: int, greedy: bool,
+              processors: Any, pad: int, eos: int | None) -> Tensor:
+    return model.generate(  # type: ignore[operator,no-any-return]
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        logits_processor=processors,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        use_cache=True,
+    )
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -110,19 +127,15 @@ def sample(
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p, min_tokens_to_keep=1))
         processors.append(recorder)
-    out = model.generate(  # type: ignore[operator]
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=not greedy,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        logits_processor=processors,
-        pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-    )
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    # generate() calls our neutral temperature=1/top_k=0 "not valid flags": they are set on purpose
+    hf_logging.set_verbosity_error()
+    try:
+        out = _generate(model, ids, mask, max_new_tokens, greedy, processors, pad, tokenizer.eos_token_id)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.train(was_training)
     completion = out[:, ids.shape[1]:]
     eos = tokenizer.eos_token_id

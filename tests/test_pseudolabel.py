@@ -147,3 +147,20 @@ def test_bad_pseudo_label_settings_are_named(tmp_path, model_dirs):
         config(tmp_path, model_dirs, mode="solve")
     with pytest.raises(ConfigError, match=r"mode"):
         config(tmp_path, model_dirs, mode="label")
+
+
+def test_the_enrich_benchmark_scores_pseudo_labels_against_the_withheld_answers(tmp_path):
+    from tests.conftest import load_bench_script
+
+    bench = load_bench_script("enrich")
+    prompts = tmp_path / "train.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"t{i}", "prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n"
+                               for i in range(4)))
+    split = bench.split_prompts(prompts, tmp_path)
+    assert [json.loads(line) for line in split["unlabelled"].read_text().splitlines()] == [
+        {"id": "t2", "prompt": "2+1="}, {"id": "t3", "prompt": "3+1="}]  # the second half, answers withheld
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(json.dumps({"pseudo_labels": {"t2": {"answer": "3", "agreement": 1.0},
+                                                    "t3": {"answer": "5", "agreement": 0.5}}}) + "\n")
+    assert bench.pseudo_label_accuracy(ledger, split["withheld"]) == {
+        "prompts": 2, "with_majority": 2, "majority_correct": 1, "agreement_mean": 0.75}
