@@ -349,3 +349,26 @@ def test_a_hidden_only_cache_refuses_a_logits_stage_by_name(raw, tmp_path):
         distill(from_dict(Config, dict(copy.deepcopy(raw), teacher_cache=str(tmp_path / "cache"))), tmp_path / "r")
     with pytest.raises(ConfigError, match=r"stage 'logits' needs the teacher's logits.*--targets none"):
         build(raw, tmp_path / "c2", targets="none", hidden=True)
+
+
+def test_the_cli_passes_targets_samples_temperature_and_seed(raw, tmp_path, capsys):
+    """Catches: cache-teacher options parsed but not passed to the build (a default cache written instead)."""
+    import yaml
+
+    from hkd.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    args = ["cache-teacher", str(path), "--out", str(tmp_path / "c"), "--no-progress", "--no-hidden"]
+    # draws at 1.5 could not serve this config's constant T = 2: refused when building, naming both
+    assert main(args + ["--targets", "sampled", "--samples", "4", "--temperature", "1.5", "--seed", "3"]) == 2
+    assert "built at temperature 1.5 and serves sampled targets" in capsys.readouterr().err
+    assert main(args + ["--targets", "sampled", "--samples", "4", "--temperature", "2", "--seed", "3"]) == 0
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert (index["targets"], index["samples"], index["temperature"], index["seed"]) == ("sampled", 4, 2.0, 3)
+    assert main(args + ["--targets", "topk", "--top-k", "3"]) == 0
+    index = json.loads((tmp_path / "c" / "index.json").read_text())
+    assert (index["targets"], index["top_k"], index["temperature"]) == ("topk", 3, 2.0)  # the config's constant T
+    capsys.readouterr()
+    assert main(args + ["--targets", "topk", "--temperature", "0"]) == 2
+    assert "--temperature: must be a positive number, got 0.0" in capsys.readouterr().err
