@@ -46,8 +46,8 @@ from hkd import (
     ConfigError, HkdError, ModelView, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl,
     kernels,
 )
-from hkd.kernels.sparse import exact_bucket_inputs
 from hkd.architectures import apply_logit_softcap, check_supported, output_head
+from hkd.kernels.sparse import exact_bucket_inputs
 
 
 @dataclass
