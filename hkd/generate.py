@@ -10,6 +10,14 @@ that ``data.kind: jsonl`` with ``prompt_field``/``completion_field`` trains on d
 line carries its provenance (prompt id, sample index, verdicts, teacher, sampling settings,
 seed).
 
+Modes (``mode:``): ``solve`` verifies against each record's answer; ``pseudo_label`` also
+labels records that have none with the majority answer of their ``n`` samples
+(self-consistency, extracted as the verifiers extract it; the agreement ratio and votes go
+into the provenance and the ledger, ``min_agreement`` filters); ``augment`` writes the records
+and their variants without sampling. ``augment:`` runs prompt transforms (plugins,
+:mod:`hkd.augment`) over every record; variants join their source's batch with ids
+``SOURCE~TRANSFORM~K`` and are handled like any prompt, their lines naming their origin.
+
 Crash safety: prompts are processed in fixed batches (``batch_size`` consecutive records of
 the prompt file). After a batch, its kept lines are appended to the output and then one line
 recording every decision of the batch is appended to the ledger ``OUTPUT.ledger.jsonl``,
