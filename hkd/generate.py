@@ -103,6 +103,9 @@ class GenerateConfig:
             raise ConfigError(f"mode: must be solve, pseudo_label or augment, got {self.mode!r}")
         if not 0 <= self.min_agreement <= 1:
             raise ConfigError(f"min_agreement: must be in [0, 1], got {self.min_agreement}")
+        if self.mode == "pseudo_label" and self.temperature == 0 and self.n > 1:
+            raise ConfigError(f"n: {self.n} greedy samples are identical, so their vote always agrees; "
+                              "pseudo_label with temperature: 0 takes n: 1 (or sample with temperature > 0)")
         if self.min_agreement and self.mode != "pseudo_label":
             raise ConfigError(f"min_agreement: only used with mode: pseudo_label (mode is {self.mode})")
         for i, transform in enumerate(self.augment):
@@ -361,7 +364,11 @@ def expand(batch: list[tuple[str, dict[str, Any]]], transforms: list[tuple[Trans
         for t_index, (spec, transform) in enumerate(transforms):
             rng = random.Random(derive_seed(config.seed, f"augment:{t_index}:{spec.name}:{pid}"))
             kept = 0
-            for variant in transform(dict(record), rng, spec.variants)[: spec.variants]:
+            try:
+                variants = transform(dict(record), rng, spec.variants)[: spec.variants]
+            except HkdError as exc:
+                raise HkdError(f"augment[{t_index}] ({spec.name}) on prompt {pid!r} of {config.prompts}: {exc}") from exc
+            for variant in variants:
                 text = str(variant.get(config.prompt_field, ""))
                 if not text or text in seen:
                     continue

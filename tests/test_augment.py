@@ -4,6 +4,7 @@ forward, provenance, and resume of augmented generate runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -151,6 +152,11 @@ def test_mode_augment_writes_encoder_text_with_provenance_and_the_teacher_as_def
     assert lines[1]["text"] != lines[0]["text"] and len(lines[1]["text"].split()) == 6
     assert summary.kept == 7
     assert generate(config).kept == 7 and len(summary.output.read_text().splitlines()) == 7  # finished: a no-op
+    # a record without the transform's field: the error names the transform, the prompt and the file
+    other = dataclasses.replace(config, output=str(tmp_path / "other.jsonl"), augment=[
+        TransformConfig("mlm_replace", 1, {"field": "body"})])
+    with pytest.raises(HkdError, match=r"augment\[0\] \(mlm_replace\) on prompt 's0' of .*text.jsonl: .*no text field 'body'"):
+        generate(other)
     with pytest.raises(ConfigError, match=r"mode: augment writes the augment: variants, but augment: is empty"):
         from_dict(GenerateConfig, {"teacher": {"path": str(masked_lm)}, "prompts": str(data), "output": "x",
                                    "mode": "augment", "prompt_field": "text"})

@@ -147,6 +147,9 @@ def test_bad_pseudo_label_settings_are_named(tmp_path, model_dirs):
         config(tmp_path, model_dirs, mode="solve")
     with pytest.raises(ConfigError, match=r"mode"):
         config(tmp_path, model_dirs, mode="label")
+    with pytest.raises(ConfigError, match=r"n: 4 greedy samples are identical, so their vote always agrees"):
+        config(tmp_path, model_dirs, temperature=0.0)
+    assert config(tmp_path, model_dirs, temperature=0.0, n=1).n == 1  # the teacher's greedy answer as the label
 
 
 def test_the_enrich_benchmark_scores_pseudo_labels_against_the_withheld_answers(tmp_path):
