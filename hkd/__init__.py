@@ -37,6 +37,8 @@ _EXPORTS: dict[str, str] = {
     "Samples": "hkd.sampling",
     "get_generation_backend": "hkd.generation",
     "build_generation_backend": "hkd.generation",
+    "PromptTransformSpec": "hkd.augment",
+    "TransformContext": "hkd.augment",
     "HkdError": "hkd.errors",
     "ConfigError": "hkd.errors",
 }
@@ -44,6 +46,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
+    from hkd.augment import PromptTransformSpec, TransformContext
     from hkd.errors import ConfigError, HkdError
     from hkd.generation import (GenerationBackend, GenerationBackendSpec, GenerationContext, SamplingParams,
                                 build_generation_backend, get_generation_backend)

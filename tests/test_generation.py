@@ -4,6 +4,7 @@ the plugin contract (lookup, options, shape checks), the docs' table backend thr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -191,3 +192,30 @@ def test_rl_stage_samples_through_its_backend_and_syncs_the_student_each_step():
     assert recording.calls[0].seed != recording.calls[1].seed
     with pytest.raises(ConfigError, match=r"stages.rl.backend: unknown generation backend 'vllm'"):
         RlStage(RlStageConfig(num_prompts=2, backend="vllm"), ctx)
+
+
+def test_a_ledger_written_before_backends_and_modes_existed_still_resumes(tmp_path, model_dirs, monkeypatch):
+    # catches: settings keys added later (backend, mode, augment, ...) making old outputs "different settings"
+    import hkd.sampling as sampling
+
+    def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
+        texts = [f"{p} => 1" for p in prompts for _ in range(n)]
+        empty = torch.zeros(len(texts), 0, dtype=torch.long)
+        return Samples(empty, empty, empty, empty, texts, empty.float())
+
+    monkeypatch.setattr(sampling, "sample", fake_sample)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{i}+1="}) + "\n" for i in range(4)))
+    config = gen.GenerateConfig(teacher=ModelConfig(path=str(model_dirs["teacher"])), prompts=str(prompts),
+                                output=str(tmp_path / "o.jsonl"), n=1, batch_size=2, progress=False)
+    gen.generate(dataclasses.replace(config, prompts=str(tmp_path / "p.jsonl")))
+    ledger = gen.ledger_path(Path(config.output))
+    old = [json.loads(line) for line in ledger.read_text().splitlines()]
+    for entry in old[:1]:
+        for key in gen.SETTINGS_DEFAULTS:
+            del entry["settings"][key]
+    ledger.write_text("".join(json.dumps(entry) + "\n" for entry in old[:1]))  # an old, unfinished run
+    summary = gen.generate(config)
+    assert summary.prompts == 4 and len(Path(config.output).read_text().splitlines()) == 4
+    with pytest.raises(ConfigError, match=r"different settings \(mode\)"):  # a new key still counts
+        gen.generate(dataclasses.replace(config, mode="pseudo_label"))
