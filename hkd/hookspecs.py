@@ -73,7 +73,7 @@ def hkd_add_generation_backends() -> list[GenerationBackendSpec] | None:
     """Return generation backends (:class:`hkd.generation.GenerationBackendSpec`): who samples text.
 
     ``hkd generate`` (``backend:``), pseudo-labelling, the RL stage and the on-policy stage
-    (``stages.<name>.backend``) look a backend up by name; the built-in one is ``transformers``
+    (``stages.<name>.generation_backend``) look a backend up by name; the built-in one is ``transformers``
     (the live model's ``generate`` with the KV cache). A spec's factory is called as
     ``factory(context, **backend_options)`` with a :class:`hkd.generation.GenerationContext`
     (tokenizer, live model if any, model directory, device) and returns an object with

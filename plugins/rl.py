@@ -2,7 +2,7 @@
 
 Once per optimizer step the stage picks ``prompts_per_step`` prompts (with reference answers),
 lets the student sample ``samples_per_prompt`` completions for each (on-policy, through the
-generation backend ``backend``: the built-in ``transformers`` samples the live student batched
+generation backend ``generation_backend``: the built-in ``transformers`` samples the live student batched
 with the KV cache; an engine plugin gets the student's weights through ``sync_weights`` before
 each step's sampling), scores every completion with a verifier (the reward is
 the verdict's ``score``) and returns
@@ -69,8 +69,8 @@ class RlStageConfig:
     kl_weight: float = 0.0  # per-token reverse KL toward the teacher on the student's samples
     verifier: VerifierConfig = field(default_factory=lambda: VerifierConfig("exact_answer"))
     seed: int = 0
-    backend: str = "transformers"  # generation backend (hkd_add_generation_backends) the student samples through
-    backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
+    generation_backend: str = "transformers"  # how the student samples (hkd_add_generation_backends)
+    generation_backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
 
 
 def group_advantages(rewards: Tensor, group_size: int, normalize_std: bool, eps: float = 1e-6) -> Tensor:
@@ -138,9 +138,9 @@ class RlStage(Stage):
         from hkd.generation import GenerationContext, build_generation_backend
 
         student = context.student
-        self.backend = build_generation_backend(pm, config.backend, GenerationContext(
+        self.backend = build_generation_backend(pm, config.generation_backend, GenerationContext(
             "student", self.tokenizer, student, str(getattr(student.config, "name_or_path", "")) or None,
-            next(student.parameters()).device, f"{where}.backend"), config.backend_options)
+            next(student.parameters()).device, f"{where}.generation_backend"), config.generation_backend_options)
         # not submodules: the models are trained/frozen by the loop, not owned by this stage
         self._models: dict[str, Any] = {"student": context.student, "teacher": context.teacher}
 

@@ -182,7 +182,7 @@ def test_rl_stage_samples_through_its_backend_and_syncs_the_student_each_step():
     pm = build_manager(extra_plugins=[("rec", recording)])
     ctx = StageContext("rl", teacher, student, {}, "stages.rl", plugins=pm, tokenizer=char_tokenizer())
     config = RlStageConfig(num_prompts=6, prompts_per_step=2, samples_per_prompt=3, max_new_tokens=3,
-                           backend="recording", verifier=VerifierConfig("regex_format", {"pattern": r"\d.*"}))
+                           generation_backend="recording", verifier=VerifierConfig("regex_format", {"pattern": r"\d.*"}))
     stage = RlStage(config, ctx)
     for step in range(2):
         terms = stage.loss({}, None, None, StepState(step=step, temperature=1.0, tokens=1))
@@ -190,8 +190,8 @@ def test_rl_stage_samples_through_its_backend_and_syncs_the_student_each_step():
     assert recording.syncs == [student, student]  # before every step's sampling
     assert [(p.n, p.max_new_tokens, p.temperature) for p in recording.calls] == [(3, 3, 1.0)] * 2
     assert recording.calls[0].seed != recording.calls[1].seed
-    with pytest.raises(ConfigError, match=r"stages.rl.backend: unknown generation backend 'vllm'"):
-        RlStage(RlStageConfig(num_prompts=2, backend="vllm"), ctx)
+    with pytest.raises(ConfigError, match=r"stages.rl.generation_backend: unknown generation backend 'vllm'"):
+        RlStage(RlStageConfig(num_prompts=2, generation_backend="vllm"), ctx)
 
 
 def test_a_ledger_written_before_backends_and_modes_existed_still_resumes(tmp_path, model_dirs, monkeypatch):
