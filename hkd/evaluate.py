@@ -184,6 +184,9 @@ class EvalConfig:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
     def validate(self, path: str = "") -> None:
+        from hkd.config import check_device
+
+        check_device(self.device, "device")  # a typo or a missing GPU is named before any model loads
         if self.prompts is None and self.text is None:
             raise ConfigError("eval: set prompts (pass@k) and/or text (perplexity, agreement)")
 

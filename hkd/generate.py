@@ -99,6 +99,9 @@ class GenerateConfig:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
 
     def validate(self, path: str = "") -> None:
+        from hkd.config import check_device
+
+        check_device(self.device, "device")  # a typo or a missing GPU is named before the teacher loads
         if self.mode not in ("solve", "pseudo_label", "augment"):
             raise ConfigError(f"mode: must be solve, pseudo_label or augment, got {self.mode!r}")
         if not 0 <= self.min_agreement <= 1:

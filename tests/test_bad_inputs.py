@@ -524,3 +524,21 @@ def test_bad_data_and_a_damaged_cache_through_the_cli(built_cache, small_model, 
     code, err = run_cli(capsys, "distill", write_config(teacher_cache=str(cache)), "--out", str(tmp_path / "r3"))
     assert_one_error(code, err, r"teacher_cache: shard '.*shard-00002\.safetensors' has \d+ bytes, the index recorded")
     assert not any((tmp_path / name).exists() for name in ("r1", "r2", "r3"))
+
+
+@pytest.mark.parametrize("device,message", [("gpu0", r"^device: 'gpu0' is not a device"),
+                                            ("cuda:0", r"^device: 'cuda:0' asked for, but this machine has")])
+def test_generate_and_eval_configs_name_a_bad_device(device, message):
+    # catches: generate/eval accepting any string and failing later inside torch.device or .to()
+    # (after loading the teacher), or silently running on another device
+    from hkd.evaluate import EvalConfig
+    from hkd.generate import GenerateConfig
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=message):
+        from_dict(GenerateConfig, {"teacher": {"preset": "tiny-llama"}, "prompts": "p.jsonl", "output": "o.jsonl",
+                                   "device": device})
+    with pytest.raises(ConfigError, match=message):
+        from_dict(EvalConfig, {"model": {"preset": "tiny-llama"}, "output": "o.json", "text": {"kind": "synthetic"},
+                               "device": device})
