@@ -60,8 +60,12 @@ def evaluate_pass_at_k(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    backend: Any = None,
 ) -> dict[str, Any]:
     """Sample ``n`` completions per record; a completion is correct when every verifier passes it.
+
+    ``backend``: a generation backend (:mod:`hkd.generation`) to sample through; ``None`` samples
+    ``model`` directly with the built-in KV-cache sampler.
 
     Returns ``{"pass@K": mean estimate for each K, "n": n, "prompts": P, "correct": [c per prompt]}``.
     Sampling is seeded per batch of prompts, so the numbers are reproducible.
@@ -75,8 +79,16 @@ def evaluate_pass_at_k(
     starts = range(0, len(records), batch_size)
     for start in tqdm(starts, disable=not progress, unit="batch", desc="pass@k"):
         chunk = records[start: start + batch_size]
-        samples = sample(model, tokenizer, [str(r[prompt_field]) for r in chunk], n=n, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, seed=derive_seed(seed, str(start)))
+        prompts = [str(r[prompt_field]) for r in chunk]
+        if backend is None:
+            samples = sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=derive_seed(seed, str(start)))
+        else:
+            from hkd.generation import SamplingParams
+
+            samples = backend.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens,
+                                                               temperature=temperature, top_p=top_p,
+                                                               seed=derive_seed(seed, str(start))))
         for p, record in enumerate(chunk):
             texts = samples.texts[p * n: (p + 1) * n]
             correct.append(sum(all(check(record, text).passed for check in checks) for text in texts))
@@ -162,6 +174,8 @@ class EvalPromptsConfig:
     batch_size: int = 8
     seed: int = 0
     verifiers: list[VerifierConfig] = field(default_factory=list)
+    backend: str = "transformers"  # generation backend (hkd_add_generation_backends) the samples come from
+    backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
 
     def validate(self, path: str = "") -> None:
         if not self.verifiers:
@@ -221,10 +235,14 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         pm = build_manager(config.plugins.disable)
         verifiers = [build_verifier(pm, v.name, v.options, f"prompts.verifiers[{i}]") for i, v in enumerate(p.verifiers)]
         records = read_jsonl(p.path, p.on_bad_line, (p.prompt_field,))
+        from hkd.generation import GenerationContext, build_generation_backend
+
+        backend = build_generation_backend(pm, p.backend, GenerationContext(
+            "student", tokenizer, model, config.model.path, device, "prompts.backend"), p.backend_options)
         results["pass_at_k"] = evaluate_pass_at_k(
             model, tokenizer, records, verifiers, p.n, p.k, prompt_field=p.prompt_field, temperature=p.temperature,
             top_p=p.top_p, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=p.seed,
-            progress=config.progress)
+            progress=config.progress, backend=backend)
     if config.text is not None:
         teacher = None
         if config.teacher is not None:

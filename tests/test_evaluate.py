@@ -112,3 +112,26 @@ def test_cli_eval_writes_json_and_prints_a_table(tmp_path, model_dirs, capsys):
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
     assert main(["eval", str(tmp_path / "eval.yaml")]) == 2
     assert "prompts.k: each k must be between 1 and n=2, got 3" in capsys.readouterr().err
+
+
+def test_eval_samples_through_its_generation_backend(tmp_path, model_dirs, monkeypatch, capsys):
+    # catches: pass@k that bypasses the configured backend (an engine plugin would never be used
+    # for evaluation) or drops the sampling settings on the way; an unknown backend is named
+    from hkd.manager import build_manager
+    from tests.test_generation import Recording
+
+    recording = Recording()
+    monkeypatch.setattr(ev, "build_manager", lambda disable=(): build_manager(disable, extra_plugins=[("rec", recording)]))
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n"
+                                                    for i in range(3)))
+    config = {"model": {"path": str(model_dirs["student"])}, "output": "eval.json", "progress": False,
+              "prompts": {"path": "heldout.jsonl", "n": 2, "max_new_tokens": 4, "batch_size": 2, "temperature": 0.5,
+                          "backend": "recording", "verifiers": [{"name": "exact_answer"}]}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", str(tmp_path / "eval.yaml")]) == 0
+    assert [(p.n, p.max_new_tokens, p.temperature) for p in recording.calls] == [(2, 4, 0.5)] * 2  # 3 prompts, batches of 2
+    assert recording.calls[0].seed != recording.calls[1].seed
+    config["prompts"]["backend"] = "vllm"
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", str(tmp_path / "eval.yaml")]) == 2
+    assert "prompts.backend: unknown generation backend 'vllm'" in capsys.readouterr().err
