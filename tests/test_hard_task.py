@@ -156,3 +156,17 @@ def test_step_snapshots_hold_the_student_of_that_step(tmp_path):
     assert all(torch.equal(at4[k], final[k]) for k in final)
     assert any(not torch.equal(at2[k], at4[k]) for k in at4)
     assert (snapshots.saved[2] / "tokenizer.json").is_file()  # pass@1 loads the snapshot with its tokenizer
+
+
+def test_init_config_decoder_recipe_is_the_measured_winner(model_dirs):
+    # bug caught: an edit of init-config's decoder recipe that drops the logits loss from the early phases,
+    # the schedule bench/hard_task.py measured best among recipes without RL
+    import yaml
+
+    from hkd.init_config import starter_config
+
+    text = starter_config(model_dirs["teacher"], model_dirs["student"], None)
+    phases = yaml.safe_load(text)["schedule"]["phases"]
+    assert [p["name"] for p in phases] == ["structure", "feature", "decision"]
+    assert all(p["stages"].get("logits") == 1.0 for p in phases)
+    assert "bench/hard_task.py" in text  # the comment names the benchmark that chose it
