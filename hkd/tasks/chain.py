@@ -5,8 +5,10 @@
 digit of every operand plus the carry, which can now exceed 1), then ``=> 1704``. With two
 operands the problems, prompts and worked solutions are identical to ``arith``'s, so the
 demo's own task is the ``operands=2`` case. More operands make each column depend on more
-positions of the prompt and the solutions longer: a small student trained for a fixed
-number of steps stays clearly below a teacher that had more steps (``bench/hard_task.py``).
+positions of the prompt, more digits make the solutions longer. ``DemoSettings.hard()`` uses
+two 3-digit operands (three were too hard for the CPU budget; see its docstring), where a
+small student at a fixed step budget stays below its teacher unless it learns from the
+teacher's hidden states (``bench/hard_task.py``, README "Hard task: budget curves").
 """
 
 from __future__ import annotations

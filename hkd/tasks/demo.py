@@ -87,11 +87,11 @@ class DemoSettings:
         """The harder task: 3-digit addition (:mod:`hkd.tasks.chain`), the demo's student at a fixed budget.
 
         Sized with ``bench/hard_task.py`` (seed 0 probes, 2-core CPU): the teacher (1000 steps on
-        6000 worked solutions) solves all held-out problems, while at 600 student steps logits KD
-        reached 0.855 and SFT on distilled data stays lower (answer-only SFT near 0). Sums of three
+        6000 worked solutions) solves all held-out problems, while at 600 student steps (5 seeds) logits
+        KD reaches 0.720 +- 0.230, SFT on distilled data 0.577 +- 0.288, answer-only SFT 0.020. Sums of three
         3-digit numbers (``operands=3``) were too hard: the teacher reached 0.91 in 1200 steps and
-        no student arm solved any problem in 600. The student LR is 1e-2: at the demo's 3e-3 no arm
-        passed 0.05 in 600 steps (logits KD 0.005).
+        logits KD solved none in 600. The student LR is 1e-2: at the demo's 3e-3, logits KD reached
+        0.005 and SFT on distilled data 0.030 in 600 steps (seed 0).
         """
         return cls(digits=3, operands=2, teacher_problems=6000, student_problems=2000, teacher_steps=1000,
                    student_steps=600, student_lr=1e-2, seed=seed)
