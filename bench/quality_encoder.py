@@ -223,6 +223,11 @@ def arms(steps: int) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
         "uniform_nmse": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM, include_embeddings=True, loss="nmse")}),
         "uniform_layernorm": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM, include_embeddings=True, normalize="layernorm")}),
         "uniform_noembed": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM)}),
+        # the last pair (3->6) weighs as much as the three others together (layer_weights, layer-map order)
+        "uniform_last3x": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM, include_embeddings=True,
+                                                                   layer_weights=[1.0, 1.0, 1.0, 3.0])}),
+        "uniform_nmse_last3x": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM, include_embeddings=True, loss="nmse",
+                                                                        layer_weights=[1.0, 1.0, 1.0, 3.0])}),
         "last_relations_hidden": (one({"attention": 1.0, "hidden": 1.0}), {"attention": relations(LAST),
                                                                            "hidden": hidden(LAST)}),
         "uniform_then_last": ([{"name": "all_layers", "steps": steps // 2, "stages": {"hidden": 1.0}},
@@ -267,7 +272,15 @@ def run_arm(name: str, seed: int, steps: int, teacher: Path, data: Path, held_ou
         sys.exit(f"{name} seed {seed} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     s_emb, _ = embed(run_dir / "final", held_out)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    return {**similarity_metrics(s_emb, t_emb), "seconds": seconds}
+    return {**similarity_metrics(s_emb, t_emb), "seconds": seconds, "pair_losses": pair_losses(run_dir / "metrics.jsonl")}
+
+
+def pair_losses(metrics: Path, tail: float = 0.1) -> dict[str, float]:
+    """Each logged per-pair loss (``log_layers``), averaged over the run's last ``tail`` of steps."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "step" in r][-max(1, int(len(rows) * tail)):]
+    keys = sorted({k for r in rows for k in r if k.startswith("metric/layer/")})
+    return {k.removeprefix("metric/layer/"): statistics.fmean(r[k] for r in rows if k in r) for k in keys}
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -325,7 +338,8 @@ def main() -> None:
         for name in names:
             result = run_arm(name, seed, args.steps, teacher, data, held_out, t_emb, args.batch_size, args.lr)
             results[name].append({"seed": seed, **result})
-            print(f"{name:24s} seed {seed}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items()), flush=True)
+            print(f"{name:24s} seed {seed}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items() if k != "pair_losses"),
+                  result["pair_losses"], flush=True)
             write_results(path, args, train, held_out, digest, t_norms, base, results)
     print(f"wrote {path}")
     for name, runs in results.items():
