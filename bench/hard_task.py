@@ -36,6 +36,7 @@ from hkd.hookspecs import hookimpl  # noqa: E402
 from hkd.loop import distill  # noqa: E402
 from hkd.manager import build_manager  # noqa: E402
 from hkd.models import load_tokenizer  # noqa: E402
+from hkd.tasks.chain import make_chain_problems  # noqa: E402
 from hkd.tasks.demo import ARMS, DemoSettings, arm_config, count_params, pass_at_1, prepare  # noqa: E402
 
 # progressive is left out by default: progressive_rl runs exactly its phases until the RL phase's start (the
@@ -136,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     work = Path(args.work)
+    try:
+        make_chain_problems(1, settings.digits, settings.operands, seed=0)  # refuse bad --set values before any work
+    except ValueError as exc:
+        parser.error(f"--set digits/operands: {exc}")
     data, teacher, distilled = prepare(settings, work, args.progress)
     teacher_pass = pass_at_1(teacher, data.heldout, settings)
     teacher_params = count_params(teacher)

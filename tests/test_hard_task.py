@@ -170,3 +170,15 @@ def test_init_config_decoder_recipe_is_the_measured_winner(model_dirs):
     assert [p["name"] for p in phases] == ["structure", "feature", "decision"]
     assert all(p["stages"].get("logits") == 1.0 for p in phases)
     assert "bench/hard_task.py" in text  # the comment names the benchmark that chose it
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--set", "operands=1"], "--set digits/operands: operands must be between 2"),
+    (["--points", "0", "700"], "--points [0, 700]: every point must be a step between 1 and student_steps=600"),
+])
+def test_bench_refuses_bad_options_before_training(argv, message, capsys, tmp_path):
+    # bug caught: a raw traceback (or a teacher trained for minutes first) for a mistyped option
+    with pytest.raises(SystemExit) as exit_info:
+        hard_task.main([*argv, "--work", str(tmp_path / "w")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
