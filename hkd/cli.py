@@ -165,9 +165,16 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.tasks.demo import DemoSettings, run_demo
 
     if extra:
-        raise HkdError(f"unrecognised argument(s) {extra}; hkd demo takes --out, --quick, --seed, --threads, --no-progress")
-    settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings(seed=args.seed)
-    run_demo(settings, Path(args.out), progress=not args.no_progress, threads=args.threads)
+        raise HkdError(f"unrecognised argument(s) {extra}; hkd demo takes --task, --out, --quick, --seed, --threads, "
+                       "--no-progress")
+    if args.task == "hard":
+        if args.quick:
+            raise HkdError("--quick is the addition task's smoke version; the hard task has none (drop --quick)")
+        settings = DemoSettings.hard(args.seed)
+    else:
+        settings = DemoSettings.quick(args.seed) if args.quick else DemoSettings(seed=args.seed)
+    out = args.out or ("runs/demo-hard" if args.task == "hard" else "runs/demo")
+    run_demo(settings, Path(out), progress=not args.no_progress, threads=args.threads)
     return 0
 
 
@@ -319,7 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = add("demo", cmd_demo, "the whole pipeline on synthetic addition: teacher, data distillation, "
                               "progressive distillation + RL, pass@1 table (CPU, no downloads)")
-    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; the teacher is cached there)")
+    p.add_argument("--task", choices=["addition", "hard"], default="addition",
+                   help="addition: 2-digit sums (default); hard: 3-digit sums, a bigger teacher trained longer, "
+                        "students that do not saturate (README: Hard task: budget curves)")
+    p.add_argument("--out", default=None,
+                   help="run directory (default runs/demo, or runs/demo-hard for --task hard; the teacher is cached there)")
     p.add_argument("--quick", action="store_true",
                    help="the CI smoke version: 75 s on 2 busy shared CPU cores, under a minute on idle ones "
                         "(the full demo: 3 to 9 minutes); checks the plumbing, its students train too little to score")

@@ -49,3 +49,19 @@ def test_report_without_matplotlib_is_one_error_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert err == ("hkd: error: report draws with matplotlib, which is not installed: pip install 'hkd[plot]' "
                    "(or pip install matplotlib)")
+
+
+def test_demo_task_hard_runs_the_hard_settings_in_their_own_directory(monkeypatch, capsys):
+    # catches: --task hard silently running the addition demo (or sharing runs/demo, whose cached
+    # teacher belongs to the other task), and --quick combined with it instead of refused
+    import hkd.tasks.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda settings, out, **kwargs: calls.append((settings, out)))
+    assert main(["demo", "--task", "hard", "--seed", "3"]) == 0
+    settings, out = calls[-1]
+    assert settings == demo.DemoSettings.hard(3) and str(out) == "runs/demo-hard"
+    assert main(["demo"]) == 0 and calls[-1] == (demo.DemoSettings(seed=0), calls[-1][1])
+    assert str(calls[-1][1]) == "runs/demo"
+    assert main(["demo", "--task", "hard", "--quick"]) == 2
+    assert "--quick is the addition task's smoke version" in capsys.readouterr().err
