@@ -110,7 +110,10 @@ def prepare_student(student: PreTrainedModel, config: Config, precision: str) ->
                               "gradient checkpointing")
         # non-reentrant: the attention taps record q/k/v once (the recomputation sees no tap store)
         # and their gradients flow like any other activation's
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.train.compile:
         decoder_body(student).compile(backend=config.train.compile_backend)
 

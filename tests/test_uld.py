@@ -195,7 +195,7 @@ def test_stage_across_tokenizers_trains_the_student(tokenizers: dict[str, object
         optimizer.zero_grad()
         terms["uld"].backward()
         optimizer.step()
-        losses.append(float(terms["uld"]))
+        losses.append(float(terms["uld"].detach()))
     assert float(terms["metric/uld_aligned"]) == 1.0  # char-level teacher: every student token starts a span
     assert losses[-1] < 0.7 * losses[0]
 
