@@ -215,11 +215,12 @@ def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.probe import probe
 
     out = probe(Path(args.run_dir), args.step, args.batches, progress=not args.no_progress and _terminal(),
-                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, final=args.final)
     result = json.loads(out.read_text())
     for name, key in (("hidden-state CKA (1 = same)", "hidden_cka"), ("attention KL (0 = same)", "attention_kl")):
         first = 0 if key == "hidden_cka" else 1
-        print(f"{name}, step {result['step']}: rows teacher layer, columns student layer")
+        at = "final/" if result.get("final") else f"step {result['step']}"
+        print(f"{name}, {at}: rows teacher layer, columns student layer")
         header = ["t\\s", *(str(s) for s in range(first, result["student_layers"] + 1))]
         _table(header, [[str(t + first), *(f"{v:.3g}" for v in row)] for t, row in enumerate(result[key])])
     print(f"written to {out}; hkd report {args.run_dir} draws it")
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("probe", cmd_probe, "every teacher layer x every student layer: hidden-state CKA and attention KL")
     p.add_argument("run_dir", help="run directory (the --out of hkd distill)")
     p.add_argument("--step", type=int, help="checkpoint step (default: newest; 0 = the initial student)")
+    p.add_argument("--final", action="store_true", help="probe the run's final/ model instead of a checkpoint")
     p.add_argument("--batches", type=int, default=4, help="micro-batches of the run's data to measure on (default 4)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run model code from the run's model directories (never taken from the run's config.yaml)")

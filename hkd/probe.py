@@ -21,6 +21,7 @@ heatmaps with the mapped pairs outlined.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -104,15 +105,23 @@ def run_config(run_dir: Path, trust_remote_code: bool = False, allow_pickle: boo
 
 
 def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bool = True, *,
-          trust_remote_code: bool = False, allow_pickle: bool = False) -> Path:
-    """Compute both matrices for the student at ``step`` and write them as JSON; return the path."""
+          trust_remote_code: bool = False, allow_pickle: bool = False, final: bool = False) -> Path:
+    """Compute both matrices for the student at ``step`` (or the run's ``final/`` model with
+    ``final``, e.g. after its checkpoints were deleted) and write them as JSON; return the path."""
     if batches < 1:
         raise HkdError(f"probe --batches: must be >= 1, got {batches}")
+    if final and step is not None:
+        raise HkdError("probe: --final probes the run's final/ model; it takes no --step")
     config = run_config(run_dir, trust_remote_code, allow_pickle)
-    step, checkpoint = choose_checkpoint(run_dir, step)
+    step, checkpoint = (-1, None) if final else choose_checkpoint(run_dir, step)
     teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
     student, student_tok = load_model(config.student, "student", run_dir)
-    if checkpoint is not None:
+    if final:
+        final_dir = run_dir / "final"
+        if not (final_dir / "config.json").is_file():
+            raise HkdError(f"probe --final: {str(final_dir)!r} holds no model (the run has not finished?)")
+        student = load_model(dataclasses.replace(config.student, path=str(final_dir), preset=None), "student")[0]
+    elif checkpoint is not None:
         weights = checkpoint / "student.safetensors"
         try:
             safetensors_shapes(weights)
@@ -157,7 +166,8 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
     teacher_matrix = [torch.cat(chunks) for chunks in teacher_tokens]
     student_matrix = [torch.cat(chunks) for chunks in student_tokens]
     result = {
-        "step": step,
+        "step": step,  # -1 with final
+        "final": final,
         "batches": batches,
         "tokens": tokens,
         "teacher_layers": teacher_layers,
@@ -166,7 +176,7 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
         "attention_kl": (kl_sums / tokens).tolist(),
         "mapped": {stage: mapped_pairs(config, stage, student_layers, teacher_layers) for stage in ("hidden", "attention")},
     }
-    out = run_dir / "probe" / f"step-{step:08d}.json"
+    out = run_dir / "probe" / ("final.json" if final else f"step-{step:08d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -17,6 +17,7 @@ from hkd.errors import HkdError
 from hkd.loop import distill
 from hkd.probe import linear_cka, probe
 from hkd.report import build_report
+from hkd.cli import main
 
 
 def hsic_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -72,3 +73,25 @@ def test_probe_reads_checkpoints_and_the_report_draws_it(raw_config, tmp_path):
 def test_cli_probe_errors_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hkd.cli", "probe", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "config.yaml' does not exist" in done.stderr
+
+
+def test_probe_final_reads_the_finished_model_without_checkpoints(raw_config, tmp_path, capsys):
+    # catches: --final probing the initial weights (or the newest checkpoint) instead of final/,
+    # and a run without final/ ending in a traceback
+    import shutil
+
+    raw_config["train"]["checkpoint_every"] = 1
+    distill(from_dict(Config, raw_config), tmp_path / "run")
+    newest = json.loads(probe(tmp_path / "run", batches=1, progress=False).read_text())
+    shutil.rmtree(tmp_path / "run" / "checkpoints")  # what a benchmark does to save disk
+    out = probe(tmp_path / "run", batches=1, progress=False, final=True)
+    final = json.loads(out.read_text())
+    assert out.name == "final.json" and final["final"] is True
+    np.testing.assert_allclose(final["hidden_cka"], newest["hidden_cka"], atol=1e-6)  # final/ is the last step
+    initial = json.loads(probe(tmp_path / "run", step=0, batches=1, progress=False).read_text())
+    assert final["hidden_cka"] != initial["hidden_cka"]
+    assert main(["probe", str(tmp_path / "run"), "--final", "--batches", "1", "--no-progress"]) == 0
+    assert "hidden-state CKA (1 = same), final/" in capsys.readouterr().out
+    shutil.rmtree(tmp_path / "run" / "final")
+    with pytest.raises(HkdError, match=r"probe --final: .*final' holds no model"):
+        probe(tmp_path / "run", batches=1, progress=False, final=True)
