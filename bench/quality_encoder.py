@@ -301,6 +301,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=WARMUP, help="optim.warmup_steps")
     parser.add_argument("--held-out", type=int, default=500,
                         help="held-out sentences the metrics use: the first N of the fixed 500 (training set unchanged)")
+    parser.add_argument("--untrained-only", action="store_true",
+                        help="measure the students before training (each seed's, for --init random) and stop")
     parser.add_argument("--time-one", action="store_true", help="run one arm, one seed, and print its time")
     parser.add_argument("--tag", default="")
     parser.add_argument("--init", choices=["random", "teacher"], default="random",
@@ -325,11 +327,17 @@ def main() -> None:
     if not data.is_file() or data.read_text() != text:  # a grid running beside this one may be reading it
         data.write_text(text)
     t_emb, t_norms = embed(teacher, held_out)
-    start = (write_student_from_teacher(teacher, WORK / "student-from-teacher") if args.init == "teacher"
-             else write_student(teacher, WORK / "student-seed0", 0))
-    base = {**similarity_metrics(embed(start, held_out)[0], t_emb)}
+    # before training: the cut student once, or each seed's random initialisation (the seed changes it)
+    starts = ({-1: write_student_from_teacher(teacher, WORK / "student-from-teacher")} if args.init == "teacher"
+              else {seed: write_student(teacher, WORK / f"student-seed{seed}", seed) for seed in args.seeds})
+    base = {str(seed): similarity_metrics(embed(start, held_out)[0], t_emb) for seed, start in starts.items()}
     print(f"corpus: {len(train)} train / {len(held_out)} held-out sentences; student before training {base}")
     print("teacher mean squared hidden norm per layer:", [round(x, 1) for x in t_norms])
+    if args.untrained_only:
+        path = RESULTS / f"quality-encoder-{args.init}-init-untrained{args.tag}-{dt.date.today().isoformat()}.json"
+        write_results(path, args, train, held_out, digest, t_norms, base, {})
+        print(f"wrote {path}")
+        return
     if args.time_one:
         print(run_arm(names[0], args.seeds[0], args.steps, teacher, data, held_out, t_emb, args.batch_size, args.lr))
         return
@@ -351,7 +359,7 @@ def main() -> None:
 
 
 def write_results(path: Path, args: argparse.Namespace, train: list[str], held_out: list[str], digest: str,
-                  t_norms: list[float], base: dict[str, float], results: dict[str, list[dict[str, Any]]]) -> None:
+                  t_norms: list[float], base: dict[str, dict[str, float]], results: dict[str, list[dict[str, Any]]]) -> None:
     per_arm = {name: {"phases_stages": arms(args.steps)[name], "runs": runs,
                       **{k: summary([r[k] for r in runs]) for k in ("spearman", "nn_top1", "nn_recall10")}}
                for name, runs in results.items() if runs}
@@ -371,7 +379,7 @@ def write_results(path: Path, args: argparse.Namespace, train: list[str], held_o
         "corpus": {"source": "Python stdlib docstrings (ast)", "train": len(train), "held_out": len(held_out),
                    "sha256": digest},
         "teacher_hidden_sq_norm_per_layer": t_norms,
-        "untrained_student": base,
+        "untrained_student": base,  # seed -> metrics (-1: the cut student, the same for every seed)
         "arms": per_arm,
     }
     path.write_text(json.dumps(out, indent=1) + "\n")
