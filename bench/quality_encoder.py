@@ -223,6 +223,7 @@ def arms(steps: int) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
         "uniform_nmse": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM, include_embeddings=True, loss="nmse")}),
         "uniform_layernorm": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM, include_embeddings=True, normalize="layernorm")}),
         "uniform_noembed": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM)}),
+        "uniform_nmse_noembed": (one({"hidden": 1.0}), {"hidden": hidden(UNIFORM, loss="nmse")}),
         # the embedding pair alone added to last-only: is 0->0 what costs the random student its neighbours?
         "last_embed": (one({"hidden": 1.0}), {"hidden": hidden({"strategy": "explicit", "pairs": [[0, 0], [3, 6]]})}),
         # the last pair (3->6) weighs as much as the three others together (layer_weights, layer-map order)
