@@ -66,6 +66,8 @@ def test_an_encoder_pair_gets_no_logits_phase(tmp_path):
     # the encoder default is what bench/quality_encoder.py measured best: uniform hidden states with nmse
     assert [p.name for p in config.schedule.phases] == ["feature"] and "logits" not in config.stages
     assert config.schedule.phases[0].stages == {"hidden": 1.0} and config.stages["hidden"]["loss"] == "nmse"
+    # the embedding pair costs a random encoder student its neighbours (README, "A random student")
+    assert config.stages["hidden"]["include_embeddings"] is False
 
 
 def test_big_vocabularies_get_the_fused_loss_and_relation_heads_divide_real_widths(tmp_path):
