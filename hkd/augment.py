@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from hkd.errors import ConfigError, HkdError
+from hkd.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -60,12 +60,7 @@ class PromptTransformSpec:
 
 
 def available_prompt_transforms(manager: Any) -> dict[str, PromptTransformSpec]:
-    specs: dict[str, PromptTransformSpec] = {}
-    for plugin_name, spec in manager.collect("hkd_add_prompt_transforms"):
-        if spec.name in specs:
-            raise HkdError(f"prompt transform {spec.name!r} is provided twice (second time by plugin {plugin_name!r})")
-        specs[spec.name] = spec
-    return specs
+    return dict(manager.named("hkd_add_prompt_transforms", "prompt transform"))
 
 
 def build_prompt_transform(manager: Any, config: TransformConfig, context: TransformContext) -> PromptTransform:

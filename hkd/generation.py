@@ -96,15 +96,7 @@ class GenerationBackendSpec:
 
 def available_generation_backends(manager: Any) -> dict[str, GenerationBackendSpec]:
     """Every backend the plugins of ``manager`` register, by name; a name registered twice is an error."""
-    specs: dict[str, GenerationBackendSpec] = {}
-    for plugin_name, spec in manager.collect("hkd_add_generation_backends"):
-        if not isinstance(spec, GenerationBackendSpec):
-            raise HkdError(f"plugin {plugin_name!r}: hkd_add_generation_backends returned {spec!r}, "
-                           "not a hkd.GenerationBackendSpec")
-        if spec.name in specs:
-            raise HkdError(f"generation backend {spec.name!r} is provided twice (second time by plugin {plugin_name!r})")
-        specs[spec.name] = spec
-    return specs
+    return dict(manager.named("hkd_add_generation_backends", "generation backend", GenerationBackendSpec))
 
 
 def get_generation_backend(manager: Any, name: str, where: str = "backend") -> GenerationBackendSpec:

@@ -111,6 +111,22 @@ class HkdPluginManager(pluggy.PluginManager):
         owners = {id(item): owner for item, owner in self._item_owner}
         return [(owners.get(id(item), "?"), item) for items in results for item in items or []]
 
+    def named(self, hook_name: str, what: str, spec_type: type | None = None) -> dict[str, Any]:
+        """Every spec a registration hook returns, by its ``name``: the one registry mechanism behind
+        stages, verifiers, generation backends and prompt transforms. One name from two plugins is an
+        error naming both; with ``spec_type``, anything else returned is an error naming the plugin."""
+        specs: dict[str, Any] = {}
+        owners: dict[str, str] = {}
+        for plugin_name, spec in self.collect(hook_name):
+            if spec_type is not None and not isinstance(spec, spec_type):
+                raise HkdError(f"plugin {plugin_name!r}: {hook_name} returned {spec!r}, not a hkd.{spec_type.__name__}")
+            if spec.name in specs:
+                first, second = sorted((owners[spec.name], plugin_name))
+                raise HkdError(f"{what} {spec.name!r} is provided by both {first!r} and {second!r}")
+            specs[spec.name] = spec
+            owners[spec.name] = plugin_name
+        return specs
+
     def call(self, hook_name: str, **kwargs: Any) -> Any:
         """Call a lifecycle hook through pluggy (errors name the plugin)."""
         return getattr(self.hook, hook_name)(**kwargs)

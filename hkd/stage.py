@@ -110,17 +110,7 @@ class StageSpec:
 
 def available_stages(pm: Any) -> dict[str, StageSpec]:
     """Stage specs from every registered plugin; two plugins claiming one name is an error."""
-    from hkd.errors import HkdError
-
-    specs: dict[str, StageSpec] = {}
-    owners: dict[str, str] = {}
-    for plugin_name, spec in pm.collect("hkd_add_stages"):
-        if spec.name in specs:
-            first, second = sorted((owners[spec.name], plugin_name))
-            raise HkdError(f"stage {spec.name!r} is provided by both {first!r} and {second!r}")
-        specs[spec.name] = spec
-        owners[spec.name] = plugin_name
-    return specs
+    return dict(pm.named("hkd_add_stages", "stage"))
 
 
 def merged_options(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from hkd.tasks.arith import extract_answer
-from hkd.errors import ConfigError, HkdError
+from hkd.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,7 @@ class VerifierSpec:
 
 
 def available_verifiers(pm: Any) -> dict[str, VerifierSpec]:
-    specs: dict[str, VerifierSpec] = {}
-    for plugin_name, spec in pm.collect("hkd_add_verifiers"):
-        if spec.name in specs:
-            raise HkdError(f"verifier {spec.name!r} is provided twice (second time by plugin {plugin_name!r})")
-        specs[spec.name] = spec
-    return specs
+    return dict(pm.named("hkd_add_verifiers", "verifier"))
 
 
 def build_verifier(pm: Any, name: str, options: dict[str, Any] | None = None, where: str = "verifiers") -> Verifier:
