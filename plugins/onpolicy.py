@@ -99,6 +99,7 @@ class OnPolicyStage(Stage):
                 raise ConfigError(f"{where}: the {role} is not a causal LM (no LM head); on-policy distillation "
                                   "samples text from the student")
         self.config = config
+        self.where = where
         self.kernel_backend = config.backend or context.kernels.get("distill_loss", "auto")
         self.tokenizer = context.tokenizer
         if self.tokenizer is None:
@@ -157,10 +158,13 @@ class OnPolicyStage(Stage):
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
         on = self.on_policy(state.step)
+        if on and "position_ids" in batch:  # packed rows: several examples, so no single prompt per row
+            raise ConfigError(f"{self.where}: on-policy steps sample from each row's prompt, but the rows are "
+                              "packed (data.packing: true holds several examples per row); set data.packing: false")
         if on:
             inputs, labels, start, tokens = self.sample_batch(batch, state)
-        else:
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask") if k in batch}
+        else:  # the data as the loop's forward sees it (packed rows keep their own positions)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
             labels, start = batch["labels"][:, 1:], 0
             tokens = None
         student_logits = self._models["student"](**inputs).logits[:, start:-1]

@@ -197,3 +197,14 @@ def test_samples_come_from_the_configured_backend_which_gets_the_policy_at_each_
     assert recording.syncs == [s.policy] * 3  # at steps 0, 2 and 4
     with pytest.raises(ConfigError, match=r"stages.onpolicy.generation_backend: unknown generation backend 'vllm'"):
         stage(OnPolicyStageConfig(generation_backend="vllm"), teacher, student, plugins=pm)
+
+
+def test_packed_rows_are_refused_on_on_policy_steps():
+    # catches: sampling from a packed row's first example only (or from all of them glued together)
+    teacher, student = models()
+    b = batch()
+    b["position_ids"] = torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"])
+    with pytest.raises(ConfigError, match=r"stages.onpolicy: .*packed .*data.packing: false"):
+        stage(OnPolicyStageConfig(lmbda=1.0), teacher, student).loss(b, None, None, StepState(0, 1.0, 1))
+    off = stage(OnPolicyStageConfig(lmbda=0.0), teacher, student).loss(b, None, None, StepState(0, 1.0, 1))
+    assert torch.isfinite(off["onpolicy"])  # data steps use the packed positions as the loop does
