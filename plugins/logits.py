@@ -89,6 +89,9 @@ class LogitsStage(Stage):
         self.sparse = not context.teacher_serves.logits and context.teacher_serves.sparse_logits
         self.sparse_backend = context.kernels.get("sparse_distill_loss", "auto")
         self.sparse_tail = config.sparse_tail
+        if not self.sparse and config.sparse_tail != "auto":  # an option that would change nothing is refused
+            raise ConfigError(f"{context.config_path}.sparse_tail: {config.sparse_tail!r} applies to top-k targets "
+                              "from a teacher_cache; this teacher serves full logits, so remove the option")
         if self.sparse_tail == "auto":
             self.sparse_tail = "bucket" if context.teacher_serves.sparse_logsumexp else "renormalize"
         self.config_path = context.config_path

@@ -162,3 +162,15 @@ def test_option_ranges_are_checked():
     teacher, student = models()
     with pytest.raises(ConfigError, match=r"stages\.x\.alpha: must be in \[0, 1\], got 1.5"):
         LogitsStage(LogitsStageConfig(alpha=1.5), context(teacher, student))
+
+
+def test_sparse_tail_with_a_live_teacher_is_refused_by_name():
+    # catches: an option that silently does nothing (the user believes the tail bucket is in use)
+    from hkd.config import ConfigError
+    from hkd.plugins.logits import LogitsStage, LogitsStageConfig
+    from tests.plugins.helpers import context, models
+
+    teacher, student = models()
+    with pytest.raises(ConfigError, match=r"stages.logits.sparse_tail: 'bucket' applies to top-k targets"):
+        LogitsStage(LogitsStageConfig(sparse_tail="bucket"), context(teacher, student, "logits"))
+    assert LogitsStage(LogitsStageConfig(), context(teacher, student, "logits")).sparse_tail == "renormalize"
