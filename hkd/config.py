@@ -194,7 +194,9 @@ class EvalConfig:
     path: str | None = None  # held-out JSONL read with data's fields; synthetic data: None = fresh problems
     num_examples: int = ranged(64, low=1, high=10**6)  # synthetic held-out problems (disjoint from training)
     max_batches: int = ranged(8, low=1, high=10**6)  # data.batch_size sequences each
-    metric: Literal["kl", "top1_agreement", "student_nll"] = "kl"  # best/ keeps the best by this
+    # best/ keeps the best by this; loss: the held-out weighted stage losses (any student, encoders
+    # included; comparable within a phase, since the weights change between phases)
+    metric: Literal["kl", "top1_agreement", "student_nll", "loss"] = "kl"
     patience: int = ranged(0, low=0, high=10**6)  # stop after this many evaluations without improvement (0: never)
     min_delta: float = ranged(0.0, low=0)  # an improvement must beat the best by more than this
 

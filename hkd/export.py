@@ -61,6 +61,14 @@ def write_sentence_transformers(final_dir: Path, *, pooling: str, hidden_size: i
     _write_json(final_dir / "modules.json", MODULES)
 
 
+def save_student(student: Any, tokenizer: Any, out: Path, state_dict: dict[str, Any], config: Config) -> None:
+    """A loadable model directory (``final/``, ``best/``): weights, tokenizer, and for an encoder
+    student the sentence-transformers files."""
+    student.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    export_encoder(out, config, student.config)
+
+
 def export_encoder(final_dir: Path, config: Config, student_config: Any) -> None:
     """The loop's hook point: an encoder student's ``final/`` also becomes a sentence-transformers model."""
     if not config.student.encoder:

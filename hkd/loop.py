@@ -34,7 +34,7 @@ from hkd.distributed import (
     sync_gradients,
 )
 from hkd.errors import ConfigError, HkdError, StoppedEarly
-from hkd.export import export_encoder
+from hkd.export import save_student
 from hkd.manager import HkdPluginManager, build_manager
 from hkd.models import check_compatible, decoder_body, load_model
 from hkd.schedule import Schedule
@@ -420,9 +420,7 @@ def finish(run: Run, step: int, metrics: dict[str, float]) -> RunResult:
     final_dir = run.run_dir / "final"
     student_state = ckpt.full_model_state(run.student)  # gathered from all shards under FSDP
     if run.info.is_main:
-        run.student.save_pretrained(final_dir, state_dict=student_state, safe_serialization=True)
-        run.tokenizer.save_pretrained(final_dir)
-        export_encoder(final_dir, run.config, run.student.config)  # an encoder's final/ loads in sentence-transformers
+        save_student(run.student, run.tokenizer, final_dir, student_state, run.config)
     run.hook("hkd_on_train_end", step=step, run_dir=run.run_dir, final_dir=final_dir, metrics=metrics)
     barrier(run.info)
     return RunResult(run.run_dir, final_dir, step, metrics)

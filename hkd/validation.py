@@ -39,7 +39,8 @@ from hkd.view import TapRequest
 if TYPE_CHECKING:
     from hkd.loop import Run
 
-HIGHER_IS_BETTER = {"kl": False, "top1_agreement": True, "student_nll": False}
+HIGHER_IS_BETTER = {"kl": False, "top1_agreement": True, "student_nll": False, "loss": False}
+LOGIT_METRICS = ("kl", "top1_agreement", "student_nll")  # need both models' LM heads
 
 
 def held_out_batches(config: Config, tokenizer: Any, causal: bool) -> Batches | None:
@@ -47,6 +48,9 @@ def held_out_batches(config: Config, tokenizer: Any, causal: bool) -> Batches | 
     evaluation, data = config.eval, config.data
     if not evaluation.every:
         return None
+    if config.student.encoder and evaluation.metric in LOGIT_METRICS:  # it would never be measured: no best/
+        raise ConfigError(f"eval.metric: {evaluation.metric!r} compares next-token distributions, which an "
+                          "encoder student has none of; use eval.metric: loss (the held-out stage losses)")
     if config.teacher_cache:
         raise ConfigError("eval.every: validation compares the student with a live teacher; "
                           "it is not available with teacher_cache (set eval.every: 0)")
@@ -109,6 +113,8 @@ def evaluate(run: Run, step: int, active: dict[str, str]) -> dict[str, float]:
     values = all_reduce_tensor(sums, run.info).tolist()
     tokens = max(values[3], 1.0)
     metrics = {f"eval/loss/{name}": value / run.info.world_size for name, value in zip(active, values[4:])}
+    weights = run.schedule.weights(max(step - 1, 0))
+    metrics["eval/loss"] = sum(weights[name] * metrics[f"eval/loss/{name}"] for name in active)
     if has_head:
         metrics |= {"eval/kl": values[0] / tokens, "eval/top1_agreement": values[1] / tokens,
                     "eval/student_nll": values[2] / tokens}
@@ -153,8 +159,9 @@ def save_best(run: Run, state_dict: dict[str, Any]) -> None:
     """Write the student to ``best/`` atomically (a temp directory renamed over the old one)."""
     best, tmp = run.run_dir / "best", run.run_dir / "best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    run.student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    run.tokenizer.save_pretrained(tmp)
+    from hkd.export import save_student
+
+    save_student(run.student, run.tokenizer, tmp, state_dict, run.config)  # loadable like final/
     old = run.run_dir / "best.old"
     if best.exists():
         os.replace(best, old)

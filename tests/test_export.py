@@ -116,3 +116,29 @@ def test_the_readme_encoder_example_loads_with_typed_stage_blocks():
     specs = available_stages(build_manager())
     for name, options in raw["stages"].items():
         from_dict(specs[name].config_cls, options, f"stages.{name}")
+
+
+def test_best_is_a_sentence_transformers_model_too(tmp_path):
+    # catches: best/ (the student a user is told to keep) written without the sentence-transformers
+    # files that final/ gets, so it does not load where final/ does
+    import yaml as _yaml
+
+    path = encoder_config(tmp_path)
+    raw = _yaml.safe_load(path.read_text())
+    raw["eval"] = {"every": 1, "path": raw["data"]["path"], "metric": "loss"}
+    path.write_text(_yaml.safe_dump(raw))
+    distill(load_config(path), tmp_path / "run")
+    best = tmp_path / "run" / "best"
+    assert (best / "modules.json").is_file() and (best / "1_Pooling" / "config.json").is_file()
+    assert json.loads((best / "modules.json").read_text()) == json.loads(
+        (tmp_path / "run" / "final" / "modules.json").read_text())
+
+
+def test_an_encoder_run_refuses_a_next_token_eval_metric(tmp_path):
+    # catches: eval.metric kl on an encoder, which is never measured, so best/ is silently never written
+    path = encoder_config(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["eval"] = {"every": 1, "path": raw["data"]["path"]}  # metric: kl by default
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(HkdError, match=r"eval.metric: 'kl' compares next-token distributions.*eval.metric: loss"):
+        distill(load_config(path), tmp_path / "run")

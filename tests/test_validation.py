@@ -28,6 +28,9 @@ def test_held_out_metrics_are_logged_and_best_is_the_best_by_the_metric(raw_conf
     for line in evaluated:
         assert 0 <= line["eval/top1_agreement"] <= 1 and line["eval/kl"] >= 0
         assert {"eval/loss/hidden", "eval/loss/logits", "eval/student_nll"} <= set(line)
+        # catches: eval/loss (eval.metric: loss) not the step's weighted sum of the held-out stage losses
+        weights = {k.removeprefix("weight/"): v for k, v in line.items() if k.startswith("weight/")}
+        assert line["eval/loss"] == pytest.approx(sum(w * line.get(f"eval/loss/{k}", 0.0) for k, w in weights.items()))
     best_line = min(evaluated, key=lambda line: line["eval/kl"])
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert best["step"] == best_line["step"] and best["value"] == pytest.approx(best_line["eval/kl"])
