@@ -7,9 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -24,8 +21,9 @@ from hkd.errors import ConfigError, HkdError
 from hkd.generate import GenerateConfig, generate
 from hkd.manager import build_manager
 from hkd.models import wordpiece_tokenizer
-from hkd.sampling import Samples
 from hkd.tasks.arith import Problem, make_problems
+from tests.fakes import crash_after, scripted
+from tests.test_docs import example
 
 
 def context(tmp_path: Path, **changes) -> TransformContext:
@@ -55,16 +53,7 @@ def test_arith_operands_keeps_digit_counts_computes_answers_and_avoids_excluded(
 
 
 def test_the_docs_transform_example_runs_as_a_plugin(tmp_path):
-    docs = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
-    blocks = re.findall(r"```python\n(.*?)```", docs.read_text(), re.S)
-    [code] = [b for b in blocks if "@hookimpl\ndef hkd_add_prompt_transforms(" in b]
-    module = types.ModuleType("docs_example_transform")
-    sys.modules[module.__name__] = module
-    try:
-        exec(compile(code, "docs/plugins.md (prompt transform)", "exec"), module.__dict__)
-    finally:
-        del sys.modules[module.__name__]
-    pm = build_manager(extra_plugins=[("swap", module)])
+    pm = build_manager(extra_plugins=[("swap", example("hkd_add_prompt_transforms"))])
     swap = build_prompt_transform(pm, TransformConfig("swap_operands"), context(tmp_path))
     assert swap({"prompt": "12+7=", "answer": "19"}, random.Random(0), 1) == [{"prompt": "7+12=", "answer": "19"}]
 
@@ -173,19 +162,6 @@ def solve_sometimes(prompt, n, seed):
     return [right if rng.random() < 0.6 else right.rsplit("=> ", 1)[0] + "=> 0" for _ in range(n)]
 
 
-def scripted(make_texts):
-    calls = []
-
-    def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
-        calls.append(prompts)
-        texts = [t for p in prompts for t in make_texts(p, n, seed)]
-        empty = torch.zeros(len(texts), 0, dtype=torch.long)
-        return Samples(empty, empty, empty, empty, texts, empty.float())
-
-    fake_sample.calls = calls
-    return fake_sample
-
-
 def augmented_config(tmp_path: Path, model_dirs) -> GenerateConfig:
     tmp_path.mkdir(parents=True, exist_ok=True)
     prompts = tmp_path / "p.jsonl"
@@ -214,10 +190,7 @@ def test_variants_are_solved_and_verified_like_any_prompt_and_resume_exactly(tmp
     cfg = augmented_config(tmp_path / "b", model_dirs)
     crashing = scripted(solve_sometimes)
 
-    def crash_on_second_batch(*args, **kwargs):
-        if len(crashing.calls) == 1:
-            raise RuntimeError("killed")
-        return crashing(*args, **kwargs)
+    crash_on_second_batch = crash_after(crashing, 1)
 
     monkeypatch.setattr(sampling, "sample", crash_on_second_batch)
     with pytest.raises(RuntimeError):

@@ -18,8 +18,8 @@ from hkd.data import load_records
 from hkd.errors import ConfigError, HkdError
 from hkd.generate import GenerateConfig, generate, ledger_path
 from hkd.manager import build_manager
-from hkd.sampling import Samples
 from hkd.verify import build_verifier
+from tests.fakes import crash_after, scripted
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PROBLEMS = make_problems(10, 2, seed=3)
@@ -36,20 +36,6 @@ def write_prompts(path: Path) -> Path:
 def solution(prompt: str) -> str:
     a, b = prompt.rstrip("=").split("+")
     return Problem(int(a), int(b)).worked_solution()
-
-
-def scripted(make_texts):
-    """A stand-in for hkd.sampling.sample (what the transformers backend calls) returning ``make_texts(prompt, n, seed)`` per prompt."""
-    calls = []
-
-    def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
-        calls.append(seed)
-        texts = [t for p in prompts for t in make_texts(p, n, seed)]
-        empty = torch.zeros(len(texts), 0, dtype=torch.long)
-        return Samples(empty, empty, empty, empty, texts, empty.float())
-
-    fake_sample.calls = calls
-    return fake_sample
 
 
 def config(tmp_path: Path, model_dirs, **changes) -> GenerateConfig:
@@ -109,10 +95,7 @@ def test_resume_after_crashes_gives_the_uninterrupted_file(tmp_path, model_dirs,
     cfg = config(tmp_path / "b", model_dirs, filters={"dedupe": False})
     fake = scripted(random_texts)
 
-    def crash_on_third_batch(*args, **kwargs):
-        if len(fake.calls) == 2:
-            raise RuntimeError("killed")
-        return fake(*args, **kwargs)
+    crash_on_third_batch = crash_after(fake, 2)
 
     monkeypatch.setattr(sampling, "sample", crash_on_third_batch)
     with pytest.raises(RuntimeError):
@@ -215,10 +198,7 @@ def test_parts_of_an_interrupted_multi_rank_run_are_merged_in_order(tmp_path, mo
     out = Path(cfg.output)
     fake = scripted(random_texts)
 
-    def crash_on_second_batch(*args, **kwargs):
-        if len(fake.calls) == 1:
-            raise RuntimeError("killed")
-        return fake(*args, **kwargs)
+    crash_on_second_batch = crash_after(fake, 1)
 
     # rank 1 of 2 takes batches 1 and 3 of 4, finishes batch 1, dies in batch 3
     monkeypatch.setattr(gen, "init_distributed", lambda: DistInfo(rank=1, world_size=2))

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -28,22 +25,7 @@ from hkd.stage import StageContext, StepState
 from hkd.tasks.arith import make_problems
 from hkd.verify import VerifierConfig
 from tests.plugins.helpers import models
-
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
-
-
-def docs_backend_plugin() -> types.ModuleType:
-    """The page's generation backend example, run as a plugin module."""
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
-    [code] = [b for b in blocks if "@hookimpl\ndef hkd_add_generation_backends(" in b]
-    module = types.ModuleType("docs_example_generation")
-    sys.modules[module.__name__] = module
-    try:
-        exec(compile(code, "docs/plugins.md (generation backend)", "exec"), module.__dict__)
-    finally:
-        del sys.modules[module.__name__]
-    return module
-
+from tests.test_docs import example
 
 def reference_logprobs(model, samples: Samples, temperature: float, top_p: float) -> torch.Tensor:
     """log p(sampled token) recomputed with one full forward, temperature and top-p applied by hand."""
@@ -124,7 +106,7 @@ class Recording:
 
 def test_lookup_names_unknown_backends_options_and_contract_breaches(teacher):
     model, tokenizer = teacher
-    pm = build_manager(extra_plugins=[("rec", Recording(drop_row=True)), ("table", docs_backend_plugin())])
+    pm = build_manager(extra_plugins=[("rec", Recording(drop_row=True)), ("table", example("hkd_add_generation_backends"))])
     assert get_generation_backend(pm, "table").needs_model is False
     with pytest.raises(ConfigError, match=r"stages.rl.backend: unknown generation backend 'vllm'; "
                                           r"available: \['recording', 'table', 'transformers'\]"):
@@ -139,7 +121,7 @@ def test_lookup_names_unknown_backends_options_and_contract_breaches(teacher):
     broken = build_generation_backend(pm, "recording", context)
     with pytest.raises(HkdError, match=r"generation backend 'recording' broke the contract: 3 texts for 2 prompts x n=2"):
         broken.generate(["1+1=", "2+2="], SamplingParams(n=2, max_new_tokens=2, seed=0))
-    twice = build_manager(extra_plugins=[("a", docs_backend_plugin()), ("b", docs_backend_plugin())])
+    twice = build_manager(extra_plugins=[("a", example("hkd_add_generation_backends")), ("b", example("hkd_add_generation_backends"))])
     with pytest.raises(HkdError, match=r"generation backend 'table' is provided by both 'a' and 'b'"):
         get_generation_backend(twice, "table")
 
@@ -157,7 +139,7 @@ def test_hkd_generate_runs_through_a_plugin_backend(tmp_path, model_dirs, monkey
         "n": 2, "batch_size": 2, "backend": "table", "backend_options": {"table": table},
         "verifiers": [{"name": "exact_answer"}], "filters": {"dedupe": False},
     }))
-    monkeypatch.setattr(gen, "build_manager", lambda disable: build_manager(disable, [("table", docs_backend_plugin())]))
+    monkeypatch.setattr(gen, "build_manager", lambda disable: build_manager(disable, [("table", example("hkd_add_generation_backends"))]))
 
     def no_model(*args, **kwargs):
         raise AssertionError("a needs_model=False backend must not make hkd generate load the teacher")

@@ -8,30 +8,15 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 import hkd.generate as gen
 import hkd.sampling as sampling
 from hkd.config import from_dict
 from hkd.errors import ConfigError
 from hkd.generate import GenerateConfig, generate, ledger_path, majority_answer
-from hkd.sampling import Samples
 from hkd.tasks.arith import Problem, extract_answer
 from hkd.verify import answer_extractor
-
-
-def scripted(make_texts):
-    """Stand-in for hkd.sampling.sample (under the transformers backend): ``make_texts(prompt, n, seed)``."""
-    calls = []
-
-    def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
-        calls.append(seed)
-        texts = [t for p in prompts for t in make_texts(p, n, seed)]
-        empty = torch.zeros(len(texts), 0, dtype=torch.long)
-        return Samples(empty, empty, empty, empty, texts, empty.float())
-
-    fake_sample.calls = calls
-    return fake_sample
+from tests.fakes import crash_after, scripted
 
 
 def solved(prompt: str, answer: str | None = None) -> str:
@@ -125,10 +110,7 @@ def test_pseudo_labelling_resumes_to_the_uninterrupted_file(tmp_path, model_dirs
     cfg = config(tmp_path / "b", model_dirs, min_agreement=0.0)
     fake = scripted(random_votes)
 
-    def crash_on_second_batch(*args, **kwargs):
-        if len(fake.calls) == 1:
-            raise RuntimeError("killed")
-        return fake(*args, **kwargs)
+    crash_on_second_batch = crash_after(fake, 1)
 
     monkeypatch.setattr(sampling, "sample", crash_on_second_batch)
     with pytest.raises(RuntimeError):

@@ -1,0 +1,35 @@
+"""Stand-ins shared by the data-distillation tests (generate, pseudo-labels, augmentation)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from hkd.sampling import Samples
+
+
+def scripted(make_texts: Callable[[str, int, int], list[str]]) -> Any:
+    """A stand-in for :func:`hkd.sampling.sample` (what the transformers backend calls):
+    ``make_texts(prompt, n, seed)`` per prompt; ``.calls`` records each call's prompts."""
+    calls: list[list[str]] = []
+
+    def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
+        calls.append(list(prompts))
+        texts = [t for p in prompts for t in make_texts(p, n, seed)]
+        empty = torch.zeros(len(texts), 0, dtype=torch.long)
+        return Samples(empty, empty, empty, empty, texts, empty.float())
+
+    fake_sample.calls = calls  # type: ignore[attr-defined]
+    return fake_sample
+
+
+def crash_after(fake: Any, served: int) -> Callable[..., Any]:
+    """``fake``, except that the call after ``served`` successful ones dies (a killed process)."""
+
+    def sample(*args: Any, **kwargs: Any) -> Any:
+        if len(fake.calls) == served:
+            raise RuntimeError("killed")
+        return fake(*args, **kwargs)
+
+    return sample
