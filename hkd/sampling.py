@@ -31,6 +31,16 @@ class Samples:
     # (a point mass). None only from hand-made Samples (tests); every backend fills it.
     token_logprobs: Tensor | None = None
 
+    def scoring_inputs(self) -> tuple[dict[str, Tensor], int]:
+        """Model inputs that score prompt + completion in one forward, and the column from which
+        ``logits[:, start:-1]`` predict the completion tokens. The prompts are left-padded, so the
+        positions are the ones generate() used: a model scores exactly what it sampled."""
+        input_ids = torch.cat([self.prompt_ids, self.completion_ids], 1)
+        attention_mask = torch.cat([self.prompt_mask, self.completion_mask], 1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+        start = self.prompt_ids.shape[1] - 1  # logits at column j predict token j + 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}, start
+
 
 def encode_prompts(tokenizer: Any, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
     """Left-padded ids and mask, BOS first when the tokenizer has one (what every backend must use)."""

@@ -170,9 +170,6 @@ class OnPolicyStage(Stage):
         student_logits = self._models["student"](**inputs).logits[:, start:-1]
         with torch.no_grad():
             teacher_logits = self._models["teacher"](**inputs).logits[:, start:-1]
-        if teacher_logits.shape[-1] != student_logits.shape[-1]:  # padded vocabularies: compare the shared ids
-            vocab = min(teacher_logits.shape[-1], student_logits.shape[-1])
-            teacher_logits, student_logits = teacher_logits[..., :vocab], student_logits[..., :vocab]
         total = kernels.distill_loss(
             student_logits, teacher_logits.to(student_logits.dtype), labels=labels,
             divergence=self.config.divergence, beta=self.config.beta, skew=self.config.skew,
@@ -202,13 +199,8 @@ class OnPolicyStage(Stage):
             n=1, max_new_tokens=self.config.max_new_tokens, temperature=self.config.sample_temperature,
             top_p=self.config.top_p,
             seed=derive_seed(self.config.seed, f"onpolicy-sample:{state.step}:{state.rank}:{state.micro_batch}")))
-        input_ids = torch.cat([samples.prompt_ids, samples.completion_ids], 1)
-        attention_mask = torch.cat([samples.prompt_mask, samples.completion_mask], 1)
-        # left-padded prompts: the positions generate() used, so the student scores what it sampled
-        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        inputs, start = samples.scoring_inputs()
         labels = samples.completion_ids.masked_fill(samples.completion_mask == 0, -100)
-        start = samples.prompt_ids.shape[1] - 1  # logits at column j predict token j + 1
         return inputs, labels, start, samples.completion_mask.sum()
 
 

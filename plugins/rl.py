@@ -176,12 +176,7 @@ class RlStage(Stage):
                                 for i, text in enumerate(samples.texts)], dtype=torch.float32, device=device)
         advantages = group_advantages(rewards, cfg.samples_per_prompt, cfg.normalize_std)
 
-        input_ids = torch.cat([samples.prompt_ids, samples.completion_ids], 1)
-        attention_mask = torch.cat([samples.prompt_mask, samples.completion_mask], 1)
-        # left-padded prompts: positions as generate() used them, so log-probs are the sampling policy's
-        position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        start = samples.prompt_ids.shape[1] - 1  # logits at column j predict token j + 1
+        inputs, start = samples.scoring_inputs()  # log-probs are the sampling policy's
         student_logits = model(**inputs).logits[:, start:-1] / cfg.temperature
         token_logp = student_logits.float().log_softmax(-1).gather(-1, samples.completion_ids[..., None]).squeeze(-1)
         mask = samples.completion_mask
