@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import run_header  # noqa: E402
+from quality import run_header, summary as stats  # noqa: E402
 
 from hkd.probe import probe  # noqa: E402
 
@@ -77,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
               f"by layer {[round(x, 3) for x in entry['cka_by_student_layer']]}", flush=True)
     summary: dict[str, Any] = {}
     for key, entries in groups.items():
-        def stats(values: list[float]) -> dict[str, float]:
-            return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
         summary[key] = {"seeds": [e["seed"] for e in entries], "runs": entries,
                         "cka_last": stats([e["cka_last"] for e in entries]),
                         "cka_uniform": stats([e["cka_uniform"] for e in entries])}
