@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
 from hkd.config import ModelConfig  # noqa: E402
-from hkd.tasks.demo import DemoSettings, arm_config, make_config, pass_at_1, prepare, train_student  # noqa: E402
-from hkd.models import build_preset  # noqa: E402
-from hkd.tokenalign import train_bpe_tokenizer  # noqa: E402
+from hkd.commands.demo import DemoSettings, arm_config, make_config, pass_at_1, prepare, train_student  # noqa: E402
+from hkd.models.loading import build_preset  # noqa: E402
+from hkd.data.tokenalign import train_bpe_tokenizer  # noqa: E402
 
 ARMS = ("answer_only", "sft_distilled", "uld", "uld_pure", "uld_first_char")
 SHARED = {"uld": "kl", "uld_pure": "none", "uld_first_char": "first_char"}
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": settings.__dict__,
         "seeds": args.seeds,
         "student_vocab": args.vocab,
-        "teacher": {"pass@1": teacher_pass, "tokenizer": "character-level (hkd.models.char_tokenizer)"},
+        "teacher": {"pass@1": teacher_pass, "tokenizer": "character-level (hkd.models.loading.char_tokenizer)"},
         "arms": results,
         "seconds": round(time.perf_counter() - started, 1),
     }

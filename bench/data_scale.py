@@ -8,9 +8,9 @@ For each size a JSONL file of short arithmetic examples ({"prompt": "12+34=", "c
 "46"}) is generated in ``--workdir``. Then, per size, a fresh subprocess runs twice: ``cold``
 (no ``.hkd-cache`` next to the data: JSON -> Arrow conversion and tokenisation happen) and
 ``warm`` (the cache from the cold run is reused). Each run reads the data through
-:func:`hkd.data.encode_dataset` (``kind: hf``), builds :class:`hkd.data.Batches` (packing as
+:func:`hkd.data.encoding.encode_dataset` (``kind: hf``), builds :class:`hkd.data.encoding.Batches` (packing as
 configured) and trains a tiny Llama student for ``--steps`` optimizer steps on next-token loss
-through :func:`hkd.taps.forward_with_taps` (the same forward the loop runs), printing the time
+through :func:`hkd.models.taps.forward_with_taps` (the same forward the loop runs), printing the time
 to the first step, the step time and the process's peak RSS (``ru_maxrss``). The table goes to
 stdout and JSON (command, date, rows) to ``bench/results/data-scale-<date>.json``.
 """
@@ -45,9 +45,9 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from hkd.config import DataConfig
-    from hkd.data import Batches, encode_dataset
-    from hkd.models import build_preset, char_tokenizer
-    from hkd.taps import TapRequest, forward_with_taps
+    from hkd.data.encoding import Batches, encode_dataset
+    from hkd.models.loading import build_preset, char_tokenizer
+    from hkd.models.taps import TapRequest, forward_with_taps
 
     torch.set_num_threads(1)
     start = time.perf_counter()

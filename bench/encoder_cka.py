@@ -4,7 +4,7 @@
     python bench/encoder_cka.py --runs 'runs/bench-encoder/*-60-teacher*' --batches 4
 
 For each run directory of ``bench/quality_encoder.py`` that still has its ``final/`` model,
-runs :func:`hkd.probe.probe` with ``final=True`` (linear CKA between every teacher and every
+runs :func:`hkd.commands.probe.probe` with ``final=True`` (linear CKA between every teacher and every
 student layer on the run's own training batches) and reports, per arm (the run name's first
 part) and student initialisation, over its seeds:
 
@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import run_header, summary as stats  # noqa: E402
 
-from hkd.probe import probe  # noqa: E402
+from hkd.commands.probe import probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NAME = re.compile(r"(?P<arm>.+?)-seed(?P<seed>\d+)-(?P<steps>\d+)-(?P<init>random|teacher)(?P<tag>.*)")

@@ -4,10 +4,10 @@ labels you do not have?
     python bench/enrich.py                                  # 3 seeds, the demo's settings
     python bench/enrich.py --seeds 0 1 2 --set student_steps=400
 
-The demo's task (:mod:`hkd.tasks.demo`: teacher trained on worked solutions, ``student_problems``
+The demo's task (:mod:`hkd.commands.demo`: teacher trained on worked solutions, ``student_problems``
 training prompts, held-out split). Only the first half of the training prompts keeps its
 answers; the second half is unlabelled. All data goes through ``hkd generate``
-(:func:`hkd.generate.generate`) with the demo's verifier (``exact_answer``):
+(:func:`hkd.commands.generate.generate`) with the demo's verifier (``exact_answer``):
 
 * ``half``: the teacher's greedy worked solutions for the labelled half, verified against
   their answers (the demo's data distillation on half the labels).
@@ -39,14 +39,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
-from hkd.augment import TransformConfig  # noqa: E402
+from hkd.sampling.augment import TransformConfig  # noqa: E402
 from hkd.config import ModelConfig  # noqa: E402
-from hkd.data import read_jsonl  # noqa: E402
-from hkd.generate import GenerateConfig, generate, read_lines, rewrite_lines  # noqa: E402
-from hkd.tasks.demo import (  # noqa: E402
+from hkd.data.encoding import read_jsonl  # noqa: E402
+from hkd.commands.generate import GenerateConfig, generate, read_lines, rewrite_lines  # noqa: E402
+from hkd.commands.demo import (  # noqa: E402
     DemoSettings, arm_config, pass_at_1, prepare_data, prepare_teacher, train_student,
 )
-from hkd.verify import VerifierConfig  # noqa: E402
+from hkd.sampling.verify import VerifierConfig  # noqa: E402
 
 ARMS = ("half", "half+pseudo", "half+augment", "half+pseudo+augment", "full")
 

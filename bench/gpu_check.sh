@@ -57,9 +57,9 @@ if [ "$MODE" != small ]; then
     $PY -c 'import liger_kernel' 2>/dev/null && echo 'liger-kernel: installed' || echo 'liger-kernel: absent (its rows will say so)'"
   step pytest 150 pytest.log "$PY" -m pytest -q -p no:cacheprovider tests/kernels --durations=10
 fi
-step softmax_kl 110 bench-softmax-kl.log "$PY" bench/kernels.py --grid "$SOFTMAX_GRID" --dtype "$DTYPE" \
+step softmax_kl 110 bench-softmax-kl.log "$PY" bench/kernel_speed.py --grid "$SOFTMAX_GRID" --dtype "$DTYPE" \
   --backends "$BACKENDS" --reps 5 --out "$OUT"
-step fused_linear 140 bench-fused-linear.log "$PY" bench/kernels.py --op fused_linear --grid "$FUSED_GRID" \
+step fused_linear 140 bench-fused-linear.log "$PY" bench/kernel_speed.py --op fused_linear --grid "$FUSED_GRID" \
   --dtype "$DTYPE" --backends "$BACKENDS" --reps 3 --out "$OUT"
 echo "== done; step statuses:"
 cat "$OUT/status.txt"

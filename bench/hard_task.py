@@ -4,10 +4,10 @@
     python bench/hard_task.py --seeds 0 1 --arms answer_only progressive --points 100 200
     python bench/hard_task.py --set student_steps=300 --seeds 0  # a smaller budget
 
-Task: :meth:`hkd.tasks.demo.DemoSettings.hard` -- sums of three 3-digit numbers with worked
+Task: :meth:`hkd.commands.demo.DemoSettings.hard` -- sums of three 3-digit numbers with worked
 column-by-column solutions (:mod:`hkd.tasks.chain`). One teacher (trained once on worked
 solutions, cached in ``--work``) and one verified distilled data set serve every arm and seed;
-the arms are :func:`hkd.tasks.demo.arm_config`'s (the same as ``bench/quality.py``'s). Every
+the arms are :func:`hkd.commands.demo.arm_config`'s (the same as ``bench/quality.py``'s). Every
 arm trains ``student_steps`` steps; the student is saved at each of ``--points`` steps *within
 that one run* (the LR schedule and the phase boundaries are the full run's, so an early point
 of a phased arm is the student mid-schedule, not a student trained for that budget), and each
@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
 from hkd.config import Config  # noqa: E402
-from hkd.hookspecs import hookimpl  # noqa: E402
-from hkd.loop import distill  # noqa: E402
-from hkd.manager import build_manager  # noqa: E402
-from hkd.models import load_tokenizer  # noqa: E402
+from hkd.plugin.hookspecs import hookimpl  # noqa: E402
+from hkd.train.loop import distill  # noqa: E402
+from hkd.plugin.manager import build_manager  # noqa: E402
+from hkd.models.loading import load_tokenizer  # noqa: E402
 from hkd.tasks.chain import make_chain_problems  # noqa: E402
-from hkd.tasks.demo import ARMS, DemoSettings, arm_config, count_params, pass_at_1, prepare  # noqa: E402
+from hkd.commands.demo import ARMS, DemoSettings, arm_config, count_params, pass_at_1, prepare  # noqa: E402
 
 # progressive is left out by default: progressive_rl runs exactly its phases until the RL phase's start (the
 # 570-step point), then 30 RL steps

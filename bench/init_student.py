@@ -31,15 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
 from hkd.config import ModelConfig  # noqa: E402
-from hkd.tasks.demo import DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student  # noqa: E402
-from hkd.init_student import InitOptions, init_student  # noqa: E402
+from hkd.commands.demo import DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student  # noqa: E402
+from hkd.commands.init_student import InitOptions, init_student  # noqa: E402
 
 INITS = ("random", "teacher")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arms", nargs="+", default=["logits_only"], help="hkd.tasks.demo arms (default logits_only)")
+    parser.add_argument("--arms", nargs="+", default=["logits_only"], help="hkd.commands.demo arms (default logits_only)")
     add_common_arguments(parser, "init-student")
     args = parser.parse_args(argv)
 

@@ -3,7 +3,7 @@
     python bench/layer_analysis.py --seeds 0 1 2
 
 Teacher all-MiniLM-L6-v2 (bench/quality_encoder.py), student the benchmark's random 3x192 BERT,
-the hidden stage of ``plugins/hidden.py`` itself with the benchmark's uniform layer map
+the hidden stage of ``hkd/plugins/hidden.py`` itself with the benchmark's uniform layer map
 (0->0, 1->2, 2->4, 3->6). On one batch of training sentences it reports, per teacher layer:
 
 * ``sq_norm``: mean squared hidden norm per token, and ``mean_share``: the share of it that is
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_encoder import MAX_LENGTH, WORK, corpus, teacher_dir, write_student  # noqa: E402
 
 from hkd import ModelView, StageContext, StepState  # noqa: E402
-from hkd.layermap import LayerMapConfig  # noqa: E402
+from hkd.models.layermap import LayerMapConfig  # noqa: E402
 from plugins.hidden import HiddenStage, HiddenStageConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -6,7 +6,7 @@
 Both loops run the same models, batches and optimizer settings: a live teacher forward
 (no grad), the student forward and backward on the logits stage's loss (forward KL at T=1 via
 ``hkd.kernels.distill_loss``, normalised by the step's target tokens), gradient clipping and
-an AdamW step. ``hkd`` is :func:`hkd.loop.train_step` (schedule, taps, stage dispatch, metrics,
+an AdamW step. ``hkd`` is :func:`hkd.train.loop.train_step` (schedule, taps, stage dispatch, metrics,
 one host read); ``bare`` is those operations written out by hand. They alternate in rounds
 (``--rounds``, each ``--steps`` steps after a warm-up) so machine noise hits both alike; the
 result is the median tokens/s of each (per CPU-second of the process on the CPU, per wall second
@@ -32,8 +32,8 @@ import torch
 
 from hkd import kernels
 from hkd.config import Config, from_dict
-from hkd.distributed import clip_gradients
-from hkd.loop import Run, build_run, train_step
+from hkd.train.distributed import clip_gradients
+from hkd.train.loop import Run, build_run, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

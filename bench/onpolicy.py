@@ -3,7 +3,7 @@
     python bench/onpolicy.py                          # 3 seeds, every arm
     python bench/onpolicy.py --seeds 0 --arms logits gkd --set student_steps=200
 
-Task: the demo's (synthetic 2-digit addition with worked solutions, :mod:`hkd.tasks.demo`), its
+Task: the demo's (synthetic 2-digit addition with worked solutions, :mod:`hkd.commands.demo`), its
 teacher and its verified distilled data. Every arm first trains ``warm`` = half of
 ``student_steps`` steps of logits KD on the distilled data (the same for all arms: GKD starts
 from a student that already writes the format, as in the paper), then the arm's own phase for
@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
-from hkd.tasks.demo import (  # noqa: E402
+from hkd.commands.demo import (  # noqa: E402
     DemoSettings, make_config, pass_at_1, prepare, stage_configs, student_model, train_student,
 )
 

@@ -4,7 +4,7 @@
     python bench/quality.py --seeds 0 1 --arms answer_only progressive_rl
     python bench/quality.py --quick              # plumbing check with the demo's quick settings
 
-Same task (synthetic 2-digit addition, :mod:`hkd.tasks.demo`'s splits), same student architecture
+Same task (synthetic 2-digit addition, :mod:`hkd.commands.demo`'s splits), same student architecture
 and the same number of optimizer steps for every arm:
 
 * ``answer_only``    SFT on the training problems' final answers (no teacher at all)
@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from hkd.tasks.demo import ARMS, DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student, write_json
+from hkd.commands.demo import ARMS, DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -237,7 +237,7 @@ def arms(steps: int) -> dict[str, tuple[list[dict[str, Any]], dict[str, Any]]]:
                                {"name": "last_layer", "steps": steps - steps // 2, "stages": {"hidden": 1.0},
                                 "options": {"hidden": {"layer_map": LAST, "include_embeddings": False}}}],
                               {"hidden": hidden(UNIFORM, include_embeddings=True)}),
-        # the pooled embedding itself (plugins/sentence.py): cosine plus the in-batch similarity matrix
+        # the pooled embedding itself (hkd/plugins/sentence.py): cosine plus the in-batch similarity matrix
         "sentence": (one({"sentence": 1.0}), {"sentence": {"pooling": "mean", "loss": "cosine", "similarity": 1.0}}),
     }
 

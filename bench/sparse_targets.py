@@ -19,7 +19,7 @@ are uniform random token sequences, and the metric is the held-out KL(teacher ||
 over the full vocabulary, per token (lower is better), plus top-1 agreement.
 
 Targets are computed once per training position, as a cache holds them, by the functions
-``hkd cache-teacher`` writes with (:func:`hkd.cache.topk_targets`, :func:`hkd.cache.sampled_targets`
+``hkd cache-teacher`` writes with (:func:`hkd.teachers.cache.topk_targets`, :func:`hkd.teachers.cache.sampled_targets`
 seeded per example), and the losses are the logits stage's own (:meth:`LogitsStage.sparse_loss`).
 The seed changes the student's initialisation, the batch order and the draws.
 """
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import run_header, summary, write_result  # noqa: E402
 
 from hkd import SparseTargets, StageContext, TapRequest, kernels  # noqa: E402
-from hkd.cache import example_generator, sampled_targets, topk_targets  # noqa: E402
-from hkd.models import build_preset  # noqa: E402
+from hkd.teachers.cache import example_generator, sampled_targets, topk_targets  # noqa: E402
+from hkd.models.loading import build_preset  # noqa: E402
 from hkd.plugins.logits import LogitsStage, LogitsStageConfig  # noqa: E402
 
 TEACHER = {"vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

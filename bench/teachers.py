@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import add_common_arguments, print_arms, run_header, settings_from, summary, write_result  # noqa: E402
 
 from hkd.config import ModelConfig, TeacherConfig  # noqa: E402
-from hkd.tasks.demo import (  # noqa: E402
+from hkd.commands.demo import (  # noqa: E402
     DemoSettings, arm_config, pass_at_1, prepare, prepare_teacher, train_student,
 )
 

@@ -22,9 +22,9 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.config import load_config
-    from hkd.distributed import barrier, init_distributed
-    from hkd.loop import distill
-    from hkd.rundir import prepare_run_dir
+    from hkd.train.distributed import barrier, init_distributed
+    from hkd.train.loop import distill
+    from hkd.train.rundir import prepare_run_dir
 
     overrides = _split_overrides(extra)
     config = load_config(args.config, overrides)
@@ -49,7 +49,7 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.manager import build_manager
+    from hkd.plugin.manager import build_manager
 
     rows = [(i.name, i.module, i.distribution, ", ".join(i.stages) or "-") for i in build_manager(args.disable or []).infos()]
     _table(["name", "module", "distribution", "stages"], rows)
@@ -57,8 +57,8 @@ def cmd_plugins(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_stages(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.manager import build_manager
-    from hkd.stage import available_stages
+    from hkd.plugin.manager import build_manager
+    from hkd.plugin.stage import available_stages
 
     specs = available_stages(build_manager(args.disable or []))
     _table(["stage", "level", "config", "description"],
@@ -68,7 +68,7 @@ def cmd_stages(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_kernels(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd import kernels
-    from hkd.manager import build_manager
+    from hkd.plugin.manager import build_manager
 
     build_manager(args.disable or [])  # plugin backends register themselves here
     rows = []
@@ -81,7 +81,7 @@ def cmd_kernels(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_init_model(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.config import parse_override
-    from hkd.models import write_preset
+    from hkd.models.loading import write_preset
 
     overrides = {}
     for text in _split_overrides(extra):
@@ -95,7 +95,7 @@ def cmd_init_model(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_init_student(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
-    from hkd.init_student import InitOptions, init_student
+    from hkd.commands.init_student import InitOptions, init_student
 
     if extra:
         raise HkdError(f"unrecognised argument(s) {extra}; see hkd init-student --help")
@@ -112,8 +112,8 @@ def cmd_init_student(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.distributed import init_distributed
-    from hkd.generate import generate, load_generate_config
+    from hkd.train.distributed import init_distributed
+    from hkd.commands.generate import generate, load_generate_config
 
     config = load_generate_config(args.config, _split_overrides(extra))
     config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
@@ -132,7 +132,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.cache import build_cache
+    from hkd.teachers.cache import build_cache
     from hkd.config import load_config
 
     config = load_config(args.config, _split_overrides(extra))
@@ -148,7 +148,7 @@ def cmd_cache_teacher(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.evaluate import load_eval_config, result_rows, run_eval
+    from hkd.commands.evaluate import load_eval_config, result_rows, run_eval
 
     config = load_eval_config(args.config, _split_overrides(extra))
     config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
@@ -162,7 +162,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.tasks.demo import DemoSettings, run_demo
+    from hkd.commands.demo import DemoSettings, run_demo
 
     if extra:
         raise HkdError(f"unrecognised argument(s) {extra}; hkd demo takes --task, --out, --quick, --seed, --threads, "
@@ -179,7 +179,7 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_init_config(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.init_config import starter_config, write_starter_config
+    from hkd.commands.init_config import starter_config, write_starter_config
 
     if args.out is None:  # to stdout: absolute model paths, since the text may be saved anywhere
         print(starter_config(args.teacher, args.student, None), end="")
@@ -191,7 +191,7 @@ def cmd_init_config(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     try:
-        from hkd.report import build_report
+        from hkd.commands.report import build_report
     except ModuleNotFoundError as exc:
         if exc.name != "matplotlib":
             raise
@@ -212,7 +212,7 @@ def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_probe(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
-    from hkd.probe import probe
+    from hkd.commands.probe import probe
 
     out = probe(Path(args.run_dir), args.step, args.batches, progress=not args.no_progress and _terminal(),
                 trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, final=args.final)
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = (
         "Distil a teacher into a student through the config's phases. Any config key can be overridden: "
         "--optim.lr=3e-4 --stages.logits.divergence=jsd; --teacher.path=DIR replaces a preset teacher. "
-        "Config reference: README.md, section Configuration (every key: hkd/config.py). "
+        "Config reference: README.md, section Configuration (every key: hkd/config/schema.py). "
         "A starter config for your models: hkd init-config --teacher DIR --student DIR --out cfg.yaml. "
         "Paths: --out and paths in overrides are relative to the working directory; paths inside the "
         "YAML file (model and data paths, teacher_cache) are relative to the YAML file.")
@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         print("hkd: interrupted", file=sys.stderr)
         return 130
     finally:  # distill and generate join a torchrun process group; leave it explicitly (gloo)
-        if "hkd.distributed" in sys.modules:  # else no group was joined: report, stages... never import torch
-            from hkd.distributed import shutdown_distributed
+        if "hkd.train.distributed" in sys.modules:  # else no group was joined: report, stages... never import torch
+            from hkd.train.distributed import shutdown_distributed
 
             shutdown_distributed()
 

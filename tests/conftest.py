@@ -17,10 +17,12 @@ from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
-from hkd.models import write_preset  # noqa: E402
+from hkd.models.loading import write_preset  # noqa: E402
 
 TEACHER = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
            "num_key_value_heads": 2}
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout: tests run from a clone
+
 STUDENT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
            "num_key_value_heads": 1}
 

@@ -6,11 +6,11 @@ from typing import Any, Callable
 
 import torch
 
-from hkd.sampling import Samples
+from hkd.sampling.hf_sampler import Samples
 
 
 def scripted(make_texts: Callable[[str, int, int], list[str]]) -> Any:
-    """A stand-in for :func:`hkd.sampling.sample` (what the transformers backend calls):
+    """A stand-in for :func:`hkd.sampling.hf_sampler.sample` (what the transformers backend calls):
     ``make_texts(prompt, n, seed)`` per prompt; ``.calls`` records each call's prompts."""
     calls: list[list[str]] = []
 

@@ -1,6 +1,6 @@
 """Coverage of the architectures people distil: taps and fused logits equal each model's own maths.
 
-One tiny random config per model type in :data:`hkd.architectures.SUPPORT` (2 layers, width
+One tiny random config per model type in :data:`hkd.models.architectures.SUPPORT` (2 layers, width
 32, vocab 100), with query/key and output-head weights scaled up so attention scores and
 logits reach realistic magnitudes (tens to hundreds) where soft-capping changes the result.
 The reference is the same model under eager attention with ``output_attentions``.
@@ -15,9 +15,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
-from hkd.architectures import SUPPORT, apply_logit_softcap, output_head, support_table
+from hkd.models.architectures import SUPPORT, apply_logit_softcap, output_head, support_table
 from hkd.errors import HkdError
-from hkd.taps import QKV, TapRequest, enable_taps, forward_with_taps
+from hkd.models.taps import QKV, TapRequest, enable_taps, forward_with_taps
 
 _COMMON = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -186,7 +186,7 @@ def test_an_unverified_architecture_is_refused_by_name() -> None:
 
 def test_readme_has_the_support_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert support_table() in readme, "regenerate the README table: python -c 'from hkd.architectures import support_table; print(support_table())'"
+    assert support_table() in readme, "regenerate the README table: python -c 'from hkd.models.architectures import support_table; print(support_table())'"
 
 
 @pytest.mark.parametrize("model_type", list(SUPPORT))

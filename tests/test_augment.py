@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-import hkd.generate as gen
-import hkd.sampling as sampling
-from hkd.augment import TransformConfig, TransformContext, build_prompt_transform
+import hkd.commands.generate as gen
+import hkd.sampling.hf_sampler as sampling
+from hkd.sampling.augment import TransformConfig, TransformContext, build_prompt_transform
 from hkd.config import from_dict
 from hkd.errors import ConfigError, HkdError
-from hkd.generate import GenerateConfig, generate
-from hkd.manager import build_manager
-from hkd.models import wordpiece_tokenizer
+from hkd.commands.generate import GenerateConfig, generate
+from hkd.plugin.manager import build_manager
+from hkd.models.loading import wordpiece_tokenizer
 from hkd.tasks.arith import Problem, make_problems
 from tests.fakes import crash_after, scripted
 from tests.test_docs import example

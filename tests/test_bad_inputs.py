@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from hkd import config as config_module
 from hkd.cli import main
 from hkd.config import Config, ConfigError, ModelConfig, from_dict, load_config, load_yaml
-from hkd.data import encode, encode_dataset, read_jsonl
+from hkd.data.encoding import encode, encode_dataset, read_jsonl
 from hkd.errors import HkdError
-from hkd.models import char_tokenizer, load_model, safetensors_shapes, write_preset
+from hkd.models.loading import char_tokenizer, load_model, safetensors_shapes, write_preset
 
 SMALL_TEACHER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "num_key_value_heads": 1}
@@ -304,7 +304,7 @@ def test_refused_pickle_payload_is_one_error_line(small_model, tmp_path):
 
 def test_probe_ignores_trust_and_pickle_from_the_run_directory(small_model, tmp_path, capsys):
     # bug caught: hkd probe honoured trust_remote_code/allow_pickle found in a received run's config.yaml
-    from hkd.probe import run_config
+    from hkd.commands.probe import run_config
 
     pickled = damaged_copy(small_model, tmp_path / "pickled")
     (pickled / "model.safetensors").unlink()
@@ -406,7 +406,7 @@ def built_cache(tmp_path_factory, small_model) -> Path:
     """A small cache (12 examples, 3 shards of 5/5/2, hidden states of one layer) built once."""
     from conftest import BASE_CONFIG
 
-    from hkd.cache import build_cache
+    from hkd.teachers.cache import build_cache
 
     raw = copy.deepcopy(BASE_CONFIG)
     raw["teacher"] = {"path": str(small_model)}
@@ -420,7 +420,7 @@ def built_cache(tmp_path_factory, small_model) -> Path:
 
 def open_all(path: Path) -> None:
     """Open the cache and every example's shard (what training does, batch by batch)."""
-    from hkd.cache import TeacherCache
+    from hkd.teachers.cache import TeacherCache
 
     cache = TeacherCache(path)
     for example in range(cache.index["num_examples"]):
@@ -531,8 +531,8 @@ def test_bad_data_and_a_damaged_cache_through_the_cli(built_cache, small_model, 
 def test_generate_and_eval_configs_name_a_bad_device(device, message):
     # catches: generate/eval accepting any string and failing later inside torch.device or .to()
     # (after loading the teacher), or silently running on another device
-    from hkd.evaluate import EvalConfig
-    from hkd.generate import GenerateConfig
+    from hkd.commands.evaluate import EvalConfig
+    from hkd.commands.generate import GenerateConfig
 
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

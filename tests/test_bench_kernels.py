@@ -1,4 +1,4 @@
-"""bench/kernels.py: the fused_linear op's loss check, worker rows and table (tiny shapes, in-process)."""
+"""bench/kernel_speed.py: the fused_linear op's loss check, worker rows and table (tiny shapes, in-process)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.conftest import load_bench_script
 
 @pytest.fixture(scope="module")
 def bench() -> Any:
-    return load_bench_script("kernels")
+    return load_bench_script("kernel_speed")
 
 
 def test_fused_backends_agree_with_eager(bench: Any) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import load_bench_script
 
-from hkd.tasks.demo import ARMS, DemoSettings, arm_config
+from hkd.commands.demo import ARMS, DemoSettings, arm_config
 
 
 
@@ -46,7 +46,7 @@ def test_goals_are_computed_from_the_measured_means(bench: Any) -> None:
 
 
 def test_every_arm_has_the_same_step_budget(tmp_path: Path) -> None:
-    from hkd.tasks.demo import DemoData
+    from hkd.commands.demo import DemoData
 
     settings = DemoSettings()
     data = DemoData(*(tmp_path / f"{n}.jsonl" for n in ("teacher", "prompts", "answers", "heldout")))

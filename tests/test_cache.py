@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hkd.cache import TeacherCache, build_cache
+from hkd.teachers.cache import TeacherCache, build_cache
 from hkd.cli import main
 from hkd.config import Config, from_dict
 from hkd.errors import HkdError
-from hkd.loop import distill
-from hkd.models import build_preset, char_tokenizer
+from hkd.train.loop import distill
+from hkd.models.loading import build_preset, char_tokenizer
 from hkd.plugins.logits import LogitsStage, LogitsStageConfig
-from hkd.stage import StageContext
+from hkd.plugin.stage import StageContext
 from hkd import SparseTargets, TapRequest
 
 VOCAB = len(char_tokenizer())

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from hkd.cli import main
-from hkd.models import write_preset
+from hkd.models.loading import write_preset
 
 
 def run_cli(capsys, *argv):

@@ -43,7 +43,7 @@ def test_seed_and_the_demo_and_distill_options_have_help():
 
 def test_report_without_matplotlib_is_one_error_line(tmp_path, capsys, monkeypatch):
     # bug: a traceback ending in "No module named 'matplotlib'" instead of how to install it
-    monkeypatch.delitem(sys.modules, "hkd.report", raising=False)
+    monkeypatch.delitem(sys.modules, "hkd.commands.report", raising=False)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -54,7 +54,7 @@ def test_report_without_matplotlib_is_one_error_line(tmp_path, capsys, monkeypat
 def test_demo_task_hard_runs_the_hard_settings_in_their_own_directory(monkeypatch, capsys):
     # catches: --task hard silently running the addition demo (or sharing runs/demo, whose cached
     # teacher belongs to the other task), and --quick combined with it instead of refused
-    import hkd.tasks.demo as demo
+    import hkd.commands.demo as demo
 
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda settings, out, **kwargs: calls.append((settings, out)))

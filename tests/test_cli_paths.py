@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from hkd.config import load_config
-from hkd.evaluate import load_eval_config
+from hkd.commands.evaluate import load_eval_config
 
 
 def test_teacher_path_override_clears_the_preset_and_says_so(tmp_path, raw_config, capsys, monkeypatch):

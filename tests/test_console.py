@@ -1,4 +1,4 @@
-"""The console plugin: what a person watching ``hkd distill`` reads (plugins/console.py)."""
+"""The console plugin: what a person watching ``hkd distill`` reads (hkd/plugins/console.py)."""
 
 from __future__ import annotations
 

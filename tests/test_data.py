@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from hkd.config import Config, ConfigError, DataConfig, from_dict, validate
-from hkd.data import Batches, encode, encode_dataset, load_records
+from hkd.data.encoding import Batches, encode, encode_dataset, load_records
 from hkd.errors import HkdError
-from hkd.models import char_tokenizer
+from hkd.models.loading import char_tokenizer
 
 LINES = [
     '{"prompt": "1+1=", "completion": "2"}',

@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from hkd.config import Config, from_dict
-from hkd.tasks.demo import DemoSettings, prepare_data, prepare_teacher
-from hkd.models import load_model
+from hkd.commands.demo import DemoSettings, prepare_data, prepare_teacher
+from hkd.models.loading import load_model
 from hkd.config import ModelConfig
 from hkd.cli import main
 

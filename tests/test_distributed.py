@@ -13,7 +13,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from hkd.config import Config, from_dict
-from hkd.loop import distill
+from hkd.train.loop import distill
+from tests.conftest import REPO_ROOT
 
 
 @pytest.mark.slow
@@ -27,7 +28,8 @@ def test_torchrun_two_ranks_match_single_process(parallel, raw_config, tmp_path,
     config_path.write_text(yaml.safe_dump(raw_config))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "hkd.cli", "distill", str(config_path), "--out", str(tmp_path / "ddp"), "--no-progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env)
+    # from the repository root, as the README runs it: no folder there may shadow a dependency's module
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     raw_config["optim"]["grad_accum"] = 2  # one process, the same 2 micro-batches per step

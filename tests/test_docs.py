@@ -1,4 +1,4 @@
-"""docs/plugins.md: the hook reference matches hkd/hookspecs.py, and its code examples run."""
+"""docs/plugins.md: the hook reference matches hkd/plugin/hookspecs.py, and its code examples run."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from hkd import hookspecs
+from hkd.plugin import hookspecs
 from hkd.kernels import distill_loss, registry
-from hkd.manager import build_manager
-from hkd.verify import build_verifier
+from hkd.plugin.manager import build_manager
+from hkd.sampling.verify import build_verifier
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -12,13 +12,13 @@ import yaml
 from transformers import AutoTokenizer
 
 from hkd.config import DataConfig, ModelConfig, load_config
-from hkd.data import Batches, encode, encode_dataset
+from hkd.data.encoding import Batches, encode, encode_dataset
 from hkd.errors import HkdError
-from hkd.init_config import read_shape, relation_heads, starter_config, write_starter_config
-from hkd.models import build_preset, char_tokenizer, load_model, wordpiece_tokenizer, write_preset
+from hkd.commands.init_config import read_shape, relation_heads, starter_config, write_starter_config
+from hkd.models.loading import build_preset, char_tokenizer, load_model, wordpiece_tokenizer, write_preset
 from hkd.plugins.hidden import HiddenStage, HiddenStageConfig
-from hkd.stage import StepState
-from hkd.view import ModelView
+from hkd.plugin.stage import StepState
+from hkd.models.view import ModelView
 from tests.plugins.helpers import context, models
 
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM
 
-import hkd.evaluate as ev
+import hkd.commands.evaluate as ev
 from hkd.cli import main
-from hkd.evaluate import agreement, evaluate_pass_at_k, pass_at_k, perplexity
-from hkd.models import char_tokenizer
-from hkd.sampling import Samples
+from hkd.commands.evaluate import agreement, evaluate_pass_at_k, pass_at_k, perplexity
+from hkd.models.loading import char_tokenizer
+from hkd.sampling.hf_sampler import Samples
 
 
 @pytest.mark.parametrize("n,c,k,expected", [
@@ -117,7 +117,7 @@ def test_cli_eval_writes_json_and_prints_a_table(tmp_path, model_dirs, capsys):
 def test_eval_samples_through_its_generation_backend(tmp_path, model_dirs, monkeypatch, capsys):
     # catches: pass@k that bypasses the configured backend (an engine plugin would never be used
     # for evaluation) or drops the sampling settings on the way; an unknown backend is named
-    from hkd.manager import build_manager
+    from hkd.plugin.manager import build_manager
     from tests.test_generation import Recording
 
     recording = Recording()

@@ -1,4 +1,4 @@
-"""An encoder student's final/ is a sentence-transformers model (hkd/export.py)."""
+"""An encoder student's final/ is a sentence-transformers model (hkd/models/export.py)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from hkd.config import load_config
 from hkd.errors import HkdError
-from hkd.export import export_encoder, sentence_pooling, write_sentence_transformers
-from hkd.loop import distill
+from hkd.models.export import export_encoder, sentence_pooling, write_sentence_transformers
+from hkd.train.loop import distill
 
 SENTENCES = ["the teacher model encodes each sentence", "a smaller student learns",
              "similar sentences get similar vectors, and knowledge distillation transfers what a network learned"]
@@ -106,8 +106,8 @@ def test_the_readme_encoder_example_loads_with_typed_stage_blocks():
     import re
 
     from hkd.config import Config, from_dict
-    from hkd.manager import build_manager
-    from hkd.stage import available_stages
+    from hkd.plugin.manager import build_manager
+    from hkd.plugin.stage import available_stages
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "mlm: {mask_rate" in b]

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from hkd import checkpoint as ckpt
+from hkd.train import checkpoint as ckpt
 from hkd.errors import HkdError
 
 
@@ -58,7 +58,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(long_config, tmp_path,
     resumed = start(long_config, tmp_path / "killed", subprocess_env, resume=True)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     from hkd.config import load_config
-    from hkd.loop import distill
+    from hkd.train.loop import distill
 
     distill(load_config(long_config), tmp_path / "ref")  # the uninterrupted run, in this process
     a, b = final_params(tmp_path / "ref"), final_params(tmp_path / "killed")
@@ -93,7 +93,7 @@ def test_half_written_checkpoints_are_never_picked(tmp_path):
 
 def test_truncated_checkpoint_is_a_clear_error(raw_config, tmp_path):
     from hkd.config import Config, from_dict
-    from hkd.loop import distill
+    from hkd.train.loop import distill
 
     raw_config["train"]["checkpoint_every"] = 2
     distill(from_dict(Config, raw_config), tmp_path / "run")
@@ -119,7 +119,7 @@ def test_nothing_unpickles_by_default(raw_config, tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     from hkd.config import Config, from_dict
-    from hkd.loop import distill
+    from hkd.train.loop import distill
 
     raw_config["train"]["checkpoint_every"] = 3
     distill(from_dict(Config, raw_config), tmp_path / "run")

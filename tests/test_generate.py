@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import hkd.generate as gen
-import hkd.sampling as sampling
+import hkd.commands.generate as gen
+import hkd.sampling.hf_sampler as sampling
 from hkd.tasks.arith import Problem, make_problems
 from hkd.cli import main
 from hkd.config import DataConfig, from_dict
-from hkd.data import load_records
+from hkd.data.encoding import load_records
 from hkd.errors import ConfigError, HkdError
-from hkd.generate import GenerateConfig, generate, ledger_path
-from hkd.manager import build_manager
-from hkd.verify import build_verifier
+from hkd.commands.generate import GenerateConfig, generate, ledger_path
+from hkd.plugin.manager import build_manager
+from hkd.sampling.verify import build_verifier
 from tests.fakes import crash_after, scripted
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -189,7 +189,7 @@ def test_cli_runs_the_example_config(tmp_path, capsys, model_dirs):
 
 
 def test_parts_of_an_interrupted_multi_rank_run_are_merged_in_order(tmp_path, model_dirs, monkeypatch):
-    from hkd.distributed import DistInfo
+    from hkd.train.distributed import DistInfo
 
     monkeypatch.setattr(sampling, "sample", scripted(random_texts))
     reference = generate(config(tmp_path / "a", model_dirs, filters={"dedupe": False})).output.read_text()

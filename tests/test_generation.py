@@ -12,18 +12,18 @@ import pytest
 import torch
 import yaml
 
-import hkd.generate as gen
+import hkd.commands.generate as gen
 from hkd import GenerationBackendSpec, GenerationContext, Samples, SamplingParams, hookimpl
 from hkd.cli import main
 from hkd.config import ModelConfig
 from hkd.errors import ConfigError, HkdError
-from hkd.generation import build_generation_backend, get_generation_backend
-from hkd.manager import build_manager
-from hkd.models import char_tokenizer, load_model
+from hkd.sampling.backends import build_generation_backend, get_generation_backend
+from hkd.plugin.manager import build_manager
+from hkd.models.loading import char_tokenizer, load_model
 from hkd.plugins.rl import RlStage, RlStageConfig
-from hkd.stage import StageContext, StepState
+from hkd.plugin.stage import StageContext, StepState
 from hkd.tasks.arith import make_problems
-from hkd.verify import VerifierConfig
+from hkd.sampling.verify import VerifierConfig
 from tests.plugins.helpers import models
 from tests.test_docs import example
 
@@ -178,7 +178,7 @@ def test_rl_stage_samples_through_its_backend_and_syncs_the_student_each_step():
 
 def test_a_ledger_written_before_backends_and_modes_existed_still_resumes(tmp_path, model_dirs, monkeypatch):
     # catches: settings keys added later (backend, mode, augment, ...) making old outputs "different settings"
-    import hkd.sampling as sampling
+    import hkd.sampling.hf_sampler as sampling
 
     def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
         texts = [f"{p} => 1" for p in prompts for _ in range(n)]

@@ -12,7 +12,7 @@ import pytest
 
 from hkd.tasks.arith import extract_answer, make_problems
 from hkd.tasks.chain import ChainProblem, make_chain_problems
-from hkd.tasks.demo import DemoSettings, prepare_data
+from hkd.commands.demo import DemoSettings, prepare_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import hard_task  # noqa: E402
@@ -135,8 +135,8 @@ def test_step_snapshots_hold_the_student_of_that_step(tmp_path):
     from safetensors.torch import load_file
 
     from hkd.config import Config, from_dict
-    from hkd.loop import distill
-    from hkd.manager import build_manager
+    from hkd.train.loop import distill
+    from hkd.plugin.manager import build_manager
 
     arch = {"preset": "tiny-llama", "seed": 3,
             "preset_overrides": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
@@ -163,7 +163,7 @@ def test_init_config_decoder_recipe_is_the_measured_winner(model_dirs):
     # the schedule bench/hard_task.py measured best among recipes without RL
     import yaml
 
-    from hkd.init_config import starter_config
+    from hkd.commands.init_config import starter_config
 
     text = starter_config(model_dirs["teacher"], model_dirs["student"], None)
     phases = yaml.safe_load(text)["schedule"]["phases"]

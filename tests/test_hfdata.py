@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hkd.config import ConfigError, DataConfig, load_config
-from hkd.data import Batches, encode_dataset
-from hkd.models import build_preset, char_tokenizer
-from hkd.taps import TapRequest, enable_taps, forward_with_taps
+from hkd.data.encoding import Batches, encode_dataset
+from hkd.models.loading import build_preset, char_tokenizer
+from hkd.models.taps import TapRequest, enable_taps, forward_with_taps
 
 pytest.importorskip("datasets")
 
@@ -27,7 +27,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.mark.parametrize("fields", [{"prompt_field": "prompt"}, {}])
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
 def test_hf_encoding_equals_jsonl_encoding(tmp_path: Path, fields: dict, suffix: str) -> None:
-    """Catches: the batched HF tokeniser drifting from hkd.data.encode (bos/eos, labels, truncation)."""
+    """Catches: the batched HF tokeniser drifting from hkd.data.encoding.encode (bos/eos, labels, truncation)."""
     source = write_jsonl(tmp_path / "data.jsonl", RECORDS)
     if suffix == ".parquet":
         import datasets

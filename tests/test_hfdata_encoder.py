@@ -1,4 +1,4 @@
-"""data.kind: hf for encoders: the tokenizer's own [CLS]/[SEP], truncation that keeps [SEP] (hkd/hfdata.py)."""
+"""data.kind: hf for encoders: the tokenizer's own [CLS]/[SEP], truncation that keeps [SEP] (hkd/data/hf.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hkd.config import DataConfig
-from hkd.data import encode_dataset
-from hkd.models import wordpiece_tokenizer
+from hkd.data.encoding import encode_dataset
+from hkd.models.loading import wordpiece_tokenizer
 
 pytest.importorskip("datasets")
 

@@ -12,9 +12,9 @@ import yaml
 
 from hkd.config import load_config
 from hkd.errors import HkdError
-from hkd.init_config import read_shape, relation_heads, starter_config, write_starter_config
-from hkd.loop import distill
-from hkd.models import write_preset
+from hkd.commands.init_config import read_shape, relation_heads, starter_config, write_starter_config
+from hkd.train.loop import distill
+from hkd.models.loading import write_preset
 
 SHORT_RUN = ["--data.num_examples=8", "--data.batch_size=2", "--data.max_length=32",
              "--train.progress=false", "--schedule.ramp_steps=0", "--optim.warmup_steps=0"]

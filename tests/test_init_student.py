@@ -17,9 +17,9 @@ from hkd.tasks.arith import make_problems
 from hkd.cli import main
 from hkd.config import ModelConfig
 from hkd.errors import ConfigError, HkdError
-from hkd.init_student import InitOptions, init_student
-from hkd.layermap import build_layer_map
-from hkd.models import load_model, write_preset
+from hkd.commands.init_student import InitOptions, init_student
+from hkd.models.layermap import build_layer_map
+from hkd.models.loading import load_model, write_preset
 
 from tests.conftest import TEACHER
 
@@ -146,7 +146,7 @@ def test_feature_and_attention_stages_map_the_layers_the_student_was_cut_from(tm
     # although the student's blocks are the teacher's blocks 1 and 3
     from hkd.plugins.attention import AttentionStage, AttentionStageConfig
     from hkd.plugins.hidden import HiddenStage, HiddenStageConfig
-    from hkd.stage import StageContext
+    from hkd.plugin.stage import StageContext
 
     teacher_dir = write_preset("tiny-llama", tmp_path / "teacher", TEACHER, seed=1)
     out = init_student(teacher_dir, tmp_path / "student", InitOptions(layers="0,2"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hkd.layermap import build_layer_map
+from hkd.models.layermap import build_layer_map
 from hkd.plugins.attention import AttentionStage, AttentionStageConfig
 from hkd.plugins.hidden import HiddenStage, HiddenStageConfig
 from tests.plugins.helpers import batch, context, models, run_stage

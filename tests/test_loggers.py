@@ -17,8 +17,8 @@ import pytest
 
 from hkd.config import Config, ConfigError, from_dict
 from hkd.errors import HkdError
-from hkd.loop import distill
-from hkd.manager import build_manager
+from hkd.train.loop import distill
+from hkd.plugin.manager import build_manager
 from hkd.plugins import tensorboard_logger, wandb_logger
 
 STEPS = [{"step": s, "phase": 0, "loss": 1.0 / s, "loss/hidden": 2.0 / s, "lr": 1e-3, "tokens": 64} for s in (1, 2, 3, 4)]

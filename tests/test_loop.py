@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from hkd.config import Config, from_dict
 from hkd.errors import HkdError
-from hkd.loop import distill
-from hkd.manager import build_manager
-from hkd.hookspecs import hookimpl
+from hkd.train.loop import distill
+from hkd.plugin.manager import build_manager
+from hkd.plugin.hookspecs import hookimpl
 
 
 def run(raw, path, **kwargs):
@@ -73,8 +73,8 @@ def test_resume_without_checkpoint_is_an_error(raw_config, tmp_path):
 
 
 def test_teacher_is_not_run_when_no_active_stage_needs_it(raw_config, tmp_path, monkeypatch):
-    import hkd.loop as loop
-    import hkd.sources as sources
+    import hkd.train.run as loop  # the student forward lives with the step helpers
+    import hkd.teachers.sources as sources
 
     calls = []
     original = loop.forward_with_taps
@@ -114,8 +114,8 @@ class NanStage:
     def hkd_add_stages(self):
         from dataclasses import dataclass
 
-        from hkd.stage import Stage, StageSpec
-        from hkd.taps import TapRequest
+        from hkd.plugin.stage import Stage, StageSpec
+        from hkd.models.taps import TapRequest
 
         @dataclass
         class Empty:

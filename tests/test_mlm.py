@@ -1,4 +1,4 @@
-"""Masked-LM logit distillation (plugins/mlm.py) on tiny BertForMaskedLM models made here (no downloads)."""
+"""Masked-LM logit distillation (hkd/plugins/mlm.py) on tiny BertForMaskedLM models made here (no downloads)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import yaml
 from transformers import BertConfig, BertForMaskedLM
 
 from hkd.config import ModelConfig, load_config
-from hkd.data import collate, encode
+from hkd.data.encoding import collate, encode
 from hkd.errors import ConfigError, HkdError
-from hkd.loop import build_run, distill
-from hkd.models import build_preset, load_model, wordpiece_tokenizer
+from hkd.train.loop import build_run, distill
+from hkd.models.loading import build_preset, load_model, wordpiece_tokenizer
 from hkd.plugins.mlm import MLMStage, MLMStageConfig, mask_generator, mask_tokens
-from hkd.stage import StageContext, StepState
+from hkd.plugin.stage import StageContext, StepState
 
 TEXTS = ["the teacher model encodes each sentence into hidden states",
          "a smaller student learns",

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from hkd.config import ModelConfig
 from hkd.errors import HkdError
-from hkd.models import check_compatible, load_model, write_preset
+from hkd.models.loading import check_compatible, load_model, write_preset
 
 
 def test_preset_round_trips_through_from_pretrained(model_dirs, tmp_path):

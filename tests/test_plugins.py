@@ -10,10 +10,10 @@ from hkd.cli import main
 from hkd.config import ConfigError, from_dict
 from hkd.config import Config
 from hkd.errors import HkdError
-from hkd.hookspecs import hookimpl
-from hkd.loop import distill
-from hkd.manager import build_manager
-from hkd.stage import available_stages
+from hkd.plugin.hookspecs import hookimpl
+from hkd.train.loop import distill
+from hkd.plugin.manager import build_manager
+from hkd.plugin.stage import available_stages
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "examples" / "plugin-template"
 
@@ -89,7 +89,7 @@ def test_a_raising_plugin_is_named_with_its_hook(raw_config, tmp_path):
 
 
 def test_duplicate_stage_names_name_both_plugins():
-    from hkd.stage import StageSpec
+    from hkd.plugin.stage import StageSpec
 
     class Clash:
         @hookimpl
@@ -103,7 +103,7 @@ def test_duplicate_stage_names_name_both_plugins():
 def test_a_stage_that_raises_is_named(raw_config, tmp_path):
     from dataclasses import dataclass
 
-    from hkd.stage import Stage, StageSpec
+    from hkd.plugin.stage import Stage, StageSpec
     from hkd import TapRequest
 
     @dataclass

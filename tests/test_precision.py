@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 from hkd.config import Config, from_dict
 from hkd.errors import ConfigError
-from hkd.loop import build_run, distill, train_step
-from hkd.manager import build_manager
+from hkd.train.loop import build_run, distill, train_step
+from hkd.plugin.manager import build_manager
 
 ALL_STAGES = {"attention": 0.5, "hidden": 1.0, "logits": 1.0}
 

@@ -14,9 +14,9 @@ import yaml
 
 from hkd.config import Config, from_dict
 from hkd.errors import HkdError
-from hkd.loop import distill
-from hkd.probe import linear_cka, probe
-from hkd.report import build_report
+from hkd.train.loop import distill
+from hkd.commands.probe import linear_cka, probe
+from hkd.commands.report import build_report
 from hkd.cli import main
 
 

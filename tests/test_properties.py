@@ -22,7 +22,7 @@ from hkd.config import (
     PluginsConfig, ScheduleConfig, TemperatureConfig, TrainConfig, WandbConfig, apply_overrides, from_dict,
     load_config,
 )
-from hkd.data import read_jsonl
+from hkd.data.encoding import read_jsonl
 from hkd.errors import HkdError
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5))

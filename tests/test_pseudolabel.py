@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-import hkd.generate as gen
-import hkd.sampling as sampling
+import hkd.commands.generate as gen
+import hkd.sampling.hf_sampler as sampling
 from hkd.config import from_dict
 from hkd.errors import ConfigError
-from hkd.generate import GenerateConfig, generate, ledger_path, majority_answer
+from hkd.commands.generate import GenerateConfig, generate, ledger_path, majority_answer
 from hkd.tasks.arith import Problem, extract_answer
-from hkd.verify import answer_extractor
+from hkd.sampling.verify import answer_extractor
 from tests.fakes import crash_after, scripted
 
 

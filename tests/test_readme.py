@@ -8,8 +8,8 @@ from pathlib import Path
 import yaml
 
 from hkd.config import Config, from_dict
-from hkd.manager import build_manager
-from hkd.stage import StageSpec, available_stages
+from hkd.plugin.manager import build_manager
+from hkd.plugin.stage import StageSpec, available_stages
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -55,7 +55,7 @@ def test_the_three_part_loop_example_names_real_functions():
     # catches: a README loop example calling functions that do not exist (or with other arguments)
     import inspect
 
-    from hkd import loop
+    from hkd.train import loop
 
     (snippet,) = [block for block in fenced("python") if "build_run" in block]
     for name in ("build_run", "train_step", "finish"):

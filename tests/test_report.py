@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from hkd.config import Config, from_dict
-from hkd.loop import distill
-from hkd.report import axis_scale, build_report, heatmap_steps, load_run
+from hkd.train.loop import distill
+from hkd.commands.report import axis_scale, build_report, heatmap_steps, load_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PHASES = [{"name": "structure", "steps": 3, "stages": {"attention": 1.0}},

@@ -14,11 +14,11 @@ import pytest
 import torch
 import yaml
 
-from hkd import checkpoint as ckpt
+from hkd.train import checkpoint as ckpt
 from hkd.cli import main
 from hkd.config import Config, from_dict
 from hkd.errors import HkdError
-from hkd.rundir import prepare_run_dir
+from hkd.train.rundir import prepare_run_dir
 
 
 def one_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

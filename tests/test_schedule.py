@@ -3,9 +3,9 @@ import math
 import pytest
 
 from hkd.config import OptimConfig, PhaseConfig, ScheduleConfig, TemperatureConfig
-from hkd.layermap import build_layer_map
+from hkd.models.layermap import build_layer_map
 from hkd.errors import ConfigError
-from hkd.schedule import Schedule
+from hkd.plugin.schedule import Schedule
 
 
 def make(ramp=2, temperature=None, warmup=0):
@@ -83,7 +83,7 @@ def test_per_phase_stage_options_run_their_own_instance(raw_config, tmp_path):
     import json
 
     from hkd.config import Config, from_dict
-    from hkd.loop import distill
+    from hkd.train.loop import distill
 
     raw_config["stages"] = {"hidden": {"log_layers": True, "layer_map": {"strategy": "uniform"}}}
     raw_config["schedule"] = {"phases": [
@@ -99,7 +99,7 @@ def test_per_phase_stage_options_run_their_own_instance(raw_config, tmp_path):
 
 def test_per_phase_options_for_a_stage_outside_the_phase_are_refused(raw_config, tmp_path):
     from hkd.config import Config, ConfigError, from_dict
-    from hkd.loop import distill
+    from hkd.train.loop import distill
 
     raw_config["schedule"] = {"phases": [{"name": "p", "steps": 1, "stages": {"hidden": 1.0},
                                           "options": {"logits": {"alpha": 0.5}}}]}

@@ -1,4 +1,4 @@
-"""The sentence stage (plugins/sentence.py) against a hand-computed fp64 reference on tiny BERTs."""
+"""The sentence stage (hkd/plugins/sentence.py) against a hand-computed fp64 reference on tiny BERTs."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from hkd.data import collate, encode
+from hkd.data.encoding import collate, encode
 from hkd.errors import ConfigError, HkdError
-from hkd.models import build_preset, wordpiece_tokenizer
+from hkd.models.loading import build_preset, wordpiece_tokenizer
 from hkd.plugins.sentence import SentenceStage, SentenceStageConfig
-from hkd.stage import StepState
-from hkd.taps import forward_with_taps
+from hkd.plugin.stage import StepState
+from hkd.models.taps import forward_with_taps
 from tests.plugins.helpers import context
 
 TEXTS = ["the teacher model encodes each sentence", "a smaller student", "similar sentences get similar vectors here"]

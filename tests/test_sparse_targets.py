@@ -12,16 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from hkd import HkdError, ModelView, SparseTargets, StepState, TapRequest
-from hkd.cache import TeacherCache, build_cache, example_generator, sampled_targets, topk_targets
+from hkd.teachers.cache import TeacherCache, build_cache, example_generator, sampled_targets, topk_targets
 from hkd.config import Config, from_dict
-from hkd.data import collate, encode_dataset
+from hkd.data.encoding import collate, encode_dataset
 from hkd.errors import ConfigError
 from hkd.kernels import sparse_distill_loss
-from hkd.loop import distill
-from hkd.models import build_preset, load_model, write_preset
+from hkd.train.loop import distill
+from hkd.models.loading import build_preset, load_model, write_preset
 from hkd.plugins.logits import LogitsStage, LogitsStageConfig
-from hkd.stage import StageContext
-from hkd.taps import forward_with_taps
+from hkd.plugin.stage import StageContext
+from hkd.models.taps import forward_with_taps
 
 V = 64
 
@@ -112,7 +112,7 @@ def test_sampled_targets_are_seeded_per_example_and_count_every_draw():
         used = a["sample_ids"][row][a["sample_counts"][row] > 0]
         assert len(set(used.tolist())) == len(used)
     # rows are drawn in blocks; a block size of one row draws the same tokens
-    import hkd.cache as cache
+    import hkd.teachers.cache as cache
 
     old, cache.SAMPLE_BLOCK = cache.SAMPLE_BLOCK, V
     try:

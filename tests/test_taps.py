@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from hkd.models import build_preset
+from hkd.models.loading import build_preset
 from hkd import TapRequest
-from hkd.taps import enable_taps, forward_with_taps
+from hkd.models.taps import enable_taps, forward_with_taps
 
 
 @pytest.mark.parametrize("preset,kv_heads", [("tiny-llama", 2), ("tiny-qwen2", 1), ("tiny-llama", 4)])
@@ -68,7 +68,7 @@ def test_allowed_rebuilds_window_and_padding_from_flags():
     4-D mask, or the sliding window lost when the mask carries no pattern."""
     from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
 
-    from hkd.taps import QKV
+    from hkd.models.taps import QKV
 
     batch, seq, window = 2, 9, 3
     padding = torch.ones(batch, seq, dtype=torch.bool)

@@ -9,7 +9,7 @@ import torch
 
 from hkd.config import Config, from_dict
 from hkd.errors import ConfigError
-from hkd.loop import build_run, distill, train_step
+from hkd.train.loop import build_run, distill, train_step
 
 OTHER_TEACHER = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
                  "num_key_value_heads": 2}

@@ -16,13 +16,13 @@ import torch
 
 from hkd import kernels
 from hkd.tasks.arith import make_problems
-from hkd.data import collate, encode
+from hkd.data.encoding import collate, encode
 from hkd.errors import HkdError
-from hkd.models import build_preset, char_tokenizer, check_compatible
+from hkd.models.loading import build_preset, char_tokenizer, check_compatible
 from hkd.plugins.uld import UldStage, UldStageConfig
-from hkd.stage import StageContext, StepState
-from hkd.tokenalign import VocabMatch, align_spans, cross_vocab_distance, retokenize, train_bpe_tokenizer
-from hkd.view import ModelView
+from hkd.plugin.stage import StageContext, StepState
+from hkd.data.tokenalign import VocabMatch, align_spans, cross_vocab_distance, retokenize, train_bpe_tokenizer
+from hkd.models.view import ModelView
 
 TEXTS = [p.prompt + p.worked_solution() for p in make_problems(300, 2, 0)]
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from hkd.config import Config, from_dict
 from hkd.errors import ConfigError
-from hkd.loop import distill
+from hkd.train.loop import distill
 
 
 def configure(raw, **eval_options):
@@ -43,8 +43,8 @@ def test_held_out_metrics_are_logged_and_best_is_the_best_by_the_metric(raw_conf
 
 def test_held_out_kl_matches_a_direct_computation(raw_config, tmp_path):
     # catches: a KL over the wrong positions (prompt/padding) or with the wrong normalisation
-    from hkd.loop import build_run
-    from hkd.validation import evaluate
+    from hkd.train.loop import build_run
+    from hkd.train.validation import evaluate
 
     run = build_run(configure(raw_config, max_batches=1), tmp_path / "run")
     metrics = evaluate(run, 0, {})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from hkd.data import collate, encode
-from hkd.models import build_preset, char_tokenizer
-from hkd.stage import StageContext, StepState
-from hkd.taps import enable_taps, forward_with_taps
+from hkd.data.encoding import collate, encode
+from hkd.models.loading import build_preset, char_tokenizer
+from hkd.plugin.stage import StageContext, StepState
+from hkd.models.taps import enable_taps, forward_with_taps
 
 
 def models(teacher_overrides=None, student_overrides=None, same=False):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from hkd.config import ConfigError
-from hkd.layermap import LayerMapConfig
-from hkd.divergence import kl_divergence
+from hkd.models.layermap import LayerMapConfig
+from hkd.kernels.divergence import kl_divergence
 from hkd import QKV, ModelView, StageContext, StepState
 from hkd.plugins.attention import AttentionStage, AttentionStageConfig
 
@@ -39,7 +39,8 @@ def test_head_mismatch_is_averaged_and_trains_the_student():
         pt, ps = t_maps[t - 1].double().mean(1), s_maps[s - 1].double().mean(1)  # [B, S, S], heads averaged
         kl = torch.where(pt > 0, pt * (pt.log() - ps.clamp_min(1e-300).log()), 0.0).sum(-1)
         expected += float((kl * b["loss_mask"]).sum())
-    assert loss.item() == pytest.approx(expected / (2 * int(b["loss_mask"].sum())), rel=1e-4)
+    # fp32 maps against an fp64 reference on a KL of ~2e-4: rel 1e-3 (every bug above is off by far more)
+    assert loss.item() == pytest.approx(expected / (2 * int(b["loss_mask"].sum())), rel=1e-3)
     assert expected > 1e-3
     loss.backward()
     assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
@@ -171,7 +172,7 @@ def test_maps_with_attention_sinks_are_renormalised_over_keys():
     # catches: comparing gpt-oss rows that sum to 1 - p(sink) with a KL that assumes they sum to 1
     # (a student without sinks would then never match a teacher with them)
     from hkd.plugins.attention import key_logprobs
-    from hkd.taps import QKV
+    from hkd.models.taps import QKV
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 5, 4, generator=gen) for _ in range(3))

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from hkd.config import Config, ConfigError, from_dict
-from hkd.loop import distill
-from hkd.manager import build_manager
-from hkd.hookspecs import hookimpl
-from hkd.models import char_tokenizer
+from hkd.train.loop import distill
+from hkd.plugin.manager import build_manager
+from hkd.plugin.hookspecs import hookimpl
+from hkd.models.loading import char_tokenizer
 from hkd.plugins.logits import LogitsStage, LogitsStageConfig
 from hkd.plugins.onpolicy import OnPolicyStage, OnPolicyStageConfig, batch_prompts
-from hkd.sampling import sample
-from hkd.seeding import derive_seed
-from hkd.stage import StageContext, StepState
+from hkd.sampling.hf_sampler import sample
+from hkd.train.seeding import derive_seed
+from hkd.plugin.stage import StageContext, StepState
 from tests.conftest import BASE_CONFIG
 from tests.plugins.helpers import batch, models, run_stage
 

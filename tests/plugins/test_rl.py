@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from hkd.config import Config, ConfigError, from_dict
-from hkd.loop import distill
-from hkd.models import load_model
+from hkd.train.loop import distill
+from hkd.models.loading import load_model
 from hkd.plugins.loggers import read_metrics
 from hkd.plugins.rl import RlStage, RlStageConfig, group_advantages, policy_gradient_loss, reverse_kl
-from hkd.sampling import sample
+from hkd.sampling.hf_sampler import sample
 from tests.conftest import BASE_CONFIG, STUDENT
-from hkd.verify import VerifierConfig
-from hkd.models import char_tokenizer
-from hkd.stage import StageContext
+from hkd.sampling.verify import VerifierConfig
+from hkd.models.loading import char_tokenizer
+from hkd.plugin.stage import StageContext
 from tests.plugins.helpers import models
 
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from hkd.config import ConfigError
 from hkd.plugins.sft import SftStage, SftStageConfig
-from hkd.stage import StepState
-from hkd.taps import forward_with_taps
+from hkd.plugin.stage import StepState
+from hkd.models.taps import forward_with_taps
 from tests.plugins.helpers import batch, context, models
 
 

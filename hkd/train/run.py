@@ -1,0 +1,86 @@
+"""What a run holds between steps (:class:`Run`), and the per-micro-batch calls that the training
+step (:mod:`hkd.train.loop`) and held-out evaluation (:mod:`hkd.train.validation`) share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from hkd.config import Config
+from hkd.data.encoding import Batches
+from hkd.errors import HkdError
+from hkd.models.taps import forward_with_taps
+from hkd.models.view import ModelView, TapRequest
+from hkd.plugin.manager import HkdPluginManager
+from hkd.plugin.schedule import Schedule
+from hkd.plugin.stage import Stage
+from hkd.teachers.sources import TeacherSource
+from hkd.train.best import BestTracker
+from hkd.train.distributed import DistInfo
+
+
+@dataclass
+class Run:
+    """Everything one training run holds between steps."""
+
+    config: Config
+    run_dir: Path
+    pm: HkdPluginManager
+    info: DistInfo
+    device: torch.device
+    student: PreTrainedModel
+    tokenizer: Any
+    teachers: list[TeacherSource]  # one today; several teachers are several sources
+    stages: torch.nn.ModuleDict  # every stage named anywhere in the schedule
+    schedule: Schedule
+    batches: Batches
+    optimizer: torch.optim.AdamW
+    trainable: torch.nn.ModuleDict  # what checkpoints hold: the student and the stages' parameters
+    precision: str = "fp32"  # resolved: fp32 | bf16-mixed | bf16
+    start_step: int = 0
+    resumed_from: Path | None = None
+    phase_index: int = -1  # the phase the previous step ran in
+    nonfinite_in_row: int = 0
+    saved_step: int = -1  # the step of the newest checkpoint this process wrote
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+    eval_batches: Batches | None = None  # held-out data (eval.every > 0)
+    best: BestTracker | None = None  # the best evaluation so far (best/ holds its student)
+
+    def hook(self, name: str, **kwargs: Any) -> None:
+        """Lifecycle hooks run on rank 0 only (loggers, console)."""
+        if self.info.is_main:
+            self.pm.call(name, **kwargs)
+
+
+def stage_at(stages: torch.nn.ModuleDict, name: str) -> Stage:
+    stage = stages[name]
+    assert isinstance(stage, Stage)
+    return stage
+
+
+def autocast(run: Run) -> torch.autocast:
+    return torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16-mixed")
+
+
+def forward_views(run: Run, micro: dict[str, torch.Tensor], teacher_requests: list[TapRequest],
+                  student_request: TapRequest) -> tuple[list[ModelView | None], ModelView | None]:
+    """Each model's view for one micro-batch, teachers one after another; a model nothing is
+    asked of does not run."""
+    teacher_views = [None if request.empty() else source.view(micro, request)
+                     for source, request in zip(run.teachers, teacher_requests)]
+    student_view = None if student_request.empty() else forward_with_taps(run.student, micro, student_request)
+    return teacher_views, student_view
+
+
+def stage_loss_terms(stages: torch.nn.ModuleDict, key: str, *args: Any) -> dict[str, torch.Tensor]:
+    """Call a stage instance's loss; a failure inside a plugin's stage names the stage."""
+    try:
+        return stage_at(stages, key).loss(*args)
+    except (HkdError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise HkdError(f"stage {key!r} failed computing its loss: {exc!r}") from exc

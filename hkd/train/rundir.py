@@ -1,0 +1,185 @@
+"""The run-directory guard: decide, before anything is written, whether a run may use a directory.
+
+``hkd distill`` calls :func:`prepare_run_dir` first. A directory that already holds a run
+(its ``config.yaml``, ``metrics.jsonl``, ``checkpoints/`` or ``final/``) is never silently
+reused:
+
+* a fresh run into it is refused unless ``--resume`` (continue it) or ``--overwrite``
+  (replace it: the outputs hkd wrote there, nothing else, are moved aside into
+  ``.hkd-overwritten/`` and deleted once the new run has started, i.e. written its
+  ``config.yaml`` after validating everything; a new run refused before that gets the old
+  one back, so a typo next to ``--overwrite`` loses nothing);
+* ``--resume`` compares the new config with the saved ``config.yaml`` and refuses
+  differences that change what the run computes (student width, lr, steps, max_length, ...),
+  listing the keys; ``--allow-config-change`` accepts them. Keys that only change how the
+  run is watched or saved (:data:`HARMLESS`) may differ. The saved ``config.yaml`` is never
+  rewritten: a resumed config that differs is written beside it as
+  ``config.resume-N.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hkd.config import Config, from_dict, load_yaml
+from hkd.errors import ConfigError, HkdError
+
+CONFIG = "config.yaml"
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")  # any of these: the directory holds a run
+# what hkd distill and the loggers write into a run directory; --overwrite replaces these and nothing else
+ASIDE = ".hkd-overwritten"  # the replaced run's outputs, until the new run has started
+OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "models", "probe", "report", "tensorboard",
+           "wandb", "wandb-run-id")
+# dotted keys (and everything below them) that may differ on --resume: how the run is watched, logged,
+# saved or spread over devices, not what it computes (README: a run may resume with other ranks or mode)
+HARMLESS = ("train.progress", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
+            "train.device", "train.parallel", "logging", "plugins.disable")
+
+
+@dataclass
+class RunDirPlan:
+    """What :func:`prepare_run_dir` decided: the directory, and a changed resumed config to record."""
+
+    run_dir: Path
+    resume: bool
+    changed: dict[str, tuple[Any, Any]]  # dotted key -> (saved, new), harmless or allowed
+    config: Config
+
+    def record_config(self) -> Path | None:
+        """On a resume whose config differs from the saved one, write it as ``config.resume-N.yaml``.
+
+        The saved ``config.yaml`` stays as the run's original; the records say what changed when.
+        """
+        if not (self.resume and set(self.changed) - {"train.progress"}):  # a progress bar changes nothing worth keeping
+            return None
+        text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        n = 1
+        while (self.run_dir / f"config.resume-{n}.yaml").exists():
+            n += 1
+        previous = self.run_dir / f"config.resume-{n - 1}.yaml"
+        if n > 1 and previous.read_text() == text:  # the same resumed config again: one record is enough
+            return previous
+        out = self.run_dir / f"config.resume-{n}.yaml"
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+        return out
+
+    def settle(self) -> None:
+        """After the run (finished, failed or stopped): an overwritten run is deleted if the new one
+        started (wrote its ``config.yaml``), else put back in place of whatever the refused run left."""
+        aside = self.run_dir / ASIDE
+        if not aside.is_dir():
+            return
+        if (self.run_dir / CONFIG).exists():
+            shutil.rmtree(aside)
+            return
+        for name in OUTPUTS:  # what the refused run left (presets, say) makes way for the old run
+            _remove(self.run_dir / name)
+        for item in aside.iterdir():
+            os.replace(item, self.run_dir / item.name)
+        aside.rmdir()
+
+
+def holds_run(run_dir: Path) -> list[str]:
+    """The run outputs ``run_dir`` holds (empty: no run there)."""
+    return [name for name in RUN_MARKERS if (run_dir / name).exists()]
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings and lists -> ``{"schedule.phases[0].steps": 2, ...}``."""
+    if isinstance(value, dict):
+        if not value and prefix:
+            return {prefix: {}}
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}[{i}]"))
+        return out
+    return {prefix: value}
+
+
+def _harmless(key: str) -> bool:
+    return any(key == h or key.startswith(h + ".") or key.startswith(h + "[") for h in HARMLESS)
+
+
+def config_differences(saved: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two configs -> (saved value, new value)."""
+    old, now = flatten(saved.to_dict()), flatten(new.to_dict())
+    missing = object()
+    return {key: (old.get(key, missing), now.get(key, missing)) for key in sorted(set(old) | set(now))
+            if old.get(key, missing) != now.get(key, missing)}
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if not isinstance(value, (str, int, float, bool, list, dict, type(None))) else repr(value)
+
+
+def load_saved_config(run_dir: Path) -> Config:
+    path = run_dir / CONFIG
+    try:
+        raw = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
+        return from_dict(Config, raw)
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        raise HkdError(f"--resume: the saved {str(path)!r} cannot be read as a config ({exc}); it was edited or "
+                       "written by another hkd version (resume with --allow-config-change to skip the comparison)"
+                       ) from None
+
+
+def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool = False, overwrite: bool = False,
+                    allow_config_change: bool = False, write: bool = True) -> RunDirPlan:
+    """Refuse a use of ``run_dir`` that would lose or mix up a run; call before anything is written.
+
+    With ``overwrite`` the previous run's outputs are moved aside here (by the process with
+    ``write``: under torchrun, rank 0). Returns the plan; call :meth:`RunDirPlan.record_config`
+    when the run starts to keep a changed resumed config, and :meth:`RunDirPlan.settle` after it.
+    """
+    if resume and overwrite:
+        raise HkdError("--resume and --overwrite contradict each other: continue the run in --out, or replace it")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HkdError(f"--out: {str(run_dir)!r} exists and is not a directory")
+    found = holds_run(run_dir)
+    if resume:
+        from hkd.train.checkpoint import list_checkpoints
+
+        if not list_checkpoints(run_dir / "checkpoints"):
+            raise HkdError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
+        changed: dict[str, tuple[Any, Any]] = {}
+        if (run_dir / CONFIG).is_file():
+            changed = config_differences(load_saved_config(run_dir), config)
+            altering = {k: v for k, v in changed.items() if not _harmless(k)}
+            if altering and not allow_config_change:
+                shown = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in list(altering.items())[:6])
+                more = f" and {len(altering) - 6} more" if len(altering) > 6 else ""
+                raise HkdError(f"--resume: the config differs from the run's saved {str(run_dir / CONFIG)!r} in "
+                               f"{len(altering)} key(s) that change the run: {shown}{more}; resume with the saved "
+                               "config, or pass --allow-config-change to continue with the new one")
+        return RunDirPlan(run_dir, True, changed, config)
+    if found and not overwrite:
+        raise HkdError(f"--out: {str(run_dir)!r} already holds a run ({', '.join(found)}); continue it with --resume, "
+                       "replace it with --overwrite, or choose another --out")
+    if found and write:
+        aside = run_dir / ASIDE
+        _remove(aside)  # an earlier --overwrite whose process died: that run was to be replaced too
+        aside.mkdir()
+        for item in [run_dir / name for name in OUTPUTS] + sorted(run_dir.glob("config.resume-*.yaml")):
+            if item.exists() or item.is_symlink():
+                os.replace(item, aside / item.name)
+    return RunDirPlan(run_dir, False, {}, config)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
