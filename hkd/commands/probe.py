@@ -35,10 +35,12 @@ from hkd.train import checkpoint as ckpt
 from hkd.config import Config, from_dict, load_yaml
 from hkd.data.encoding import Batches, encode_dataset
 from hkd.errors import HkdError
-from hkd.models.layermap import build_layer_map
+from hkd.models.layermap import LayerMapConfig, build_layer_map
 from hkd.models.loading import freeze, load_model, safetensors_shapes
 from hkd.kernels.divergence import kl_divergence
 from hkd.models.taps import TapRequest, enable_taps, forward_with_taps
+from hkd.plugin.manager import build_manager
+from hkd.plugin.stage import available_stages
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:
@@ -71,17 +73,24 @@ def choose_checkpoint(run_dir: Path, step: int | None) -> tuple[int, Path | None
     return step, found[step]
 
 
-def mapped_pairs(config: Config, stage: str, student_layers: int, teacher_layers: int) -> list[list[int]]:
-    """The (student, teacher) pairs the run's config maps for ``stage``, or [] when it has none."""
-    raw = config.stages.get(stage)
-    names = {n for phase in config.schedule.phases for n in phase.stages}
-    if stage not in names:
-        return []
-    options = raw or {}
-    layer_map = options.get("layer_map", {})
-    pairs = build_layer_map(layer_map.get("strategy", "uniform"), student_layers, teacher_layers,
-                            pairs=layer_map.get("pairs"), include_embeddings=bool(options.get("include_embeddings")))
-    return [[s, t] for s, t in pairs]
+def mapped_pairs(config: Config, student_layers: int, teacher_layers: int, student_dir: str | None) -> dict[str, list[list[int]]]:
+    """The (student, teacher) pairs each scheduled stage with a layer map maps, read through the stage's
+    own config dataclass (its defaults included: ``hidden`` maps with ``auto``)."""
+    specs = available_stages(build_manager(config.plugins.disable))
+    names = dict.fromkeys(n for phase in config.schedule.phases for n in phase.stages)
+    mapped = {}
+    for name in names:
+        spec = specs.get(name)
+        if spec is None:
+            continue
+        options = from_dict(spec.config_cls, config.stages.get(name) or {}, f"stages.{name}")
+        layer_map = getattr(options, "layer_map", None)
+        if isinstance(layer_map, LayerMapConfig):
+            pairs = build_layer_map(layer_map.strategy, student_layers, teacher_layers, pairs=layer_map.pairs,
+                                    include_embeddings=bool(getattr(options, "include_embeddings", False)),
+                                    where=f"stages.{name}.layer_map", student_dir=student_dir)
+            mapped[name] = [[s, t] for s, t in pairs]
+    return mapped
 
 
 def run_config(run_dir: Path, trust_remote_code: bool = False, allow_pickle: bool = False) -> Config:
@@ -116,6 +125,7 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
     step, checkpoint = (-1, None) if final else choose_checkpoint(run_dir, step)
     teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
     student, student_tok = load_model(config.student, "student", run_dir)
+    student_dir = getattr(student.config, "name_or_path", None)  # where a cut student's layer record lies
     if final:
         final_dir = run_dir / "final"
         if not (final_dir / "config.json").is_file():
@@ -174,7 +184,7 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
         "student_layers": student_layers,
         "hidden_cka": [[linear_cka(x, y) for x in student_matrix] for y in teacher_matrix],
         "attention_kl": (kl_sums / tokens).tolist(),
-        "mapped": {stage: mapped_pairs(config, stage, student_layers, teacher_layers) for stage in ("hidden", "attention")},
+        "mapped": mapped_pairs(config, student_layers, teacher_layers, student_dir),
     }
     out = run_dir / "probe" / ("final.json" if final else f"step-{step:08d}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,11 @@ class Stage(nn.Module):
         the loop skips the student forward and passes ``student=None``."""
         return TapRequest()
 
+    def parallel_refusal(self, parallel: str) -> str | None:
+        """Why this stage, as configured, cannot run under ``train.parallel: <parallel>`` (``ddp`` or
+        ``fsdp``), naming its config key; ``None`` when it can. The loop refuses at build time."""
+        return None
+
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
         """Return named loss terms (each already normalised by ``state.tokens``).

@@ -166,8 +166,10 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
             if source.live:
                 enable_taps(source.model)
     if info.enabled and config.train.parallel == "fsdp":
-        if any(getattr(stage_at(stages, n).config, "fused", False) for n in stages):
-            raise ConfigError("train.parallel: fsdp cannot be combined with stages.logits.fused yet; use ddp")
+        for name in stages:
+            refusal = stage_at(stages, name).parallel_refusal("fsdp")
+            if refusal:
+                raise ConfigError(refusal)
         for source in sources:
             if source.live:
                 shard_model(source.model, reshard_after_forward=True)
