@@ -18,7 +18,7 @@ per seed:
 * ``uld_first_char``: the same with ``shared: first_char`` (next-first-character KL + ULD).
 
 Reported: held-out greedy pass@1 (mean, sample std, min, max over seeds); JSON with the
-command, machine and seeds in ``bench/results/cross-tokenizer-DATE.json``.
+command, machine and seeds in ``bench/results/cross-tokenizer/cross-tokenizer-DATE.json``.
 """
 
 from __future__ import annotations

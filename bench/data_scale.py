@@ -12,13 +12,12 @@ For each size a JSONL file of short arithmetic examples ({"prompt": "12+34=", "c
 configured) and trains a tiny Llama student for ``--steps`` optimizer steps on next-token loss
 through :func:`hkd.models.taps.forward_with_taps` (the same forward the loop runs), printing the time
 to the first step, the step time and the process's peak RSS (``ru_maxrss``). The table goes to
-stdout and JSON (command, date, rows) to ``bench/results/data-scale-<date>.json``.
+stdout and JSON (command, date, rows) to ``bench/results/data-scale/data-scale-<date>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import random
@@ -124,10 +123,12 @@ def main() -> None:
             rows.append(row)
             print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     variant = ("-streaming" if args.streaming else "") + ("" if args.packing else "-unpacked")
-    out = ROOT / "bench" / "results" / f"data-scale{variant}-{dt.date.today().isoformat()}.json"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import default_path, header
+
+    out = default_path("data-scale", variant)
     out.write_text(json.dumps({
-        "command": "python bench/data_scale.py " + " ".join(sys.argv[1:]), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
-        "machine": f"{os.cpu_count()} CPUs (shared), torch threads 1", "rows": rows,
+        **header("data_scale.py", None), "machine": f"{os.cpu_count()} CPUs (shared), torch threads 1", "rows": rows,
     }, indent=1) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
 

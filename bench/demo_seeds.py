@@ -6,7 +6,7 @@
 Each seed is one ``hkd demo --seed S --no-progress`` in a subprocess, run one after another
 (never in parallel: on a shared 2-core machine that changes the timings it records); the
 seed changes the teacher's and the students' initialisation, the problem splits and the
-batch order. Writes ``bench/results/demo-seeds-DATE.json``: command, machine, each run's
+batch order. Writes ``bench/results/demo-seeds/demo-seeds-DATE.json``: command, machine, each run's
 ``results.json`` rows and wall time, and per model mean, sample std, min and max of pass@1.
 """
 
@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import folder, header  # noqa: E402
 
 
 def machine() -> dict[str, Any]:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="hkd demo --quick per seed")
     parser.add_argument("--work", default="runs/demo-seeds", help="run directories go here (one per seed)")
-    parser.add_argument("--out", help="JSON file (default bench/results/demo-seeds[-quick]-DATE.json)")
+    parser.add_argument("--out", help="JSON file (default bench/results/demo-seeds/demo-seeds[-quick]-DATE.json)")
     args = parser.parse_args(argv)
     machine_info = machine()
     runs = []
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     models = list(runs[0]["rows"])
     table = {m: summary([run["rows"][m] for run in runs if m in run["rows"]]) for m in models}
     content = {
-        "command": " ".join(["python", "bench/demo_seeds.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **header("demo_seeds.py", argv, f"cpu: {machine_info['cpu']}, {machine_info['cores']} cores"),
         "machine": machine_info,
         "quick": args.quick,
         "runs": runs,
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": summary([run["wall_s"] for run in runs]),
     }
     name = f"demo-seeds{'-quick' if args.quick else ''}-{dt.date.today().isoformat()}.json"
-    target = Path(args.out) if args.out else RESULTS / name
+    target = Path(args.out) if args.out else folder("demo-seeds") / name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(content, indent=1))
     width = max(len(m) for m in models)

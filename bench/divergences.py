@@ -7,7 +7,7 @@ For each seed (fresh random logits, scale 2, T=2, 20% ignored rows, alpha=0.1) a
 divergence is timed back to back: one warm-up call, then the median of ``--reps`` forward+backward
 calls, as wall time and as this process's CPU time (steadier on a shared machine). The summary
 gives mean +- std over seeds and each divergence's time relative to ``forward_kl`` on the same
-backend and seed. JSON goes to ``bench/results/divergences-{cpu,cuda}-<time>.json``.
+backend and seed. JSON goes to ``bench/results/divergences/divergences-{cpu,cuda}-<time>.json``.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "divergences"), help="folder")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -106,8 +106,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = out / f"divergences-{device}-{stamp}.json"
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import header
+
     path.write_text(json.dumps({
-        "command": "python " + " ".join(sys.argv), "date": stamp, "device": device,
+        **header("divergences.py", None), "device_kind": device,
         "machine": (torch.cuda.get_device_name() if device == "cuda"
                     else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"),
         "shape": [n, vocab], "dtype": str(dtype), "temperature": 2.0, "alpha": 0.1, "rows": rows, "summary": summary,

@@ -14,13 +14,12 @@ part) and student initialisation, over its seeds:
 * ``cka_by_student_layer``: for each student layer, its CKA with the teacher layer the uniform
   map assigns.
 
-Results go to ``bench/results/encoder-cka-DATE.json``.
+Results go to ``bench/results/encoder-cka/encoder-cka-DATE.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import glob
 import json
 import re
@@ -30,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import default_path  # noqa: E402
 from quality import run_header, summary as stats  # noqa: E402
 
 from hkd.commands.probe import probe  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NAME = re.compile(r"(?P<arm>.+?)-seed(?P<seed>\d+)-(?P<steps>\d+)-(?P<init>random|teacher)(?P<tag>.*)")
 
 
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["runs/bench-encoder/*"], help="run directory globs")
     parser.add_argument("--batches", type=int, default=2, help="micro-batches per probe")
-    parser.add_argument("--out", help="JSON path (default bench/results/encoder-cka-DATE.json)")
+    parser.add_argument("--out", help="JSON path (default bench/results/encoder-cka/encoder-cka-DATE.json)")
     args = parser.parse_args(argv)
     runs = sorted({Path(p) for pattern in args.runs for p in glob.glob(pattern)
                    if (Path(p) / "final" / "config.json").is_file() and (Path(p) / "config.yaml").is_file()})
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[key] = {"seeds": [e["seed"] for e in entries], "runs": entries,
                         "cka_last": stats([e["cka_last"] for e in entries]),
                         "cka_uniform": stats([e["cka_uniform"] for e in entries])}
-    out = Path(args.out) if args.out else RESULTS / f"encoder-cka-{dt.date.today().isoformat()}.json"
+    out = Path(args.out) if args.out else default_path("encoder-cka")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**run_header("encoder_cka.py", argv), "batches": args.batches, "arms": summary},
                               indent=1) + "\n")

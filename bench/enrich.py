@@ -23,7 +23,7 @@ Every arm trains the demo's student with SFT on its data (the ``sft_distilled`` 
 initialisation and batch order (one teacher and one set of generated data serve every seed,
 as in ``bench/quality.py``). Reported: held-out greedy pass@1 per arm (mean, sample std,
 min, max), each data set's size, and the pseudo-labels' accuracy against the answers that
-were withheld. JSON to ``bench/results/enrich-DATE.json``.
+were withheld. JSON to ``bench/results/enrich/enrich-DATE.json``.
 """
 
 from __future__ import annotations

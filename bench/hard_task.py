@@ -13,7 +13,7 @@ that one run* (the LR schedule and the phase boundaries are the full run's, so a
 of a phased arm is the student mid-schedule, not a student trained for that budget), and each
 saved student is scored by greedy pass@1 on the held-out problems.
 
-Writes ``bench/results/hard-task-DATE.json`` (command, machine, settings, seeds, every
+Writes ``bench/results/hard-task/hard-task-DATE.json`` (command, machine, settings, seeds, every
 point of every run, mean/std/min/max per arm and step) and a PNG with one line per arm
 (mean) and a band (mean +- std over seeds); the teacher's pass@1 is the dashed line.
 """

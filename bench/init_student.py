@@ -15,7 +15,7 @@ work directory) and distilled data. The student architecture is the demo's (2 bl
 Each (arm, init, seed) trains the same number of optimizer steps with the demo's stage
 settings; reported: held-out greedy pass@1 (mean, sample std, min, max over seeds), and the
 pass@1 of the cut student before any training. JSON with the command, machine and seeds goes
-to ``bench/results/init-student-DATE.json``.
+to ``bench/results/init-student/init-student-DATE.json``.
 """
 
 from __future__ import annotations

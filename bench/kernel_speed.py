@@ -25,7 +25,7 @@ mean over rows, T^2 scaled); ``liger`` is Liger-Kernel's ``LigerJSD(beta=0)`` (f
 log-probs, so it also pays for the two ``log_softmax`` calls) when liger-kernel imports and runs
 here. The hkd backends compute the same loss through :func:`hkd.kernels.distill_loss`. A table
 with ratios vs eager goes to stdout and JSON (device, date, command, op, rows) to
-``bench/results/kernels-{cpu,cuda}-<time>.json``.
+``bench/results/kernels/kernels-{cpu,cuda}-<time>.json``.
 
 ``--op fused_linear``: the loss of the LM-head logits from hidden states ``[N, H]`` and LM-head
 weights ``[V, H]`` (student and teacher, same H; weights scaled by 1/sqrt(H) so the logits are
@@ -37,7 +37,7 @@ what the loss adds on top of the four inputs, gradients included. Before timing 
 subprocess computes every backend's loss on its first ``min(N, 256)`` rows of fresh inputs and a
 backend more than 1e-3 (relative) away from eager's is not timed (an error row says why); the
 timed rows also carry the full-size loss and the table shows its relative difference to
-eager's. JSON goes to ``bench/results/kernels-fused-linear-{cpu,cuda}-<time>.json``.
+eager's. JSON goes to ``bench/results/kernels/kernels-fused-linear-{cpu,cuda}-<time>.json``.
 """
 from __future__ import annotations
 
@@ -318,7 +318,7 @@ def main() -> None:
     parser.add_argument("--backends", default="eager,liger,torch,chunked,triton")
     parser.add_argument("--dtype", help="float32 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "kernels"), help="folder")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--fused-worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--fused-check", nargs=5, help=argparse.SUPPRESS)
@@ -353,9 +353,13 @@ def main() -> None:
     out = Path(args.out) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from provenance import header
+
+    provenance = header("kernel_speed.py", None, f"cuda: {device}" if cuda else None)
 
     def save() -> None:  # after every row: a run cut short by a time limit keeps what it measured
-        out.write_text(json.dumps({"device": device, "date": now.isoformat(), "command": " ".join(sys.argv),
+        out.write_text(json.dumps({**provenance, "date": now.isoformat(timespec="seconds"),
                                    "torch": torch.__version__, "op": args.op, "dtype": dtype, "rows": rows}, indent=1))
 
     for shape in grid:

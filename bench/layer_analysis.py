@@ -18,13 +18,12 @@ the hidden stage of ``hkd/plugins/hidden.py`` itself with the benchmark's unifor
 Under AdamW a constant factor on one parameter's gradient cancels, so the 1/4 that the mean
 over four pairs puts on the last block's gradient is no handicap by itself; what can hurt is
 the direction the intermediate pairs add to the shared lower blocks. The JSON goes to
-``bench/results/layer-analysis-DATE.json``.
+``bench/results/layer-analysis/layer-analysis-DATE.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -35,16 +34,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quality_encoder import MAX_LENGTH, WORK, corpus, teacher_dir, write_student  # noqa: E402
 
 from hkd import ModelView, StageContext, StepState  # noqa: E402
 from hkd.models.layermap import LayerMapConfig  # noqa: E402
-from plugins.hidden import HiddenStage, HiddenStageConfig  # noqa: E402
+from hkd.plugins.hidden import HiddenStage, HiddenStageConfig  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parts(student: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
@@ -137,11 +134,11 @@ def main() -> None:
                       if key == "intermediate_sum_vs_last" else
                       f"loss {row['loss']:.4f} grad " + " ".join(f"{k} {v:.2e}" for k, v in row["grad_norm"].items())
                       + " cos(last) " + " ".join(f"{k} {v:+.2f}" for k, v in row.get("cosine_with_last", {}).items()))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"layer-analysis-{dt.date.today().isoformat()}.json"
+    from provenance import default_path, header
+
+    path = default_path("layer-analysis")
     path.write_text(json.dumps({
-        "benchmark": "layer_analysis", "command": " ".join(["python", *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **header("layer_analysis.py", None), "benchmark": "layer_analysis",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "corpus_sha256": digest, "sentences": args.sentences, "max_length": MAX_LENGTH,
         "summary_mean_share": [statistics.fmean(r["teacher_layers"][i]["mean_share"] for r in results)

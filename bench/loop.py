@@ -13,7 +13,7 @@ result is the median tokens/s of each (per CPU-second of the process on the CPU,
 on CUDA) and ``overhead = bare / hkd - 1``. On CUDA it also
 reports model FLOPs utilisation (6 x student params + 2 x teacher params per token, against
 ``--peak-tflops``). JSON (device, date, command, numbers) goes to
-``bench/results/loop-{cpu,cuda}-<time>.json``.
+``bench/results/loop/loop-{cpu,cuda}-<time>.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -35,7 +35,8 @@ from hkd.config import Config, from_dict
 from hkd.train.distributed import clip_gradients
 from hkd.train.loop import Run, build_run, train_step
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import folder, header  # noqa: E402
 
 
 def make_config(args: argparse.Namespace, device: str) -> Config:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="for MFU (H100 SXM bf16 dense: 989)")
-    parser.add_argument("--out", help="JSON path (default bench/results/loop-<device>-<time>.json)")
+    parser.add_argument("--out", help="JSON path (default bench/results/loop/loop-<device>-<time>.json)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -120,9 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         teacher_params = sum(p.numel() for p in ours.teachers[0].model.parameters())
     median = {name: statistics.median(values) for name, values in rates.items()}
     result: dict[str, Any] = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/loop.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        **header("loop.py", argv, f"cuda: {torch.cuda.get_device_name()}" if device == "cuda" else None),
+        "torch_threads": torch.get_num_threads(),
         "precision": ours.precision, "student_params": student_params, "teacher_params": teacher_params,
         "tokens_per_s": median, "rounds": rates,
         "overhead": median["bare"] / median["hkd"] - 1,
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tokens/s  hkd {median['hkd']:.0f}  bare {median['bare']:.0f}  overhead {100 * result['overhead']:+.1f}%"
           f"  (median of {args.rounds} rounds x {args.steps} steps; student {student_params / 1e6:.1f}M, "
           f"teacher {teacher_params / 1e6:.1f}M params, {result['precision']})")
-    out = Path(args.out) if args.out else RESULTS / f"loop-{device}-{datetime.now():%Y%m%d-%H%M%S}.json"
+    out = Path(args.out) if args.out else folder("loop") / f"loop-{device}-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -18,7 +18,7 @@ the other half:
 Every step of every arm runs the teacher once per micro-batch (on the data or on the samples),
 so teacher forwards are equal; the on-policy arms also pay for sampling. Reported: held-out
 greedy pass@1 per arm (mean, sample std, min, max over seeds) and seconds per run; the JSON goes
-to ``bench/results/onpolicy-DATE.json``.
+to ``bench/results/onpolicy/onpolicy-DATE.json``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ every arm and seed; the seed changes the student's initialisation and the batch 
 Reported: held-out greedy pass@1 per arm (mean, sample std, min, max over seeds), the
 student's size relative to the teacher, and for ``progressive_rl`` the pass@1 of the
 checkpoint the RL phase starts from. The JSON (command, date, machine, settings, every
-number) goes to ``bench/results/quality-DATE.json``; the goals are evaluated from the
+number) goes to ``bench/results/quality/quality-DATE.json``; the goals are evaluated from the
 measured numbers, never asserted.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import os
 import platform
@@ -40,10 +39,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import default_path, header  # noqa: E402
 from hkd.commands.demo import ARMS, DemoSettings, arm_config, count_params, pass_at_1, prepare, train_student, write_json
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
 
 def summary(values: list[float]) -> dict[str, float]:
     return {
@@ -59,7 +57,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", default=f"runs/bench-{name}", help="run directory (teachers are cached here)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", help=f"JSON path (default bench/results/{name}-DATE.json)")
+    parser.add_argument("--out", help=f"JSON path (default bench/results/{name}/{name}-DATE.json)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a DemoSettings field, e.g. --set student_steps=400 (repeatable)")
 
@@ -74,18 +72,17 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser, bas
 
 
 def write_result(args: argparse.Namespace, name: str, report: dict[str, Any]) -> Path:
-    """Write ``report`` to ``--out`` or ``bench/results/<name>-DATE.json``; returns the path."""
-    out = Path(args.out) if args.out else RESULTS / f"{name}-{dt.date.today().isoformat()}.json"
+    """Write ``report`` to ``--out`` or ``bench/results/<name>/<name>-DATE.json``; returns the path."""
+    out = Path(args.out) if args.out else default_path(name)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, report)
     return out
 
 
 def run_header(script: str, argv: list[str] | None) -> dict[str, Any]:
-    """What every bench result file starts with: the command, the date and the machine."""
+    """What every bench result file starts with: command, date, device, versions (provenance.header), machine."""
     return {
-        "command": " ".join(["python", f"bench/{script}", *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **header(script, argv),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},

@@ -25,7 +25,7 @@ sentence-embedding user gets from ``final/``):
 
 The JSON (command, machine, seeds, per-seed numbers, mean/std/min/max per arm, the teacher's
 per-layer hidden-state norms, the corpus' size and hash) goes to
-``bench/results/quality-encoder-<steps>steps-DATE.json``.
+``bench/results/quality-encoder/quality-encoder-<steps>steps-DATE.json``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ from typing import Any
 import torch
 import yaml
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import folder, header  # noqa: E402
+
 WORK = Path(__file__).resolve().parent.parent / "runs" / "bench-encoder"
 MAX_LENGTH = 32  # default of --max-length
 WARMUP = 10  # default of --warmup
@@ -335,7 +337,7 @@ def main() -> None:
     print(f"corpus: {len(train)} train / {len(held_out)} held-out sentences; student before training {base}")
     print("teacher mean squared hidden norm per layer:", [round(x, 1) for x in t_norms])
     if args.untrained_only:
-        path = RESULTS / f"quality-encoder-{args.init}-init-untrained{args.tag}-{dt.date.today().isoformat()}.json"
+        path = folder("quality-encoder") / f"quality-encoder-{args.init}-init-untrained{args.tag}-{dt.date.today().isoformat()}.json"
         write_results(path, args, train, held_out, digest, t_norms, base, {})
         print(f"wrote {path}")
         return
@@ -343,8 +345,7 @@ def main() -> None:
         print(run_arm(names[0], args.seeds[0], args.steps, teacher, data, held_out, t_emb, args.batch_size, args.lr))
         return
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"quality-encoder-{args.init}-init-{args.steps}steps{args.tag}-{dt.date.today().isoformat()}.json"
+    path = folder("quality-encoder") / f"quality-encoder-{args.init}-init-{args.steps}steps{args.tag}-{dt.date.today().isoformat()}.json"
     for seed in args.seeds:  # seed-major: an interrupted grid still has every arm for the first seeds
         for name in names:
             result = run_arm(name, seed, args.steps, teacher, data, held_out, t_emb, args.batch_size, args.lr)
@@ -365,9 +366,8 @@ def write_results(path: Path, args: argparse.Namespace, train: list[str], held_o
                       **{k: summary([r[k] for r in runs]) for k in ("spearman", "nn_top1", "nn_recall10")}}
                for name, runs in results.items() if runs}
     out = {
+        **header("quality_encoder.py", None),
         "benchmark": "quality_encoder",
-        "command": " ".join(["python", *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(),

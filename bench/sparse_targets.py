@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--head-scale", type=float, default=20.0, help="multiplies the teacher's LM head")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="JSON path (default bench/results/sparse-targets-DATE.json)")
+    parser.add_argument("--out", help="JSON path (default bench/results/sparse-targets/sparse-targets-DATE.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = args.arms or arm_names(args.ks)

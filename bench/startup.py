@@ -8,13 +8,12 @@ nothing is cached in-process; the operating system's file cache is warm after th
 run, as it is for a user typing commands. Peak resident memory comes from ``wait4``'s
 rusage of each child. The targets (issue 18): ``--version`` and ``--help`` well under a
 second, ``stages`` and ``plugins`` under two. ``python -X importtime -m hkd.cli CMD`` shows
-which import costs what. Writes ``bench/results/startup-DATE.json`` (command, machine, runs).
+which import costs what. Writes ``bench/results/startup/startup-DATE.json`` (command, machine, runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -24,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import default_path, header  # noqa: E402
+
 COMMANDS = {"--version": 1.0, "--help": 1.0, "stages": 2.0, "plugins": 2.0}  # command -> target seconds
 
 
@@ -43,7 +44,7 @@ def run_once(args: list[str]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--out", help="JSON file (default bench/results/startup-DATE.json)")
+    parser.add_argument("--out", help="JSON file (default bench/results/startup/startup-DATE.json)")
     args = parser.parse_args(argv)
     results = {}
     print(f"{'command':12} {'median s':>9} {'max s':>7} {'peak MiB':>9}  target")
@@ -56,13 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "ok" if r["median_s"] < target else "OVER"
         print(f"{command:12} {r['median_s']:9.2f} {r['max_s']:7.2f} {r['peak_rss_mib']:9.0f}  < {target:.0f} s {verdict}")
     content = {
-        "command": " ".join(["python", "bench/startup.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **header("startup.py", argv),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_avg": os.getloadavg()},
         "results": results,
     }
-    target_file = Path(args.out) if args.out else RESULTS / f"startup-{dt.date.today().isoformat()}.json"
+    target_file = Path(args.out) if args.out else default_path("startup")
     target_file.parent.mkdir(parents=True, exist_ok=True)
     target_file.write_text(json.dumps(content, indent=1))
     print(f"written to {target_file}")

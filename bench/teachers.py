@@ -10,7 +10,7 @@ with the logits stage (forward KL) on A's distilled data: ``teacher_a``, ``teach
 ``mixture`` (``teachers:`` A and B at equal weight: the KL to the average of their tempered
 distributions). Reported: held-out greedy pass@1 per arm (mean, sample std, min, max over
 seeds) and each teacher's own pass@1. JSON with the command, machine and seeds goes to
-``bench/results/teachers-DATE.json``.
+``bench/results/teachers/teachers-DATE.json``.
 """
 
 from __future__ import annotations
