@@ -103,10 +103,8 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
+    if name in _EXPORTS:  # not cached: a monkeypatch on the defining module is what `from hkd import` sees
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'hkd' has no attribute {name!r}")
 
 

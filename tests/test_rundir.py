@@ -155,7 +155,7 @@ UNUSUAL = [
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> tuple[Path, Path]:
     """A 3-step run on valid-but-unusual data (BOM, empty string, 10 MB line): it must train."""
-    from conftest import BASE_CONFIG
+    from tests.conftest import BASE_CONFIG
 
     root = tmp_path_factory.mktemp("cli")
     (root / "d.jsonl").write_text("\n".join(UNUSUAL) + "\n", encoding="utf-8")

@@ -77,14 +77,14 @@ class ModelConfig:
     preset: str | None = None  # e.g. "tiny-llama", "tiny-qwen2" (see hkd.models.loading.PRESETS)
     preset_overrides: dict[str, Any] = field(default_factory=dict)  # config fields for the preset
     seed: int = ranged(0, low=0, high=MAX_SEED, high_open=True)  # weight init seed for presets
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the weights are loaded in
     allow_pickle: bool = False  # load pytorch_model.bin (unpickling) only when opted in
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run Python code shipped in the model directory (transformers' trust_remote_code)
     encoder: bool = False  # load with AutoModel (BERT-like); the logits stage must be off
     # regular expressions (full match) of parameter names the weights may lack or hold extra, e.g.
     # "lm_head\\.weight" for a head tied by hand; anything else missing or extra is an error
     allow_missing: list[str] = field(default_factory=list)
-    allow_unexpected: list[str] = field(default_factory=list)
+    allow_unexpected: list[str] = field(default_factory=list)  # the same, for tensors the weights hold that the model has no place for
 
     def validate(self, path: str) -> None:
         for name in ("allow_missing", "allow_unexpected"):
@@ -99,7 +99,7 @@ class ModelConfig:
 class TeacherConfig(ModelConfig):
     """One more teacher (``teachers:``): a model source, its weight in the mixture, or an offline cache."""
 
-    weight: float = ranged(1.0, low=0, low_open=True, high=1e6)
+    weight: float = ranged(1.0, low=0, low_open=True, high=1e6)  # this teacher's weight in the mixture (or sum)
     teacher_cache: str | None = None  # targets written by hkd cache-teacher for this teacher
 
 
@@ -109,18 +109,18 @@ class DataConfig:
     ``hf``: a JSONL/Parquet/Arrow file through Hugging Face ``datasets`` (memory-mapped, tokenised
     once and cached next to it; hkd/data/hf.py)."""
 
-    kind: Literal["jsonl", "synthetic", "hf"] = "synthetic"
-    path: str | None = None
+    kind: Literal["jsonl", "synthetic", "hf"] = "synthetic"  # where the examples come from (see above)
+    path: str | None = None  # the data file (kind jsonl or hf); relative to the config file
     text_field: str = "text"  # plain text to model
     prompt_field: str | None = None  # if set, text = prompt + completion, loss only on completion
-    completion_field: str = "completion"
-    on_bad_line: Literal["fail", "skip"] = "fail"
+    completion_field: str = "completion"  # with prompt_field: the field holding the completion (the loss's targets)
+    on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed JSONL line: stop, naming file and line (fail), or skip it
     chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (prompt_field only)
     max_length: int = ranged(64, low=2, high=2**20)  # tokens per sequence (bos + at least one target)
     batch_size: int = ranged(8, low=1, high=2**16)  # sequences per micro-batch
     num_examples: int = ranged(512, low=1, high=10**7)  # synthetic only
     digits: int = ranged(2, low=1, high=18)  # synthetic only: operand size
-    shuffle: bool = True
+    shuffle: bool = True  # shuffle the examples every epoch (seeded by train.seed)
     packing: bool = False  # several examples per sequence, no attention or loss across their boundaries (causal LMs)
     num_proc: int = ranged(1, low=1, high=256)  # kind hf: tokeniser processes (once; the result is cached)
     streaming: bool = False  # kind hf: read and tokenise on the fly (no cache, no packing; shuffles in a buffer)
@@ -130,8 +130,8 @@ class DataConfig:
 class PhaseConfig:
     """One phase of the progressive schedule: how long, and which stages with what weight."""
 
-    name: str
-    steps: int = ranged(low=1, high=MAX_STEPS)
+    name: str  # the phase's name in logs, metrics and hkd report
+    steps: int = ranged(low=1, high=MAX_STEPS)  # optimizer steps in this phase
     stages: dict[str, float] = ranged(low=0, high=1e6)  # stage -> weight
     lr_scale: float = ranged(1.0, low=0, low_open=True, high=1e3)  # multiplies the warmup + cosine LR in this phase (e.g. a gentler RL phase)
     # stage -> options that replace ``stages.<stage>``'s in this phase (merged key by key), e.g.
@@ -141,24 +141,24 @@ class PhaseConfig:
 
 @dataclass
 class TemperatureConfig:
-    kind: Literal["constant", "linear", "cosine"] = "constant"
-    start: float = ranged(1.0, low=0, low_open=True, high=1e4)
-    end: float = ranged(1.0, low=0, low_open=True, high=1e4)
+    kind: Literal["constant", "linear", "cosine"] = "constant"  # constant: start throughout; linear or cosine: from start to end over the whole schedule
+    start: float = ranged(1.0, low=0, low_open=True, high=1e4)  # distillation temperature at the first step
+    end: float = ranged(1.0, low=0, low_open=True, high=1e4)  # distillation temperature at the last step (linear, cosine)
 
 
 @dataclass
 class ScheduleConfig:
-    phases: list[PhaseConfig] = field(default_factory=list)
+    phases: list[PhaseConfig] = field(default_factory=list)  # the phases in order; the run's length is the sum of their steps
     ramp_steps: int = ranged(0, low=0, high=MAX_STEPS)  # stage weights move linearly from the previous phase's over this many steps
-    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)
+    temperature: TemperatureConfig = field(default_factory=TemperatureConfig)  # the distillation temperature T over the run
 
 
 @dataclass
 class OptimConfig:
-    lr: float = ranged(1e-3, low=0, low_open=True, high=1e3)
-    weight_decay: float = ranged(0.01, low=0)
-    betas: list[float] = ranged(default_factory=lambda: [0.9, 0.95], low=0, high=1, high_open=True)
-    warmup_steps: int = ranged(0, low=0, high=MAX_STEPS)
+    lr: float = ranged(1e-3, low=0, low_open=True, high=1e3)  # peak learning rate (AdamW), reached after warmup_steps, then cosine decay
+    weight_decay: float = ranged(0.01, low=0)  # AdamW's decoupled weight decay
+    betas: list[float] = ranged(default_factory=lambda: [0.9, 0.95], low=0, high=1, high_open=True)  # AdamW's (beta1, beta2)
+    warmup_steps: int = ranged(0, low=0, high=MAX_STEPS)  # linear warmup from 0 to lr over this many steps
     min_lr_ratio: float = ranged(0.1, low=0, high=1)  # cosine decays to lr * min_lr_ratio
     grad_clip: float = ranged(1.0, low=0)  # 0 disables clipping
     grad_accum: int = ranged(1, low=1, high=2**16)  # micro-batches per optimizer step
@@ -166,13 +166,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = ranged(0, low=0, high=MAX_SEED, high_open=True)
+    seed: int = ranged(0, low=0, high=MAX_SEED, high_open=True)  # seeds every RNG at the start (stage projectors), the data order and synthetic data
     device: str = "auto"  # "auto" -> cuda if available else cpu; "cpu", "cuda", "cuda:N", "mps"
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate models, or shard them (FSDP2)
     checkpoint_every: int = ranged(0, low=0, high=MAX_STEPS)  # 0: only the final checkpoint
     keep_checkpoints: int = ranged(2, low=0, high=10**6)  # 0 keeps every checkpoint
     max_nonfinite_steps: int = ranged(3, low=1, high=10**6)  # abort after this many skipped (NaN/inf) steps in a row
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal, else a plain line every 30 s (--no-progress: off)
     # fp32 | bf16-mixed (fp32 weights and AdamW state, forwards under bf16 autocast) | bf16
     # (student weights and AdamW state in bf16: least memory); auto = bf16-mixed on CUDA, else fp32.
     # Whenever it is not fp32 the teacher runs in bf16.
@@ -199,16 +199,16 @@ class EvalConfig:
 
 @dataclass
 class PluginsConfig:
-    disable: list[str] = field(default_factory=list)
+    disable: list[str] = field(default_factory=list)  # plugins to switch off by name (as --disable NAME)
 
 
 @dataclass
 class WandbConfig:
     """Weights & Biases options (used only when ``wandb`` is in ``logging.backends``)."""
 
-    project: str = "hkd"
+    project: str = "hkd"  # the W&B project
     mode: Literal["online", "offline", "disabled"] = "offline"  # offline: files under RUN_DIR/wandb, sync later
-    entity: str | None = None
+    entity: str | None = None  # the W&B team or user (default: your default entity)
     name: str | None = None  # run name (default: the run directory's name)
 
 
@@ -216,26 +216,26 @@ class WandbConfig:
 class LoggingConfig:
     """Where step metrics go; a backend not listed here does nothing."""
 
-    backends: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    backends: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])  # jsonl: RUN_DIR/metrics.jsonl (what hkd report reads); tensorboard: RUN_DIR/tensorboard/; wandb
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # options of the wandb backend
 
 
 @dataclass
 class Config:
-    teacher: ModelConfig
-    student: ModelConfig
-    schedule: ScheduleConfig
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    teacher: ModelConfig  # the model distilled from (teacher 0 when teachers: adds more)
+    student: ModelConfig  # the model trained
+    schedule: ScheduleConfig  # phases, their stage weights, ramps and the temperature
+    data: DataConfig = field(default_factory=DataConfig)  # the training examples
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the warmup + cosine learning rate
+    train: TrainConfig = field(default_factory=TrainConfig)  # seed, device, checkpoints, precision, parallelism
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage name -> its options, checked by the stage's own dataclass (below)
     kernels: dict[str, str] = field(default_factory=dict)  # op -> backend name ("auto" default)
-    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)  # plugins switched off for this run
     teacher_cache: str | None = None  # offline teacher targets (``hkd cache-teacher``): no live teacher
     # several teachers: ``teacher`` is teacher 0 with weight ``teacher_weight``; ``teachers`` are
     # 1, 2, ...; the logits stage distils towards their weighted mixture (stages.logits.teachers)
     teachers: list[TeacherConfig] = field(default_factory=list)
-    teacher_weight: float = ranged(1.0, low=0, low_open=True, high=1e6)
+    teacher_weight: float = ranged(1.0, low=0, low_open=True, high=1e6)  # teacher's weight in the mixture (or sum) with teachers
     eval: EvalConfig = field(default_factory=EvalConfig)  # validation while training
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # metrics backends (hkd.plugins.*_logger)
 
@@ -320,6 +320,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 number = float(value)
             except OverflowError:  # an int beyond float's range
                 raise ConfigError(f"{path}: {value!r} is not a finite number") from None
+            if isinstance(value, int) and number != value:  # 2**53 + 1 would silently become 2**53
+                raise ConfigError(f"{path}: {value} has no exact float value; the nearest is {number:.17g}")
         elif isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
                 number = float(value)
