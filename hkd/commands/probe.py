@@ -83,7 +83,7 @@ def mapped_pairs(config: Config, student_layers: int, teacher_layers: int, stude
         spec = specs.get(name)
         if spec is None:
             continue
-        options = from_dict(spec.config_cls, config.stages.get(name) or {}, f"stages.{name}")
+        options: Any = from_dict(spec.config_cls, config.stages.get(name) or {}, f"stages.{name}")
         layer_map = getattr(options, "layer_map", None)
         if isinstance(layer_map, LayerMapConfig):
             pairs = build_layer_map(layer_map.strategy, student_layers, teacher_layers, pairs=layer_map.pairs,
