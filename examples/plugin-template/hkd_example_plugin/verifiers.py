@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hkd.errors import ConfigError
-from hkd import hookimpl
-from hkd.verify import Verdict, Verifier, VerifierSpec
+from hkd import ConfigError, Verdict, Verifier, VerifierSpec, hookimpl
 
 
 def length_limit(max_chars: int = 200) -> Verifier:

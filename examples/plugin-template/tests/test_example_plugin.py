@@ -11,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hkd.errors import ConfigError
-from hkd.manager import build_manager
-from hkd.models import build_preset
-from hkd.stage import StageContext, StepState, build_stages
-from hkd.taps import TapRequest, forward_with_taps
-from hkd.verify import available_verifiers, build_verifier
+from hkd import ConfigError, StageContext, StepState, TapRequest, build_manager, build_verifier
+from hkd.models.loading import build_preset
+from hkd.models.taps import forward_with_taps
+from hkd.plugin.stage import build_stages
+from hkd.sampling.verify import available_verifiers
 
 from hkd_example_plugin import FinalCosineConfig, FinalCosineStage
 
