@@ -8,6 +8,7 @@ from hkd.kernels.ops import (  # noqa: F401
     OPS,
     KernelBackend,
     backends,
+    check_request,
     distill_loss,
     fused_linear_distill_loss,
     get_backend,
@@ -15,5 +16,5 @@ from hkd.kernels.ops import (  # noqa: F401
     sparse_distill_loss,
 )
 
-__all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "get_backend",
-           "register_backend", "sparse_distill_loss"]
+__all__ = ["OPS", "KernelBackend", "backends", "check_request", "distill_loss", "fused_linear_distill_loss",
+           "get_backend", "register_backend", "sparse_distill_loss"]

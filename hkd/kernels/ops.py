@@ -9,6 +9,7 @@ Public API (stable)::
                               teacher_lm_head_weight, *, student_bias=None, teacher_bias=None,
                               <same options>)
     backends(op)
+    check_request(op, backend, *, chosen_by, where, elsewhere=None, **options)  # build time
 
 The math is documented in :mod:`hkd.kernels.reference`. Backends compute per-row losses
 ``[N]``; this module validates inputs, flattens leading dims and applies the reduction, so
@@ -28,12 +29,41 @@ from torch import Tensor
 
 from hkd.kernels import registry
 from hkd.kernels.reference import distill_loss_torch, fused_linear_distill_loss_torch, sparse_row_losses
-from hkd.kernels.registry import KernelBackend, get_backend, register_backend
+from hkd.kernels.registry import KernelBackend, Option, check_request, differs, get_backend, maybe, register_backend
 
 OPS = ("distill_loss", "fused_linear_distill_loss", "sparse_distill_loss")
 TAILS = ("renormalize", "bucket")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+SKEW_DIVERGENCES = ("skew_forward_kl", "skew_reverse_kl")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", *SKEW_DIVERGENCES)
 REDUCTIONS = ("mean", "sum", "none")
+
+# What each op passes its backends by keyword, with the op's defaults, and when a backend whose
+# function does not take an option would compute something else (then it cannot serve that
+# request: registry.refusal). Options added to an op later belong here, with the value at which
+# they change nothing, so backends written before them keep working where they give the same math.
+_T_AND_ALPHA = {
+    "temperature": Option(1.0, lambda r: ("temperature",) if differs(r["temperature"], 1.0) else ()),
+    "scale_t2": Option(True, lambda r: ("scale_t2", "temperature") if differs(r["temperature"], 1.0) else ()),
+    "alpha": Option(0.0, lambda r: ("alpha",) if differs(r["alpha"], 0.0) else ()),
+}
+_SOFT_OPTIONS = {
+    "ignore_index": Option(-100, lambda r: ("ignore_index",)),  # labels may hold it: the backend must know
+    "divergence": Option("forward_kl", lambda r: ("divergence",)),
+    "beta": Option(0.5, lambda r: ("divergence", "beta") if maybe(r["divergence"], "jsd") else ()),
+    "skew": Option(0.1, lambda r: ("divergence", "skew") if maybe(r["divergence"], *SKEW_DIVERGENCES) else ()),
+    **_T_AND_ALPHA,
+}
+registry.define_op("distill_loss", positional=3, divergences=DIVERGENCES, options=_SOFT_OPTIONS)
+registry.define_op("fused_linear_distill_loss", positional=5, divergences=DIVERGENCES, options={
+    "student_bias": Option(None, lambda r: ("student_bias",) if r["student_bias"] is not None else ()),
+    "teacher_bias": Option(None, lambda r: ("teacher_bias",) if r["teacher_bias"] is not None else ()),
+    **_SOFT_OPTIONS,
+})
+registry.define_op("sparse_distill_loss", positional=5, divergences=("forward_kl",), options={
+    "ignore_index": _SOFT_OPTIONS["ignore_index"],
+    "tail": Option("renormalize", lambda r: ("tail",) if differs(r["tail"], "renormalize") else ()),
+    **_T_AND_ALPHA,
+})
 
 
 
@@ -185,9 +215,10 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, *, labels: Tens
     vocab = student_logits.shape[-1]
     flat_labels, bad = _flat_labels(labels, lead, vocab, ignore_index, alpha)
     student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
-    chosen = registry.resolve("distill_loss", backend, student, teacher)
-    rows = chosen.fn(student, teacher, flat_labels, ignore_index=ignore_index, divergence=divergence, beta=beta,
-                     skew=skew, temperature=temperature, scale_t2=scale_t2, alpha=alpha)
+    options = dict(ignore_index=ignore_index, divergence=divergence, beta=beta, skew=skew, temperature=temperature,
+                   scale_t2=scale_t2, alpha=alpha)
+    chosen = registry.resolve("distill_loss", backend, student, teacher, request=options)
+    rows = chosen.call(student, teacher, flat_labels, **options)
     return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
 
 
@@ -229,12 +260,11 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
     flat_labels, bad = _flat_labels(labels, lead, student_lm_head_weight.shape[0], ignore_index, alpha)
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    options = dict(student_bias=student_bias, teacher_bias=teacher_bias, ignore_index=ignore_index,
+                   divergence=divergence, beta=beta, skew=skew, temperature=temperature, scale_t2=scale_t2, alpha=alpha)
     chosen = registry.resolve("fused_linear_distill_loss", backend, s_hidden, student_lm_head_weight, t_hidden,
-                              teacher_lm_head_weight)
-    rows = chosen.fn(s_hidden, student_lm_head_weight, t_hidden, teacher_lm_head_weight, flat_labels,
-                     student_bias=student_bias, teacher_bias=teacher_bias, ignore_index=ignore_index,
-                     divergence=divergence, beta=beta, skew=skew, temperature=temperature, scale_t2=scale_t2,
-                     alpha=alpha)
+                              teacher_lm_head_weight, request=options)
+    rows = chosen.call(s_hidden, student_lm_head_weight, t_hidden, teacher_lm_head_weight, flat_labels, **options)
     return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
 
 
@@ -307,11 +337,11 @@ def sparse_distill_loss(student_logits: Tensor, topk_ids: Tensor, topk_values: T
         bad = bad_ids if bad is None else bad | bad_ids
     values = topk_values.reshape(-1, k)
     lse = None if tail == "renormalize" or teacher_logsumexp is None else teacher_logsumexp.reshape(-1)
-    chosen = registry.resolve("sparse_distill_loss", backend, student, values)
-    rows = chosen.fn(student, ids, values, lse, flat_labels, ignore_index=ignore_index, temperature=temperature,
-                     tail=tail, scale_t2=scale_t2, alpha=alpha)
+    options = dict(ignore_index=ignore_index, temperature=temperature, tail=tail, scale_t2=scale_t2, alpha=alpha)
+    chosen = registry.resolve("sparse_distill_loss", backend, student, values, request=options)
+    rows = chosen.call(student, ids, values, lse, flat_labels, **options)
     return _reduce(_mark_bad(rows, bad), flat_labels, ignore_index, reduction, lead)
 
 
-__all__ = ["OPS", "KernelBackend", "backends", "distill_loss", "fused_linear_distill_loss", "get_backend",
-           "register_backend", "sparse_distill_loss"]
+__all__ = ["OPS", "KernelBackend", "backends", "check_request", "distill_loss", "fused_linear_distill_loss",
+           "get_backend", "register_backend", "sparse_distill_loss"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from dataclasses import dataclass
 from importlib import metadata
@@ -200,8 +201,11 @@ def _register_kernel_backends(pm: HkdPluginManager) -> None:
 
 
 def _named_backend(fn: Callable[..., Any], name: str, op: str, plugin_name: str) -> Callable[..., Any]:
-    """A plugin's kernel function whose errors name the backend and the plugin that provides it."""
+    """A plugin's kernel function whose errors name the backend and the plugin that provides it.
+    ``functools.wraps`` keeps its signature readable: the registry passes a backend only the
+    options its function declares."""
 
+    @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)

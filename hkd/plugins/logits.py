@@ -98,6 +98,24 @@ class LogitsStage(Stage):
         if self.sparse and config.divergence != "forward_kl":
             raise ConfigError(f"{context.config_path}.divergence: {config.divergence} needs the teacher's full "
                               "distribution; a teacher_cache holds top-k logits only, so use forward_kl")
+        # a backend named in the config that cannot serve these options is refused now, not at the first step
+        run_time = {"temperature": "schedule.temperature"}
+        if self.sparse:
+            kernels.check_request("sparse_distill_loss", self.sparse_backend, chosen_by="kernels.sparse_distill_loss",
+                                  where=context.config_path,
+                                  elsewhere={**run_time, "tail": f"{context.config_path}.sparse_tail"},
+                                  tail=self.sparse_tail, alpha=config.alpha, scale_t2=config.scale_t2)
+        else:
+            request: dict[str, Any] = dict(divergence=config.divergence, beta=config.beta, skew=config.skew,
+                                           alpha=config.alpha, scale_t2=config.scale_t2)
+            elsewhere = dict(run_time)
+            if config.fused:  # the fused op also gets the LM heads' biases
+                for role, model in (("student", context.student), ("teacher", context.teacher)):
+                    request[f"{role}_bias"] = getattr(output_head(model) if model is not None else None, "bias", None)
+                    elsewhere[f"{role}_bias"] = f"the {role}'s LM head bias"
+            kernels.check_request(self.op, self.backend, where=context.config_path, elsewhere=elsewhere,
+                                  chosen_by=f"{context.config_path}.backend" if config.backend else f"kernels.{self.op}",
+                                  **request)
         self.weights = list(context.teacher_weights) if len(context.teachers) > 1 else [1.0]
         if len(self.weights) > 1:
             if config.fused:

@@ -104,6 +104,10 @@ class MLMStage(Stage):
         self.vocab_size = int(context.student.config.vocab_size)
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self.backend = config.backend or context.kernels.get("distill_loss", "auto")
+        kernels.check_request(  # a named backend that cannot serve these options is refused now, not at step 1
+            "distill_loss", self.backend, where=where, elsewhere={"temperature": "schedule.temperature"},
+            chosen_by=f"{where}.backend" if config.backend else "kernels.distill_loss",
+            alpha=config.alpha, scale_t2=config.scale_t2)
         # plain dict: the models are the loop's, not this stage's parameters (checkpoints hold them once)
         self._models: dict[str, Any] = {"teacher": context.teacher, "student": context.student}
 

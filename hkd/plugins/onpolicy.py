@@ -101,6 +101,10 @@ class OnPolicyStage(Stage):
         self.config = config
         self.where = where
         self.kernel_backend = config.backend or context.kernels.get("distill_loss", "auto")
+        kernels.check_request(  # a named backend that cannot serve these options is refused now, not at step 1
+            "distill_loss", self.kernel_backend, where=where, elsewhere={"temperature": "schedule.temperature"},
+            chosen_by=f"{where}.backend" if config.backend else "kernels.distill_loss",
+            divergence=config.divergence, beta=config.beta, skew=config.skew, scale_t2=config.scale_t2)
         self.tokenizer = context.tokenizer
         if self.tokenizer is None:
             from hkd import load_tokenizer  # transformers: imported only when the stage is built
