@@ -163,17 +163,17 @@ def agreement(teacher: PreTrainedModel, student: PreTrainedModel, tokenizer: Any
 class EvalPromptsConfig:
     """Held-out prompts for pass@k."""
 
-    path: str
-    prompt_field: str = "prompt"
-    on_bad_line: Literal["fail", "skip"] = "fail"
+    path: str  # JSONL of held-out prompt records (with their answers for the verifiers)
+    prompt_field: str = "prompt"  # field holding the prompt text
+    on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed JSONL line: stop, naming file and line (fail), or skip it
     n: int = 8  # samples per prompt
-    k: list[int] = field(default_factory=lambda: [1])
-    temperature: float = 0.8
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    batch_size: int = 8
-    seed: int = 0
-    verifiers: list[VerifierConfig] = field(default_factory=list)
+    k: list[int] = field(default_factory=lambda: [1])  # report pass@k for each k (1 <= k <= n; unbiased estimator)
+    temperature: float = 0.8  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    max_new_tokens: int = 64  # tokens per completion, at most
+    batch_size: int = 8  # prompts per sampling call
+    seed: int = 0  # sampling seed
+    verifiers: list[VerifierConfig] = field(default_factory=list)  # a sample counts as correct when every one passes
     backend: str = "transformers"  # generation backend (hkd_add_generation_backends) the samples come from
     backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
 
@@ -193,9 +193,9 @@ class EvalConfig:
     prompts: EvalPromptsConfig | None = None  # pass@k
     text: DataConfig | None = None  # perplexity (and agreement) on these records
     text_seed: int = 1  # synthetic text: a seed other than training's (train.seed, default 0) gives other problems
-    device: str = "auto"
-    progress: bool = True
-    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N, mps
+    progress: bool = True  # a progress bar (plain lines when the output is not a terminal)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)  # plugins switched off (plugins.disable)
 
     def validate(self, path: str = "") -> None:
         from hkd.config import check_device

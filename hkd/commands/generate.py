@@ -69,25 +69,25 @@ class FilterConfig:
 
 @dataclass
 class GenerateConfig:
-    teacher: ModelConfig
+    teacher: ModelConfig  # the model that writes the solutions
     prompts: str  # JSONL file of prompt records
     output: str  # JSONL file of kept completions (its ledger sits next to it)
     id_field: str | None = "id"  # unique prompt id; None: the record's position in the file
-    prompt_field: str = "prompt"
+    prompt_field: str = "prompt"  # field holding the prompt text
     answer_field: str = "answer"  # reference answer, copied to the output (verifiers see the whole record)
     completion_field: str = "completion"  # key of the completion in output lines
-    on_bad_line: Literal["fail", "skip"] = "fail"
+    on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed JSONL line: stop, naming file and line (fail), or skip it
     n: int = 4  # samples per prompt
     temperature: float = 0.8  # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 64
+    top_p: float = 1.0  # nucleus sampling (1: off)
+    max_new_tokens: int = 64  # tokens per completion, at most
     batch_size: int = 8  # prompts per sampling call (n rows each) and per ledger line
-    seed: int = 0
+    seed: int = 0  # each batch of prompts samples with a seed derived from this and its prompt ids
     device: str = "auto"  # "auto": cuda if available else cpu
     backend: str = "transformers"  # generation backend a plugin registers (hkd_add_generation_backends)
     backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
-    verifiers: list[VerifierConfig] = field(default_factory=list)
-    filters: FilterConfig = field(default_factory=FilterConfig)
+    verifiers: list[VerifierConfig] = field(default_factory=list)  # a completion is kept only if every one passes
+    filters: FilterConfig = field(default_factory=FilterConfig)  # cheap checks applied before the verifiers
     # solve: sample and verify against each record's answer; pseudo_label: the same, but a record
     # without an answer gets the majority answer of its n samples (self-consistency), kept only
     # when that answer's share of the n samples is >= min_agreement; augment: write the records
@@ -95,8 +95,8 @@ class GenerateConfig:
     mode: Literal["solve", "pseudo_label", "augment"] = "solve"
     min_agreement: float = 0.0  # pseudo_label: the majority answer's share of the n samples needed
     augment: list[TransformConfig] = field(default_factory=list)  # prompt transforms (hkd_add_prompt_transforms)
-    progress: bool = True
-    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    progress: bool = True  # a progress bar (plain lines when the output is not a terminal)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)  # plugins switched off (plugins.disable)
 
     def validate(self, path: str = "") -> None:
         from hkd.config import check_device

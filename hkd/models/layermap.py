@@ -83,7 +83,7 @@ def build_layer_map(
 class LayerMapConfig:
     """Config block shared by the structural and feature stages."""
 
-    strategy: Strategy = "uniform"
+    strategy: Strategy = "uniform"  # uniform (block s -> round(s * L_t / L_s)), last, explicit (pairs), init (hkd-init.json), auto (init if recorded, else uniform)
     pairs: list[list[int]] | None = None  # for "explicit": [[student_layer, teacher_layer], ...]
 
 

@@ -33,12 +33,12 @@ if TYPE_CHECKING:  # QKV lives with the taps, which import transformers
 
 @dataclass
 class AttentionStageConfig:
-    mode: Literal["maps", "relations"] = "maps"
+    mode: Literal["maps", "relations"] = "maps"  # maps: attention distributions (TinyBERT); relations: MiniLMv2's q/k/v self-relations
     heads: Literal["auto", "per_head", "average"] = "auto"  # maps: auto = per_head when counts match
     value_relation: bool = False  # maps: add the MiniLM value-relation KL
-    relations: list[Literal["qq", "kk", "vv"]] = field(default_factory=lambda: ["qq", "kk", "vv"])
-    relation_heads: int = 4
-    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))
+    relations: list[Literal["qq", "kk", "vv"]] = field(default_factory=lambda: ["qq", "kk", "vv"])  # relations mode: which self-relations to match
+    relation_heads: int = 4  # relations mode: q, k and v are split into this many heads (must divide each width)
+    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))  # which student block learns from which teacher block
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/attention/<s>_<t>
 
 

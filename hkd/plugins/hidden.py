@@ -35,11 +35,11 @@ from hkd import LayerMapConfig, build_layer_map, layer_metrics
 
 @dataclass
 class HiddenStageConfig:
-    loss: Literal["mse", "cosine", "nmse"] = "mse"
+    loss: Literal["mse", "cosine", "nmse"] = "mse"  # per token: MSE, 1 - cos, or MSE over the teacher layer's mean squared norm (nmse)
     normalize: Literal["none", "layernorm"] = "none"  # layernorm: per-token LayerNorm (no affine) on both sides
     projector: Literal["auto", "linear", "none"] = "auto"  # auto: linear only when widths differ
-    include_embeddings: bool = False
-    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))
+    include_embeddings: bool = False  # also map the embedding outputs (layer 0 to layer 0)
+    layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))  # which student layer learns from which teacher layer
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/hidden/<s>_<t>
     layer_weights: list[float] | None = None  # one weight per mapped pair (layer-map order); None: equal
 

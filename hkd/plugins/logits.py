@@ -52,7 +52,7 @@ from hkd.kernels.sparse import exact_bucket_inputs
 
 @dataclass
 class LogitsStageConfig:
-    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"  # KL(teacher||student), KL(student||teacher), generalized JSD (beta) or DistiLLM's skew KLs (skew)
     beta: float = 0.5  # jsd mixing weight
     skew: float = 0.1  # skew_*_kl: weight of the first distribution mixed into the second (DistiLLM), in [0, 1)
     alpha: float = 0.0  # weight of the hard-label cross-entropy

@@ -61,13 +61,13 @@ class OnPolicyStageConfig:
     skew: float = 0.1  # skew_forward_kl / skew_reverse_kl: DistiLLM's mixing weight, in [0, 1)
     scale_t2: bool = True  # multiply by T^2 so gradients keep their scale across temperatures
     sample_temperature: float = 1.0  # the student's sampling temperature (> 0)
-    top_p: float = 1.0
-    max_new_tokens: int = 32
+    top_p: float = 1.0  # nucleus sampling of the student's samples (1: off)
+    max_new_tokens: int = 32  # tokens the student samples per prompt, at most
     refresh_every: int = 1  # sample from a copy of the student refreshed every N steps (1: live weights)
     generation_backend: str = "transformers"  # how the student samples (hkd_add_generation_backends)
     generation_backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
     backend: str | None = None  # kernel backend for distill_loss; default: the run's kernels.distill_loss
-    seed: int = 0
+    seed: int = 0  # seeds the per-step coin and the sampling (with the step, rank and micro-batch)
 
 
 class OnPolicyStage(Stage):

@@ -56,19 +56,19 @@ from hkd import VerifierConfig, build_verifier
 @dataclass
 class RlStageConfig:
     prompts: str | None = None  # JSONL of prompt records; None: synthetic addition problems
-    prompt_field: str = "prompt"
-    answer_field: str = "answer"
+    prompt_field: str = "prompt"  # field of the prompt text in prompts
+    answer_field: str = "answer"  # field of the reference answer the verifier checks
     num_prompts: int = 256  # synthetic only
     digits: int = 2  # synthetic only
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8  # prompts sampled per optimizer step (per rank)
     samples_per_prompt: int = 4  # the group size of the group-relative advantage
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 48  # tokens sampled per completion, at most
+    temperature: float = 1.0  # the student's sampling temperature
+    top_p: float = 1.0  # nucleus sampling (1: off)
     normalize_std: bool = True  # divide advantages by the group's reward std
     kl_weight: float = 0.0  # per-token reverse KL toward the teacher on the student's samples
-    verifier: VerifierConfig = field(default_factory=lambda: VerifierConfig("exact_answer"))
-    seed: int = 0
+    verifier: VerifierConfig = field(default_factory=lambda: VerifierConfig("exact_answer"))  # its score is the reward
+    seed: int = 0  # seeds the synthetic prompts, their order and the sampling
     generation_backend: str = "transformers"  # how the student samples (hkd_add_generation_backends)
     generation_backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
 

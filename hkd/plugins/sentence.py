@@ -34,8 +34,8 @@ from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec
 
 @dataclass
 class SentenceStageConfig:
-    pooling: Literal["mean", "cls"] = "mean"
-    loss: Literal["cosine", "mse"] = "cosine"
+    pooling: Literal["mean", "cls"] = "mean"  # a sentence's vector from the last hidden layer: mean over the attention mask, or the first token
+    loss: Literal["cosine", "mse"] = "cosine"  # between the (projected) student's and the teacher's sentence vectors: 1 - cos, or MSE
     projector: Literal["auto", "linear", "none"] = "auto"  # auto: linear only when widths differ
     similarity: float = 0.0  # weight of the in-batch similarity-matrix loss (0: off)
 

@@ -19,7 +19,7 @@ from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepStat
 
 @dataclass
 class SftStageConfig:
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # label smoothing of the cross-entropy on the target tokens, in [0, 1)
 
 
 class SftStage(Stage):
