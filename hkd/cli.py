@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="hkd", description="Progressive hierarchical knowledge distillation. Start with: hkd demo",
-        epilog="hkd COMMAND --help says more about each command; README.md has the config reference.")
+        epilog="hkd COMMAND --help says more about each command; docs/reference/config.md has every config key.")
     parser.add_argument("--version", action="version", version=f"hkd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = (
         "Distil a teacher into a student through the config's phases. Any config key can be overridden: "
         "--optim.lr=3e-4 --stages.logits.divergence=jsd; --teacher.path=DIR replaces a preset teacher. "
-        "Config reference: README.md, section Configuration (every key: hkd/config/schema.py). "
+        "Config reference: docs/reference/config.md (every key, its type, default and range). "
         "A starter config for your models: hkd init-config --teacher DIR --student DIR --out cfg.yaml. "
         "Paths: --out and paths in overrides are relative to the working directory; paths inside the "
         "YAML file (model and data paths, teacher_cache) are relative to the YAML file.")
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "progressive distillation + RL, pass@1 table (CPU, no downloads)")
     p.add_argument("--task", choices=["addition", "hard"], default="addition",
                    help="addition: 2-digit sums (default); hard: 3-digit sums, a bigger teacher trained longer, "
-                        "students that do not saturate (README: Hard task: budget curves)")
+                        "students that do not saturate (docs/benchmarks.md: Hard task: budget curves)")
     p.add_argument("--out", default=None,
                    help="run directory (default runs/demo, or runs/demo-hard for --task hard; the teacher is cached there)")
     p.add_argument("--quick", action="store_true",
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the full demo: 3 to 9 minutes); checks the plumbing, its students train too little to score")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the problem splits, the teacher's and students' initialisation and batch order "
-                        "(default 0; README: the spread across seeds)")
+                        "(default 0; docs/benchmarks.md: the demo across seeds)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = add("init-config", cmd_init_config, "write an annotated starter distill config for a teacher/student pair")

@@ -28,7 +28,7 @@ def test_distill_help_points_to_the_reference_the_starter_config_and_the_path_ru
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "Config reference: README.md" in text and "hkd init-config --teacher DIR --student DIR" in text
+    assert "Config reference: docs/reference/config.md" in text and "hkd init-config --teacher DIR --student DIR" in text
     assert "--out and paths in overrides are relative to the working directory" in text
     assert "paths inside the YAML file (model and data paths, teacher_cache) are relative to the YAML file" in text
 

@@ -113,18 +113,18 @@ def test_demo_quick_end_to_end_slowest(quick_demo):
 
 
 @pytest.mark.slow
-def test_readme_examples_after_the_demo_give_nontrivial_numbers(quick_demo, monkeypatch, capsys):
+def test_docs_examples_after_the_demo_give_nontrivial_numbers(quick_demo, monkeypatch, capsys):
     # bug: examples/generate.yaml kept 0 of 96 and examples/eval.yaml showed pass@1 0, agreement 0.04 and a
     # student perplexity below the teacher's, because both used random preset models. They now read the
-    # demo's models; run as the README says, from the clone's root, after hkd demo (here its quick version:
+    # demo's models; run as docs/data.md says, from the clone's root, after hkd demo (here its quick version:
     # a teacher at ~0.5 pass@1 and a student trained 60 steps, so the bounds are loose but far from random).
     clone, _ = quick_demo
     for name in ("generate.yaml", "eval.yaml", "arith_prompts.jsonl"):
         (clone / "examples").mkdir(exist_ok=True)
         shutil.copy(EXAMPLES / name, clone / "examples" / name)
     monkeypatch.chdir(clone)
-    readme = (EXAMPLES.parent / "README.md").read_text()
-    commands = [line.split("#")[0].split()[1:] for line in readme.splitlines()
+    page = (EXAMPLES.parent / "docs" / "data.md").read_text()
+    commands = [line.split("#")[0].split()[1:] for line in page.splitlines()
                 if line.startswith(("hkd generate examples/", "hkd eval examples/"))]
     assert [c[0] for c in commands] == ["generate", "eval"]
     for command in commands:

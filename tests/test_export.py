@@ -101,16 +101,16 @@ def test_sentence_transformers_loads_final_and_encodes_the_pooled_hidden_states(
         torch.testing.assert_close(got, hand_embeddings(directory, pooling), rtol=1e-5, atol=1e-5)
 
 
-def test_the_readme_encoder_example_loads_with_typed_stage_blocks():
-    """Catches: a README example for the encoder stages that the config loader or the stages' dataclasses refuse."""
+def test_the_docs_encoder_example_loads_with_typed_stage_blocks():
+    """Catches: a docs example (docs/encoders.md) for the encoder stages that the config loader or the stages' dataclasses refuse."""
     import re
 
     from hkd.config import Config, from_dict
     from hkd.plugin.manager import build_manager
     from hkd.plugin.stage import available_stages
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "mlm: {mask_rate" in b]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "encoders.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", page, re.S) if "mlm: {mask_rate" in b]
     raw = yaml.safe_load(block)
     from_dict(Config, raw)
     specs = available_stages(build_manager())

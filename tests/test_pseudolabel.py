@@ -151,14 +151,14 @@ def test_the_enrich_benchmark_scores_pseudo_labels_against_the_withheld_answers(
         "prompts": 2, "with_majority": 2, "majority_correct": 1, "agreement_mean": 0.75}
 
 
-def test_the_readme_generate_example_loads():
-    # catches: a README generate config (mode, min_agreement, augment, backend) that the loader refuses
+def test_the_docs_generate_example_loads():
+    # catches: a docs generate config (docs/data.md) (mode, min_agreement, augment, backend) that the loader refuses
     import re
 
     import yaml
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "mode: pseudo_label" in b]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", page, re.S) if "mode: pseudo_label" in b]
     config = from_dict(GenerateConfig, yaml.safe_load(block))
     assert (config.mode, config.n, config.min_agreement, config.backend) == ("pseudo_label", 5, 0.6, "transformers")
     assert [(t.name, t.variants, t.options) for t in config.augment] == [

@@ -369,7 +369,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True, threads: 
     tqdm.write("[3/4] students: answer-only SFT, SFT on distilled data, progressive distillation + RL")
     runs: dict[str, dict[str, Path]] = {}
     # The demo's recipe (progressive_rl) is the measured winner, kept unchanged: on the hard task
-    # (python bench/hard_task.py --points 100 200 300 400 500 570 600; 5 seeds, README "Hard task: budget
+    # (python bench/hard_task.py --points 100 200 300 400 500 570 600; 5 seeds, docs/benchmarks.md "Hard task: budget
     # curves") it had the highest final pass@1 of all arms, 0.999 +- 0.002 at 600 steps, tied with the
     # progressive phases with logits on from the first step (0.997 +- 0.003) and above hidden -> logits
     # (0.983 +- 0.012), logits KD (0.720) and both SFT baselines (0.577, 0.020).

@@ -113,7 +113,7 @@ def hidden_block(teacher: ModelShape, student: ModelShape) -> tuple[str, str]:
                "# learned linear projector (trained with the student, saved in checkpoints).")
     why += ("\n# include_embeddings: false leaves the embedding output (layer 0) unmapped. Mapping it halved\n"
             "# nearest-neighbour agreement for a random encoder student and cost a cut one 0.002 Spearman\n"
-            "# (bench/quality_encoder.py, README \"A random student\"); the demo's recipe leaves it out too.")
+            "# (bench/quality_encoder.py, docs/benchmarks.md \"Encoder quality\"); the demo's recipe leaves it out too.")
     if student.encoder:
         why += ("\n# nmse: squared error over the teacher layer's mean squared norm, so every mapped layer\n"
                 "# weighs the same (1.0 = predicting zeros) whatever its scale.")
@@ -156,11 +156,11 @@ def starter_config(teacher_dir: str | Path, student_dir: str | Path, out_dir: Pa
             "data: {kind: jsonl, path: data.jsonl, text_field: text, batch_size: 16, max_length: 128}",
             "",
             "# One feature phase: every mapped hidden state, normalised MSE (loss: nmse). Chosen by",
-            "# bench/quality_encoder.py (README, \"Encoder quality benchmark\"): all-MiniLM-L6-v2 into a",
+            "# bench/quality_encoder.py (docs/benchmarks.md, \"Encoder quality\"): all-MiniLM-L6-v2 into a",
             "# 3-block student cut from it, 60 steps, 3 data orders; it beat last-layer-only alignment and",
             "# the progressive structure -> feature schedule by more than the seed spread; for a random",
-            "# 3x192 student it also beat last-layer-only on Spearman (200 and 600 steps, README \"A random",
-            "# student\"). The sentence stage ties it on a cut student. To add attention transfer, put",
+            "# 3x192 student it also beat last-layer-only on Spearman (200 and 600 steps, a random",
+            "# student in the same section). The sentence stage ties it on a cut student. To add attention transfer, put",
             "# {attention: 0.5} in the phase (stages.attention below is ready).",
             "# (No temperature: encoders have no logits stage.)",
             "schedule:",
@@ -175,7 +175,7 @@ def starter_config(teacher_dir: str | Path, student_dir: str | Path, out_dir: Pa
             "data: {kind: synthetic, num_examples: 4096, batch_size: 8, max_length: 256}",
             "",
             "# Progressive schedule: structure (attention) -> feature (hidden states) -> decision, with the",
-            "# logits loss on from the first step. Chosen by bench/hard_task.py (README, \"Hard task: budget",
+            "# logits loss on from the first step. Chosen by bench/hard_task.py (docs/benchmarks.md, \"Hard task: budget",
             "# curves\"; python bench/hard_task.py --points 100 200 300 400 500 570 600, 5 seeds): of the",
             "# recipes without RL it had the highest mean pass@1 at every budget from 300 steps (570 steps:",
             "# 0.995 +- 0.006, against 0.968 +- 0.045 with logits only in the decision phase; 600 steps:",

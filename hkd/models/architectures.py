@@ -9,7 +9,7 @@ which ``tests/test_architectures.py`` checks, on tiny random configs at realisti
 scale, that tapped attention maps equal eager ``output_attentions``, tapped hidden states
 equal ``output_hidden_states`` and fused logits equal the model's own logits. A model type
 missing from the table, or a capability the table marks unsupported, is refused by name
-(:func:`check_supported`) instead of approximated. The README's support table is
+(:func:`check_supported`) instead of approximated. The support table of docs/stages.md is
 :func:`support_table`'s output.
 """
 
@@ -124,7 +124,7 @@ def output_head(model: PreTrainedModel) -> torch.nn.Module | None:
 
 
 def support_table() -> str:
-    """The README's architecture table (markdown), from :data:`SUPPORT`."""
+    """The architecture table of docs/stages.md (markdown), from :data:`SUPPORT`."""
     mark = {True: "yes", False: "no"}
     rows = ["| architecture (`model_type`) | attention taps | hidden | fused logits | packing | notes |",
             "|---|---|---|---|---|---|"]

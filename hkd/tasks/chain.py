@@ -8,7 +8,7 @@ demo's own task is the ``operands=2`` case. More operands make each column depen
 positions of the prompt, more digits make the solutions longer. ``DemoSettings.hard()`` uses
 two 3-digit operands (three were too hard for the CPU budget; see its docstring), where a
 small student at a fixed step budget stays below its teacher unless it learns from the
-teacher's hidden states (``bench/hard_task.py``, README "Hard task: budget curves").
+teacher's hidden states (``bench/hard_task.py``, docs/benchmarks.md "Hard task: budget curves").
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ ASIDE = ".hkd-overwritten"  # the replaced run's outputs, until the new run has 
 OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "models", "probe", "report", "tensorboard",
            "wandb", "wandb-run-id")
 # dotted keys (and everything below them) that may differ on --resume: how the run is watched, logged,
-# saved or spread over devices, not what it computes (README: a run may resume with other ranks or mode)
+# saved or spread over devices, not what it computes (docs/scaling.md: a run may resume with other ranks or mode)
 HARMLESS = ("train.progress", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
             "train.device", "train.parallel", "logging", "plugins.disable")
 
