@@ -1,63 +1,62 @@
-"""The README's examples are code users copy: they must load as the README says."""
+"""README.md is the front page: its two commands, its example and its links must hold.
+
+Every code block of the README is also run or validated with the docs' (tests/test_docs.py,
+tests/doc_blocks.py); these tests check what only the front page promises.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import yaml
 
-from hkd.config import Config, from_dict
-from hkd.plugin.manager import build_manager
-from hkd.plugin.stage import StageSpec, available_stages
+from tests import doc_blocks
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-
-
-def fenced(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
-def test_configuration_example_loads_with_every_stage_block_typed():
-    (example,) = [block for block in fenced("yaml") if "schedule:" in block and "stages:\n  attention" in block]
-    raw = yaml.safe_load(example)
-    config = from_dict(Config, raw)
-    assert [p.name for p in config.schedule.phases] == ["structure", "feature", "decision", "rl"]
-    assert config.schedule.phases[-1].lr_scale == 0.1
-    specs = available_stages(build_manager())
-    for name, block in raw["stages"].items():  # each stage block against its own config dataclass
-        from_dict(specs[name].config_cls, block, f"stages.{name}")
+def test_the_readme_is_a_front_page():
+    # catches: the user guide growing back into the README
+    assert len(README.read_text().splitlines()) <= 250
 
 
-def test_plugin_example_defines_a_working_stage_hook():
-    (snippet,) = [block for block in fenced("python") if "hkd_add_stages" in block]
-    namespace: dict = {}
-    exec(compile(snippet, "README.md", "exec"), namespace)
-    (spec,) = namespace["hkd_add_stages"]()
-    assert isinstance(spec, StageSpec) and spec.name == "final_cosine" and spec.level == "feature"
-    template = Path(__file__).resolve().parents[1] / "examples/plugin-template/hkd_example_plugin/__init__.py"
-    assert "class FinalCosineStage(Stage)" in template.read_text()  # the README shows this file's stage
+def test_the_two_commands_work_on_a_fresh_clone_and_ci_runs_the_test_command():
+    # catches: a README install line or test command that CI (a fresh clone) does not run
+    bash = doc_blocks.fenced(README, "bash")
+    first = doc_blocks.commands(bash[0])
+    assert [c[0] for c in first] == ["pip", "pip", "pip", "hkd"] and first[-1] == ["hkd", "demo"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    for words in first[:3]:
+        assert " ".join(words[2:]).replace('"', "") in ci.replace('"', ""), words
+    assert ["python", "-m", "pytest", "-q"] in [c for block in bash for c in doc_blocks.commands(block)]
+    assert ci.rstrip().splitlines()[-1] == "python -m pytest -q"  # the README's test command, last
 
 
-def test_several_teachers_and_per_phase_options_examples_load():
-    # catches: README snippets for teachers:/options: that the config would refuse
-    base = {"teacher": {"preset": "tiny-llama"}, "student": {"preset": "tiny-llama"},
-            "schedule": {"phases": [{"name": "p", "steps": 1, "stages": {"logits": 1.0}}]}}
-    (teachers,) = [block for block in fenced("yaml") if "teachers:" in block and "teacher_weight" in block]
-    config = from_dict(Config, base | yaml.safe_load(teachers))
-    assert [t.weight for t in config.teachers] == [0.5] and config.teacher.path == "/models/teacher-a"
-    (phased,) = [block for block in fenced("yaml") if "options: {hidden:" in block]
-    config = from_dict(Config, base | yaml.safe_load(phased))
-    assert config.schedule.phases[1].options == {"hidden": {"layer_map": {"strategy": "last"}}}
+def test_the_sample_demo_output_is_the_recorded_seed_0_run():
+    # catches: a README table of demo output that no recorded run printed
+    (sample,) = doc_blocks.fenced(README, "text")
+    recorded = json.loads((ROOT / "bench/results/demo-seeds/demo-seeds-2026-11-27.json").read_text())["runs"][0]
+    assert recorded["seed"] == 0
+    shown = {m["model"].strip(): float(m["value"]) for m in
+             re.finditer(r"^(?P<model>teacher|student: [^\n]*?)\s+(?P<value>\d\.\d{3})\s", sample, re.M)}
+    assert shown == recorded["rows"]
 
 
-def test_the_three_part_loop_example_names_real_functions():
-    # catches: a README loop example calling functions that do not exist (or with other arguments)
-    import inspect
+def test_the_example_is_examples_tiny_yaml():
+    # catches: a README example that drifted from the file the next command runs
+    (example,) = doc_blocks.fenced(README, "yaml")
+    assert yaml.safe_load(example) == yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    assert "hkd distill examples/tiny.yaml --out runs/tiny" in README.read_text()
 
-    from hkd.train import loop
 
-    (snippet,) = [block for block in fenced("python") if "build_run" in block]
-    for name in ("build_run", "train_step", "finish"):
-        assert f"{name}(" in snippet and callable(getattr(loop, name))
-    assert list(inspect.signature(loop.finish).parameters) == ["run", "step", "metrics"]
+def test_every_link_points_into_the_checkout():
+    # catches: a link to a docs page that was renamed or never written
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    assert links and all(not link.startswith("http") for link in links)
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert missing == []
+    pages = {str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")}
+    assert {"docs/getting-started.md", "docs/reference/config.md", "docs/benchmarks.md"} <= pages
