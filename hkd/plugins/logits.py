@@ -143,6 +143,11 @@ class LogitsStage(Stage):
     def student_request(self) -> TapRequest:
         return TapRequest(final_hidden=True) if self.config.fused else TapRequest(logits=True)
 
+    def parallel_refusal(self, parallel: str) -> str | None:
+        if parallel == "fsdp" and self.config.fused:
+            return f"{self.config_path}.fused: the fused LM head cannot run under train.parallel: fsdp yet; use ddp"
+        return None
+
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
         assert teacher is not None and student is not None
