@@ -13,8 +13,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from hkd.config import load_config
 from hkd.errors import HkdError
-from hkd.models.export import export_encoder, sentence_pooling, write_sentence_transformers
-from hkd.train.loop import distill
+from hkd.models.export import export_encoder, write_sentence_transformers
+from hkd.train.loop import build_run, distill
+from hkd.train.run import export_options
 
 SENTENCES = ["the teacher model encodes each sentence", "a smaller student learns",
              "similar sentences get similar vectors, and knowledge distillation transfers what a network learned"]
@@ -61,16 +62,18 @@ def test_final_holds_the_sentence_transformers_files(final_dir):
 def test_pooling_is_the_one_the_run_used(tmp_path, raw_config):
     """Catches: the export ignoring stages.sentence.pooling or a phase's options overriding it (a CLS-trained model
     exported with mean pooling), and writing sentence-transformers files for a decoder student."""
-    base = load_config(encoder_config(tmp_path, stages={"sentence": {"pooling": "cls"}}))
-    assert sentence_pooling(base) == "cls"
-    phase = load_config(encoder_config(tmp_path, phase={"options": {"sentence": {"pooling": "cls"}}}))
-    assert sentence_pooling(phase) == "cls"
-    assert sentence_pooling(load_config(encoder_config(tmp_path))) == "mean"
+    def pooling(**stages_and_phase):
+        config = load_config(encoder_config(tmp_path, **stages_and_phase))
+        return export_options(build_run(config, tmp_path / "run" / str(len(list(tmp_path.glob("run/*"))))))
+
+    assert pooling(stages={"sentence": {"pooling": "cls"}}) == {"pooling": "cls"}
+    assert pooling(phase={"options": {"sentence": {"pooling": "cls"}}}) == {"pooling": "cls"}
+    assert pooling() == {"pooling": "mean"}
     decoder_dir = tmp_path / "decoder-final"
     decoder_dir.mkdir()
     path = tmp_path / "decoder.yaml"
     path.write_text(yaml.safe_dump(raw_config))
-    export_encoder(decoder_dir, load_config(path), None)
+    export_encoder(decoder_dir, load_config(path), None, {"pooling": "cls"})
     assert list(decoder_dir.iterdir()) == []
     with pytest.raises(HkdError, match="pooling 'max' is not one of"):
         write_sentence_transformers(decoder_dir, pooling="max", hidden_size=8, max_seq_length=8)

@@ -27,16 +27,6 @@ MODULES = [
 ]
 
 
-def sentence_pooling(config: Config) -> str:
-    """The pooling of the sentence stage as the run's last phase using it had it; ``mean`` without one."""
-    base = str(config.stages.get("sentence", {}).get("pooling", "mean"))
-    pooling = base
-    for phase in config.schedule.phases:
-        if "sentence" in phase.stages:
-            pooling = str(phase.options.get("sentence", {}).get("pooling", base))
-    return pooling
-
-
 def write_sentence_transformers(final_dir: Path, *, pooling: str, hidden_size: int, max_seq_length: int,
                                 do_lower_case: bool = False) -> None:
     """Write ``modules.json``, ``sentence_bert_config.json`` and ``1_Pooling/config.json`` into ``final_dir``.
@@ -61,20 +51,22 @@ def write_sentence_transformers(final_dir: Path, *, pooling: str, hidden_size: i
     _write_json(final_dir / "modules.json", MODULES)
 
 
-def save_student(student: Any, tokenizer: Any, out: Path, state_dict: dict[str, Any], config: Config) -> None:
+def save_student(student: Any, tokenizer: Any, out: Path, state_dict: dict[str, Any], config: Config,
+                 options: dict[str, Any]) -> None:
     """A loadable model directory (``final/``, ``best/``): weights, tokenizer, and for an encoder
-    student the sentence-transformers files."""
+    student the sentence-transformers files. ``options`` are the stages' :meth:`~hkd.Stage.export_options`."""
     student.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    export_encoder(out, config, student.config)
+    export_encoder(out, config, student.config, options)
 
 
-def export_encoder(final_dir: Path, config: Config, student_config: Any) -> None:
-    """The loop's hook point: an encoder student's ``final/`` also becomes a sentence-transformers model."""
+def export_encoder(final_dir: Path, config: Config, student_config: Any, options: dict[str, Any]) -> None:
+    """An encoder student's ``final/`` also becomes a sentence-transformers model, pooled as the
+    stages say (``mean`` when none says)."""
     if not config.student.encoder:
         return
-    write_sentence_transformers(final_dir, pooling=sentence_pooling(config), hidden_size=student_config.hidden_size,
-                                max_seq_length=config.data.max_length)
+    write_sentence_transformers(final_dir, pooling=str(options.get("pooling", "mean")),
+                                hidden_size=student_config.hidden_size, max_seq_length=config.data.max_length)
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -38,7 +38,11 @@ class Schedule:
     def stage_key(self, step: int, name: str) -> str:
         """The stage instance that runs ``name`` at ``step``: ``name``, or ``name@phase`` where the
         phase gives the stage its own options (:func:`hkd.plugin.stage.build_stages` builds those)."""
-        phase = self.config.phases[self.phase_at(step).index]
+        return self.phase_stage_key(self.phase_at(step).index, name)
+
+    def phase_stage_key(self, phase_index: int, name: str) -> str:
+        """:meth:`stage_key` for any step of phase ``phase_index``."""
+        phase = self.config.phases[phase_index]
         return f"{name}@{phase.name}" if name in phase.options else name
 
     def weights(self, step: int) -> dict[str, float]:

@@ -84,6 +84,11 @@ class Stage(nn.Module):
         the loop skips the student forward and passes ``student=None``."""
         return TapRequest()
 
+    def export_options(self) -> dict[str, Any]:
+        """What this stage, as configured, tells the saved student (``final/``, ``best/``): the
+        sentence stage gives its ``pooling``. Stages are asked in schedule order; later phases win."""
+        return {}
+
     def parallel_refusal(self, parallel: str) -> str | None:
         """Why this stage, as configured, cannot run under ``train.parallel: <parallel>`` (``ddp`` or
         ``fsdp``), naming its config key; ``None`` when it can. The loop refuses at build time."""

@@ -23,9 +23,8 @@ are refused. The pooling chosen here is the one written to ``final/`` for senten
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -70,6 +69,9 @@ class SentenceStage(Stage):
         use_projector = config.projector == "linear" or (config.projector == "auto" and s_width != t_width)
         self.projector = nn.Linear(s_width, t_width, bias=False) if use_projector else None
         self.where = context.config_path
+
+    def export_options(self) -> dict[str, Any]:
+        return {"pooling": self.config.pooling}  # sentence-transformers pools as this stage trained
 
     def teacher_request(self) -> TapRequest:
         return TapRequest(hidden={self.teacher_layer})

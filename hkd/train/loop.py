@@ -43,7 +43,7 @@ from hkd.teachers.sources import CachedTeacher, check_requests, open_teachers, t
 from hkd.plugin.stage import StageContext, StepState, available_stages, build_stages
 from hkd.models.taps import enable_taps
 from hkd.train.best import BestTracker
-from hkd.train.run import Run, autocast, forward_views, stage_at, stage_loss_terms
+from hkd.train.run import Run, autocast, export_options, forward_views, stage_at, stage_loss_terms
 from hkd.train.validation import evaluate, held_out_batches, save_best
 from hkd.models.view import TapRequest
 
@@ -361,7 +361,7 @@ def finish(run: Run, step: int, metrics: dict[str, float]) -> RunResult:
     final_dir = run.run_dir / "final"
     student_state = ckpt.full_model_state(run.student)  # gathered from all shards under FSDP
     if run.info.is_main:
-        save_student(run.student, run.tokenizer, final_dir, student_state, run.config)
+        save_student(run.student, run.tokenizer, final_dir, student_state, run.config, export_options(run))
     run.hook("hkd_on_train_end", step=step, run_dir=run.run_dir, final_dir=final_dir, metrics=metrics)
     barrier(run.info)
     return RunResult(run.run_dir, final_dir, step, metrics)

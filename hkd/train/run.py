@@ -84,3 +84,12 @@ def stage_loss_terms(stages: torch.nn.ModuleDict, key: str, *args: Any) -> dict[
         raise
     except Exception as exc:
         raise HkdError(f"stage {key!r} failed computing its loss: {exc!r}") from exc
+
+
+def export_options(run: Run) -> dict[str, Any]:
+    """The stages' options for the saved student, in schedule order (a later phase's instance wins)."""
+    options: dict[str, Any] = {}
+    for index, phase in enumerate(run.schedule.config.phases):
+        for name in phase.stages:
+            options.update(stage_at(run.stages, run.schedule.phase_stage_key(index, name)).export_options())
+    return options

@@ -33,7 +33,7 @@ from hkd.errors import ConfigError
 from hkd.models.export import save_student
 from hkd.plugin.stage import StepState
 from hkd.models.view import TapRequest
-from hkd.train.run import Run, autocast, forward_views, stage_loss_terms
+from hkd.train.run import Run, autocast, export_options, forward_views, stage_loss_terms
 
 
 LOGIT_METRICS = ("kl", "top1_agreement", "student_nll")  # need both models' LM heads
@@ -119,7 +119,7 @@ def save_best(run: Run, state_dict: dict[str, Any]) -> None:
     """Write the student to ``best/`` atomically (a temp directory renamed over the old one)."""
     best, tmp = run.run_dir / "best", run.run_dir / "best.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_student(run.student, run.tokenizer, tmp, state_dict, run.config)  # loadable like final/
+    save_student(run.student, run.tokenizer, tmp, state_dict, run.config, export_options(run))  # like final/
     old = run.run_dir / "best.old"
     if best.exists():
         os.replace(best, old)
