@@ -2,6 +2,8 @@
 
     python bench/loop.py                      # CPU default: 4-layer 256-wide teacher, 2-layer student
     python bench/loop.py --hidden 768 --layers 12 --precision bf16-mixed   # on a GPU: >= 100M params
+    python bench/loop.py --hidden 2560 --layers 8 --student-hidden 2048 --student-layers 8 --vocab 128256 \
+        --batch-size 40 --precision bf16-mixed --fused      # a 1.0B student, Llama-3 vocabulary, fused LM head
 
 Both loops run the same models, batches and optimizer settings: a live teacher forward
 (no grad), the student forward and backward on the logits stage's loss (forward KL at T=1 via
@@ -10,7 +12,11 @@ an AdamW step. ``hkd`` is :func:`hkd.train.loop.train_step` (schedule, taps, sta
 one host read); ``bare`` is those operations written out by hand. They alternate in rounds
 (``--rounds``, each ``--steps`` steps after a warm-up) so machine noise hits both alike; the
 result is the median tokens/s of each (per CPU-second of the process on the CPU, per wall second
-on CUDA) and ``overhead = bare / hkd - 1``. On CUDA it also
+on CUDA) and ``overhead = bare / hkd - 1``. ``--fused`` sets ``stages.logits.fused`` (the LM head fused into the
+loss kernel: no logits tensor) and the bare loop then calls
+:func:`hkd.kernels.fused_linear_distill_loss` on the bodies' final hidden states likewise;
+``--vocab`` gives both models that vocabulary size (the synthetic data's characters use the
+first ids). The two preset models are written once and both loops load them. On CUDA it also
 reports model FLOPs utilisation (6 x student params + 2 x teacher params per token, against
 ``--peak-tflops``). JSON (device, date, command, numbers) goes to
 ``bench/results/loop/loop-{cpu,cuda}-<time>.json``.
@@ -32,6 +38,7 @@ import torch
 
 from hkd import kernels
 from hkd.config import Config, from_dict
+from hkd.models.loading import write_preset
 from hkd.train.distributed import clip_gradients
 from hkd.train.loop import Run, build_run, train_step
 
@@ -39,18 +46,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import folder, header  # noqa: E402
 
 
-def make_config(args: argparse.Namespace, device: str) -> Config:
+def model_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The teacher's and student's preset recipes: Llama-shaped, 4x wide MLPs, 64-wide heads; the
+    student is half the teacher's width and depth unless ``--student-hidden`` / ``--student-layers``."""
     def llama(hidden: int, layers: int, seed: int) -> dict[str, Any]:
-        return {"preset": "tiny-llama", "seed": seed, "preset_overrides": {
-            "hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
-            "num_attention_heads": max(1, hidden // 64), "num_key_value_heads": max(1, hidden // 128)}}
+        overrides = {"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": layers,
+                     "num_attention_heads": max(1, hidden // 64), "num_key_value_heads": max(1, hidden // 128)}
+        if getattr(args, "vocab", None):
+            overrides["vocab_size"] = args.vocab
+        return {"preset": "tiny-llama", "seed": seed, "preset_overrides": overrides}
 
+    student_hidden = getattr(args, "student_hidden", None) or args.hidden // 2
+    student_layers = getattr(args, "student_layers", None) or max(1, args.layers // 2)
+    return {"teacher": llama(args.hidden, args.layers, 1), "student": llama(student_hidden, student_layers, 2)}
+
+
+def write_models(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]:
+    """Write both preset models once under ``root``; the specs that load them by path (two runs
+    would otherwise each write their own copy, which takes long at a billion parameters)."""
+    specs = {}
+    for role, spec in model_specs(args).items():
+        path = write_preset(spec["preset"], root / role, spec["preset_overrides"], spec["seed"])
+        specs[role] = {"path": str(path)}
+    return specs
+
+
+def make_config(args: argparse.Namespace, device: str, models: dict[str, dict[str, Any]] | None = None) -> Config:
+    models = models or model_specs(args)
+    fused = bool(getattr(args, "fused", False))
     return from_dict(Config, {
-        "teacher": llama(args.hidden, args.layers, 1),
-        "student": llama(args.hidden // 2, max(1, args.layers // 2), 2),
+        "teacher": models["teacher"],
+        "student": models["student"],
         "data": {"kind": "synthetic", "num_examples": 256, "batch_size": args.batch_size, "max_length": args.length,
                  "digits": 6},
         "schedule": {"phases": [{"name": "decision", "steps": 10**6, "stages": {"logits": 1.0}}]},
+        "stages": {"logits": {"fused": fused}},
         "optim": {"lr": 1e-4, "grad_clip": 1.0},
         "train": {"progress": False, "device": device, "precision": args.precision},
         "logging": {"backends": []},
@@ -58,18 +88,29 @@ def make_config(args: argparse.Namespace, device: str) -> Config:
 
 
 def bare_step(run: Run, step: int) -> int:
-    """The same work as ``train_step`` for the logits stage, without hkd's machinery; returns tokens."""
+    """The same work as ``train_step`` for the logits stage, without hkd's machinery; returns tokens.
+    With ``stages.logits.fused`` the bodies run without their LM heads and the fused loss takes
+    their final hidden states and the heads' weights, as the stage does."""
     batch = {k: v.to(run.device) for k, v in run.batches.batch(step).items()}
     teacher = run.teachers[0].model
     targets = batch["labels"][:, 1:]
     tokens = int((targets != -100).sum())
+    fused = run.config.stages.get("logits", {}).get("fused", False)
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.precision == "bf16-mixed"):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        with torch.no_grad():
-            teacher_logits = teacher(**inputs).logits
-        student_logits = run.student(**inputs).logits
-        loss = kernels.distill_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=targets,
-                                    reduction="sum") / max(tokens, 1)
+        if fused:
+            with torch.no_grad():
+                teacher_hidden = getattr(teacher, teacher.base_model_prefix)(**inputs).last_hidden_state
+            student_hidden = getattr(run.student, run.student.base_model_prefix)(**inputs).last_hidden_state
+            loss = kernels.fused_linear_distill_loss(
+                student_hidden[:, :-1], run.student.get_output_embeddings().weight, teacher_hidden[:, :-1],
+                teacher.get_output_embeddings().weight, labels=targets, reduction="sum") / max(tokens, 1)
+        else:
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs).logits
+            student_logits = run.student(**inputs).logits
+            loss = kernels.distill_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=targets,
+                                        reduction="sum") / max(tokens, 1)
     loss.backward()
     clip_gradients(run.params, run.config.optim.grad_clip)
     run.optimizer.step()
@@ -96,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=256, help="teacher width (student: half)")
     parser.add_argument("--layers", type=int, default=4, help="teacher depth (student: half)")
+    parser.add_argument("--student-hidden", type=int, help="student width (default: half the teacher's)")
+    parser.add_argument("--student-layers", type=int, help="student depth (default: half the teacher's)")
+    parser.add_argument("--vocab", type=int, help="vocabulary size of both models (default: the preset's, 100)")
+    parser.add_argument("--fused", action="store_true", help="stages.logits.fused: the LM head fused into the loss")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and loop")
@@ -107,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with TemporaryDirectory() as tmp:
-        ours = build_run(make_config(args, device), Path(tmp) / "hkd")
-        bare = build_run(make_config(args, device), Path(tmp) / "bare")
+        models = write_models(args, Path(tmp) / "models")
+        ours = build_run(make_config(args, device, models), Path(tmp) / "hkd")
+        bare = build_run(make_config(args, device, models), Path(tmp) / "bare")
         hkd_step = lambda step: (train_step(ours, step), int(ours.batches.counts(step)[1]))[1]  # noqa: E731
         for fn in (hkd_step, lambda step: bare_step(bare, step)):
             timed(fn, 2, 0, ours.device)  # warm-up: allocator, kernels, autotuning
@@ -123,16 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         **header("loop.py", argv, f"cuda: {torch.cuda.get_device_name()}" if device == "cuda" else None),
         "torch_threads": torch.get_num_threads(),
-        "precision": ours.precision, "student_params": student_params, "teacher_params": teacher_params,
+        "precision": ours.precision, "fused": args.fused, "vocab": ours.student.config.vocab_size,
+        "student_params": student_params, "teacher_params": teacher_params,
         "tokens_per_s": median, "rounds": rates,
         "overhead": median["bare"] / median["hkd"] - 1,
     }
     if device == "cuda":
         flops_per_token = 6 * student_params + 2 * teacher_params
         result["mfu"] = {name: rate * flops_per_token / (args.peak_tflops * 1e12) for name, rate in median.items()}
+        result["peak_tflops"] = args.peak_tflops
     print(f"tokens/s  hkd {median['hkd']:.0f}  bare {median['bare']:.0f}  overhead {100 * result['overhead']:+.1f}%"
           f"  (median of {args.rounds} rounds x {args.steps} steps; student {student_params / 1e6:.1f}M, "
-          f"teacher {teacher_params / 1e6:.1f}M params, {result['precision']})")
+          f"teacher {teacher_params / 1e6:.1f}M params, {result['precision']}{', fused LM head' if args.fused else ''})")
     out = Path(args.out) if args.out else folder("loop") / f"loop-{device}-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
