@@ -81,8 +81,11 @@ def cmd_kernels(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_init_model(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.config import parse_override
-    from hkd.models.loading import write_preset
+    from hkd.config.outputs import check_output_dir
+    from hkd.models.loading import PRESET_RECIPE, write_preset
 
+    check_output_dir(args.out, "--out", "init-model", owner=lambda p: (p / PRESET_RECIPE).is_file(),
+                     why=f"it has no {PRESET_RECIPE}")
     overrides = {}
     for text in _split_overrides(extra):
         keys, value = parse_override(text)
@@ -113,8 +116,10 @@ def cmd_init_student(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.train.distributed import init_distributed
-    from hkd.commands.generate import generate, load_generate_config
+    from hkd.commands.generate import check_generate_output, generate, load_generate_config
 
+    if args.out:
+        check_generate_output(args.out, "--out")
     config = load_generate_config(args.config, _split_overrides(extra))
     config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
     if args.out:
@@ -142,14 +147,17 @@ def cmd_cache_teacher(args: argparse.Namespace, extra: list[str]) -> int:
         raise HkdError("cache-teacher: give --out DIR or set teacher_cache in the config")
     index = build_cache(config, Path(out), top_k=args.top_k, hidden=not args.no_hidden, targets=args.targets,
                         samples=args.samples, temperature=args.temperature, seed=args.seed,
-                        examples_per_shard=args.examples_per_shard, progress=not args.no_progress and _terminal())
+                        examples_per_shard=args.examples_per_shard, progress=not args.no_progress and _terminal(),
+                        flag="--out" if args.out else "teacher_cache")
     print(f"teacher cache written: {_shown(index)}; train from it with --teacher_cache={_shown(Path(out))}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from hkd.commands.evaluate import load_eval_config, result_rows, run_eval
+    from hkd.commands.evaluate import check_eval_output, load_eval_config, result_rows, run_eval
 
+    if args.out:
+        check_eval_output(args.out, "--out")
     config = load_eval_config(args.config, _split_overrides(extra))
     config.plugins.disable = sorted(set(config.plugins.disable) | set(args.disable or []))
     if args.out:

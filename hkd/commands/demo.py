@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,12 +36,14 @@ from tqdm.auto import tqdm
 
 from hkd.tasks.chain import make_chain_problems
 from hkd.config import Config, ModelConfig, from_dict, validate
+from hkd.config.outputs import check_output_dir, remove_named, write_text_atomic
 from hkd.data.encoding import read_jsonl
 from hkd.errors import HkdError
 from hkd.commands.evaluate import evaluate_pass_at_k
 from hkd.commands.generate import GenerateConfig, generate, rewrite_lines
 from hkd.plugin.hookspecs import hookimpl
 from hkd.train.loop import distill
+from hkd.train.rundir import OUTPUTS
 from hkd.plugin.manager import build_manager
 from hkd.models.loading import freeze, load_model, load_tokenizer
 from hkd.sampling.verify import VerifierConfig, build_verifier
@@ -167,7 +168,7 @@ def prepare_teacher(settings: DemoSettings, out: Path, data: DemoData, progress:
     if stamp.is_file() and json.loads(stamp.read_text()) == fingerprint:
         tqdm.write(f"teacher: reusing {run / 'final'}")
         return run / "final"
-    shutil.rmtree(run, ignore_errors=True)
+    remove_run(run, "demo-teacher.json")  # what the demo wrote there, by name: never a file of the user's
     for stale in (DISTILLED, DISTILLED + ".ledger.jsonl"):  # solutions of an older teacher must not be reused
         (out / "data" / stale).unlink(missing_ok=True)
     distill(config, run)
@@ -227,9 +228,20 @@ class PhaseSnapshots:
         self._save()
 
 
+def remove_run(run: Path, *extra: str) -> None:
+    """A demo run directory's outputs (a distill run's, and ``extra``) by name; anything else in it stays."""
+    if run.is_dir():
+        remove_named(run, [*OUTPUTS, *extra, *(p.name for p in run.glob("config.resume-*.yaml"))])
+
+
+def is_demo_dir(path: Path) -> bool:
+    """A directory an earlier ``hkd demo`` wrote into (its data, its teacher or its results)."""
+    return any((path / name).exists() for name in ("results.json", "data/heldout.jsonl", "teacher/demo-teacher.json"))
+
+
 def train_student(config: Config, run: Path) -> dict[str, Path]:
     """A fresh distill run; returns the student saved after each phase, by phase name."""
-    shutil.rmtree(run, ignore_errors=True)
+    remove_run(run, "phases")
     snapshots = PhaseSnapshots(run / "phases")
     distill(config, run, pm=build_manager(extra_plugins=[("demo-phases", snapshots)]))
     return snapshots.saved
@@ -362,6 +374,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True, threads: 
     ``threads``: torch CPU threads. On a machine shared with other jobs, fewer threads than
     cores avoids OpenMP threads spinning against each other, which can cost far more than it gives.
     """
+    check_output_dir(out, "--out", "demo", owner=is_demo_dir, why="it has no results.json or data/heldout.jsonl")
     started = time.perf_counter()
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -404,9 +417,7 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True, threads: 
 
 
 def write_json(path: Path, content: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(content, indent=1))
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:

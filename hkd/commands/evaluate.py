@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from hkd.config import DataConfig, ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
+from hkd.config.outputs import check_output_file, write_text_atomic
 from hkd.data.encoding import collate, encode, encode_dataset, read_jsonl
 from hkd.errors import ConfigError, HkdError
 from hkd.commands.generate import pick_device
@@ -220,9 +221,25 @@ def load_eval_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
     return config
 
 
+def is_eval_results(path: Path) -> bool:
+    """An existing file is an earlier ``hkd eval`` result (a small JSON mapping of its sections), which may be replaced."""
+    if path.stat().st_size > 1 << 24:
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and bool(data) and set(data) <= {"pass_at_k", "text"}
+
+
+def check_eval_output(path: str | Path, flag: str = "output") -> Path:
+    """Where ``hkd eval`` writes its JSON, checked before any model loads (:mod:`hkd.config.outputs`)."""
+    return check_output_file(path, flag, "eval", owner=is_eval_results)
+
+
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Everything the config asks for; the results are also written to ``config.output``."""
-    output = Path(config.output)
+    output = check_eval_output(config.output)  # before any work
     output.parent.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.device)
     model, tokenizer = load_model(config.model, "model", output.parent)
@@ -252,9 +269,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         encoded = encode_dataset(tokenizer, config.text, config.text_seed)
         results["text"] = text_metrics(model, teacher, encoded, tokenizer.pad_token_id or 0,
                                        config.text.batch_size, config.progress)
-    tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(output)
+    write_text_atomic(output, json.dumps(results, indent=1))
     return results
 
 

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from hkd.sampling.augment import PromptTransform, TransformConfig, TransformContext, build_prompt_transform
 from hkd.config import ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
+from hkd.config.outputs import check_output_file
 from hkd.data.encoding import read_jsonl
 from hkd.train.distributed import barrier, init_distributed
 from hkd.errors import ConfigError, HkdError
@@ -404,8 +405,18 @@ def load_teacher(config: GenerateConfig, needs_model: bool, run_dir: Path) -> tu
     return None, load_tokenizer(path, config.teacher.trust_remote_code)
 
 
+def check_generate_output(path: str | Path, flag: str = "output") -> Path:
+    """Where ``hkd generate`` appends, checked before any work: a file, its own earlier output (it has a
+    ledger) or new, and a ledger path that is a file too (:mod:`hkd.config.outputs`)."""
+    output = check_output_file(path, flag, "generate", owner=lambda p: ledger_path(p).is_file(),
+                               example="solutions.jsonl", why=f"it has no ledger {ledger_path(Path(path)).name}")
+    check_output_file(ledger_path(output), f"{flag} (its ledger)", "generate", owner=lambda p: True)
+    return output
+
+
 def generate(config: GenerateConfig) -> GenerateSummary:
     """Sample, verify, filter and append; resumes where an interrupted run stopped."""
+    check_generate_output(config.output)
     pm = build_manager(config.plugins.disable)
     verifiers = [(v.name, build_verifier(pm, v.name, v.options, f"verifiers[{i}]"))
                  for i, v in enumerate(config.verifiers)]

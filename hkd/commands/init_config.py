@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from hkd.config.outputs import check_output_file, write_text_atomic
 from hkd.errors import HkdError
 from hkd.models.layermap import build_layer_map
 from hkd.models.loading import is_encoder_config
@@ -241,11 +242,9 @@ def check(text: str, out_dir: Path | None) -> None:
 def write_starter_config(teacher_dir: str | Path, student_dir: str | Path, out: str | Path) -> Path:
     """Write the starter config to ``out`` (refusing to overwrite an existing file)."""
     target = Path(out)
-    if target.exists():
-        raise HkdError(f"init-config: {str(target)!r} already exists; choose another --out or remove it")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_file():
+        raise HkdError(f"--out: {str(target)!r} already exists; choose another --out or remove it")
+    check_output_file(target, "--out", "init-config", example="distill.yaml")  # a directory, a path below a file
     text = starter_config(teacher_dir, student_dir, target.parent)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(target)
+    write_text_atomic(target, text)
     return target

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hkd.config import DataConfig, ModelConfig
+from hkd.config.outputs import check_output_dir, move_into, temp_dir_beside
 from hkd.data.encoding import Batches, encode_dataset
 from hkd.errors import HkdError
 from hkd.models.loading import freeze, load_model
@@ -294,9 +294,9 @@ def init_student(teacher_dir: str | Path, out_dir: str | Path, options: InitOpti
     out = Path(out_dir)
     if out.resolve() == Path(teacher_dir).resolve():
         raise HkdError("init-student: --out must not be the teacher's directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / INIT_RECORD).is_file():
-        raise HkdError(f"init-student: {str(out)!r} exists and was not written by init-student; "
-                       "choose an empty or new --out directory")
+    check_output_dir(out, "--out", "init-student", owner=lambda p: (p / INIT_RECORD).is_file(),
+                     why=f"it has no {INIT_RECORD}")
+    previous = _written_before(out)
     teacher, tokenizer = load_model(ModelConfig(path=str(teacher_dir)), "teacher")
     freeze(teacher)
     layers = _layers_of(teacher)
@@ -351,7 +351,7 @@ def init_student(teacher_dir: str | Path, out_dir: str | Path, options: InitOpti
         raise HkdError(f"init-student: cut weights do not fit the student (missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]})")
 
-    record = {
+    record: dict[str, Any] = {
         "teacher": str(Path(teacher_dir).resolve()),
         "options": asdict(options),
         "teacher_blocks": blocks,  # 0-based teacher block of each student block
@@ -363,15 +363,26 @@ def init_student(teacher_dir: str | Path, out_dir: str | Path, options: InitOpti
         "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
                    "student": sum(p.numel() for p in student.parameters())},
     }
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / INIT_RECORD).write_text(json.dumps(record, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    tmp = temp_dir_beside(out)  # a name of our own: never a folder of the user's
+    try:
+        student.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record["files"] = sorted([p.name for p in tmp.iterdir()] + [INIT_RECORD])  # what a re-run may replace
+        (tmp / INIT_RECORD).write_text(json.dumps(record, indent=1))
+        move_into(tmp, out, previous)  # files the user added to an earlier output stay
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _written_before(out: Path) -> list[str]:
+    """The files an earlier ``init-student`` wrote into ``out`` (its record lists them), to be replaced by name."""
+    try:
+        files = json.loads((out / INIT_RECORD).read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [name for name in files if isinstance(name, str) and name and Path(name).name == name]
 
 
 def read_init_record(model_dir: str | Path) -> dict[str, Any] | None:

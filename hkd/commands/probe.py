@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from hkd.train import checkpoint as ckpt
 from hkd.config import Config, from_dict, load_yaml
+from hkd.config.outputs import check_output_dir, check_output_file, write_text_atomic
 from hkd.data.encoding import Batches, encode_dataset
 from hkd.errors import HkdError
 from hkd.models.layermap import LayerMapConfig, build_layer_map
@@ -123,6 +124,9 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
         raise HkdError("probe: --final probes the run's final/ model; it takes no --step")
     config = run_config(run_dir, trust_remote_code, allow_pickle)
     step, checkpoint = (-1, None) if final else choose_checkpoint(run_dir, step)
+    out = run_dir / "probe" / ("final.json" if final else f"step-{step:08d}.json")
+    check_output_dir(out.parent, "probe output", "probe", owner=lambda p: True)  # RUN_DIR/probe is probe's own
+    check_output_file(out, "probe output", "probe", owner=lambda p: True)
     teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
     student, student_tok = load_model(config.student, "student", run_dir)
     student_dir = getattr(student.config, "name_or_path", None)  # where a cut student's layer record lies
@@ -186,9 +190,5 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
         "attention_kl": (kl_sums / tokens).tolist(),
         "mapped": mapped_pairs(config, student_layers, teacher_layers, student_dir),
     }
-    out = run_dir / "probe" / ("final.json" if final else f"step-{step:08d}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(result, indent=1))
     return out

@@ -41,6 +41,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from hkd.config.outputs import check_output_dir, write_text_atomic  # noqa: E402
 from hkd.errors import HkdError  # noqa: E402
 
 LAYER_PREFIX = "metric/layer/"
@@ -486,13 +487,28 @@ def build_index(folder: Path, runs: list[Path], out_dir: Path, steps: list[int] 
     return write_page(out_dir / "index.html", f"hkd report: {folder.name}", sections)
 
 
+PAGE_START = "<!DOCTYPE html><html><head><meta charset='utf-8'><title>hkd report"  # how a report page begins
+
+
 def write_page(target: Path, title: str, sections: list[str]) -> Path:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(page)
-    tmp.replace(target)  # a browser refreshing the page never sees half of it
+    write_text_atomic(target, page)  # a browser refreshing the page never sees half of it
     return target
+
+
+def is_report_dir(path: Path) -> bool:
+    """A directory an earlier ``hkd report`` wrote: its ``index.html`` is a report page."""
+    try:
+        with (path / "index.html").open("r", encoding="utf-8") as handle:
+            return handle.read(len(PAGE_START)) == PAGE_START
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_report_output(out_dir: Path, flag: str) -> Path:
+    """Where the report goes, checked before anything is drawn (:mod:`hkd.config.outputs`)."""
+    return check_output_dir(out_dir, flag, "report", owner=is_report_dir, why="it has no report index.html")
 
 
 def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | None = None) -> Path:
@@ -501,6 +517,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | 
     A folder of runs without its own ``metrics.jsonl`` (``hkd demo``'s ``runs/demo``) gets a
     report per run and an index page comparing them.
     """
+    check_report_output(out_dir or run_dir / "report", "--out" if out_dir else "report directory")
     if run_dir.is_dir() and not (run_dir / "metrics.jsonl").is_file():
         runs = find_runs(run_dir)
         if runs:

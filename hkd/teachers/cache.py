@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from hkd.config import Config, ModelConfig, TemperatureConfig
+from hkd.config.outputs import check_output_dir
 from hkd.data.encoding import collate, encode_dataset
 from hkd.errors import ConfigError, HkdError
 from hkd.plugin.manager import build_manager
@@ -214,9 +215,23 @@ def cache_serves(index: dict[str, Any], run_temperature: float | None, run_tempe
 # --------------------------------------------------------------------------- writing
 
 
+def is_cache_dir(path: Path) -> bool:
+    """A directory ``hkd cache-teacher`` wrote: its index, a shard, or only the preset models it writes first."""
+    if (path / INDEX).is_file() or any(path.glob("shard-*.safetensors*")):
+        return True
+    return {p.name for p in path.iterdir()} == {"models"} and all(
+        (role / "hkd-preset.json").is_file() or role.name.endswith(".tmp") for role in (path / "models").iterdir())
+
+
+def check_cache_output(out_dir: Path, flag: str = "--out") -> Path:
+    """Where ``hkd cache-teacher`` writes, checked before any work (:mod:`hkd.config.outputs`)."""
+    return check_output_dir(out_dir, flag, "cache-teacher", owner=is_cache_dir, why=f"it has no {INDEX}")
+
+
 def build_cache(config: Config, out_dir: Path, *, top_k: int = 64, hidden: bool = True, targets: Targets | None = None,
                 samples: int = 64, temperature: float | None = None, seed: int | None = None,
-                examples_per_shard: int = 1024, work_dir: Path | None = None, progress: bool = True) -> Path:
+                examples_per_shard: int = 1024, work_dir: Path | None = None, progress: bool = True,
+                flag: str = "--out") -> Path:
     """Run the teacher over the data set once and write the cache to ``out_dir``; returns the index path.
 
     ``targets``: ``topk`` (``top_k`` logits and the log-normaliser), ``sampled`` (``samples`` draws per
@@ -225,6 +240,7 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int = 64, hidden: bool 
     the draws; default the run's ``schedule.temperature`` when constant, else 1 (``sampled`` then
     needs it given).
     """
+    check_cache_output(out_dir, flag)  # before any model loads
     work_dir = work_dir or out_dir
     pm = build_manager(config.plugins.disable)
     teacher, teacher_tok = load_model(config.teacher, "teacher", work_dir)

@@ -28,14 +28,15 @@ from typing import Any
 import yaml
 
 from hkd.config import Config, from_dict, load_yaml
+from hkd.config.outputs import check_output_dir
 from hkd.errors import ConfigError, HkdError
 
 CONFIG = "config.yaml"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")  # any of these: the directory holds a run
 # what hkd distill and the loggers write into a run directory; --overwrite replaces these and nothing else
 ASIDE = ".hkd-overwritten"  # the replaced run's outputs, until the new run has started
-OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "models", "probe", "report", "tensorboard",
-           "wandb", "wandb-run-id")
+OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "best", "best.json", "models", "probe", "report",
+           "tensorboard", "wandb", "wandb-run-id")
 # dotted keys (and everything below them) that may differ on --resume: how the run is watched, logged,
 # saved or spread over devices, not what it computes (docs/scaling.md: a run may resume with other ranks or mode)
 HARMLESS = ("train.progress", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
@@ -146,8 +147,7 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool = False, over
     """
     if resume and overwrite:
         raise HkdError("--resume and --overwrite contradict each other: continue the run in --out, or replace it")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise HkdError(f"--out: {str(run_dir)!r} exists and is not a directory")
+    check_output_dir(run_dir, "--out", "distill", owner=lambda p: True)  # kind, parents, writable
     found = holds_run(run_dir)
     if resume:
         from hkd.train.checkpoint import list_checkpoints
