@@ -22,6 +22,7 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.config import load_config
+    from hkd.plugin.manager import build_manager
     from hkd.train.distributed import barrier, init_distributed
     from hkd.train.loop import distill
     from hkd.train.rundir import prepare_run_dir
@@ -38,9 +39,10 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     barrier(info)
     if info.is_main:
         plan.record_config()
+    pm = build_manager(config.plugins.disable, extra_plugins=[("hkd-run-directory", plan)])  # counts finished steps
     try:
-        result = distill(config, run_dir, resume=args.resume)
-    finally:  # --overwrite: the old run goes once the new one has started, else it comes back
+        result = distill(config, run_dir, resume=args.resume, pm=pm)
+    finally:  # a new run that never finished a step leaves nothing; --overwrite: the old run comes back
         if info.is_main:
             plan.settle()
     loader = "AutoModel" if config.student.encoder else "AutoModelForCausalLM"

@@ -79,8 +79,9 @@ def test_overwrite_replaces_the_runs_outputs_and_nothing_else(tmp_path, config):
     # bug caught: old checkpoints mixed into the new run
     assert sorted(p.name for p in run.iterdir()) == [".hkd-overwritten", "notes.txt"]
     (run / "config.yaml").write_text("new run started")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')  # and finished its first step
     plan.settle()
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "notes.txt"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "metrics.jsonl", "notes.txt"]
     with pytest.raises(HkdError, match="--resume and --overwrite contradict"):
         prepare_run_dir(run, config, resume=True, overwrite=True)
 

@@ -44,6 +44,9 @@ class StageContext:
     teachers: list[PreTrainedModel] = field(default_factory=list)
     teacher_weights: list[float] = field(default_factory=lambda: [1.0])
     teachers_serve: list[TapRequest] = field(default_factory=list)
+    # the run's data config (hkd.config.DataConfig): a stage refuses here, before the first step,
+    # what it cannot train on (e.g. data.packing); None outside the loop
+    data: Any = None
 
 
 @dataclass

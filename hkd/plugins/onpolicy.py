@@ -98,6 +98,9 @@ class OnPolicyStage(Stage):
             if output_head(model) is None or getattr(model.config, "is_encoder_decoder", False):
                 raise ConfigError(f"{where}: the {role} is not a causal LM (no LM head); on-policy distillation "
                                   "samples text from the student")
+        if config.lmbda > 0 and getattr(context.data, "packing", False):  # refused before the first step, not at it
+            raise ConfigError(f"{where}: on-policy steps sample from each row's prompt, but data.packing: true holds "
+                              "several examples per row; set data.packing: false")
         self.config = config
         self.where = where
         self.kernel_backend = config.backend or context.kernels.get("distill_loss", "auto")

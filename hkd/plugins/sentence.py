@@ -69,6 +69,9 @@ class SentenceStage(Stage):
         use_projector = config.projector == "linear" or (config.projector == "auto" and s_width != t_width)
         self.projector = nn.Linear(s_width, t_width, bias=False) if use_projector else None
         self.where = context.config_path
+        if getattr(context.data, "packing", False):  # refused before the first step, not at it
+            raise ConfigError(f"{self.where}: data.packing puts several sentences in one row, so there is no one "
+                              "sentence to pool; set data.packing: false")
 
     def export_options(self) -> dict[str, Any]:
         return {"pooling": self.config.pooling}  # sentence-transformers pools as this stage trained

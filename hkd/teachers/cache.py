@@ -280,7 +280,7 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int = 64, hidden: bool 
 
     def context(name: str) -> StageContext:
         return StageContext(name, teacher, student, config.kernels, f"stages.{name}", pm, tokenizer,
-                            teacher_serves=serves, teacher_live=False)
+                            teacher_serves=serves, teacher_live=False, data=config.data)
 
     stages = build_stages(pm, Schedule(config.schedule, config.optim).stage_names, config.stages, context,
                           config.schedule.phases)

@@ -6,9 +6,13 @@ reused:
 
 * a fresh run into it is refused unless ``--resume`` (continue it) or ``--overwrite``
   (replace it: the outputs hkd wrote there, nothing else, are moved aside into
-  ``.hkd-overwritten/`` and deleted once the new run has started, i.e. written its
-  ``config.yaml`` after validating everything; a new run refused before that gets the old
-  one back, so a typo next to ``--overwrite`` loses nothing);
+  ``.hkd-overwritten/`` and deleted only once the new run has made progress of its own: a
+  finished optimizer step, its metrics or a checkpoint. A new run that fails before that,
+  refused while it is built or at its first step, has what it wrote removed by name and the
+  old run put back, so a typo next to ``--overwrite`` loses nothing; a process killed in
+  between gets the old run back at the next ``hkd distill`` into the directory);
+* a fresh run that fails before its first step leaves nothing behind: no ``config.yaml``
+  that would make the directory look like a run, and no directory it created;
 * ``--resume`` compares the new config with the saved ``config.yaml`` and refuses
   differences that change what the run computes (student width, lr, steps, max_length, ...),
   listing the keys; ``--allow-config-change`` accepts them. Keys that only change how the
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ import yaml
 from hkd.config import Config, from_dict, load_yaml
 from hkd.config.outputs import check_output_dir
 from hkd.errors import ConfigError, HkdError
+from hkd.plugin.hookspecs import hookimpl
 
 CONFIG = "config.yaml"
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")  # any of these: the directory holds a run
@@ -45,12 +51,27 @@ HARMLESS = ("train.progress", "train.checkpoint_every", "train.keep_checkpoints"
 
 @dataclass
 class RunDirPlan:
-    """What :func:`prepare_run_dir` decided: the directory, and a changed resumed config to record."""
+    """What :func:`prepare_run_dir` decided: the directory, and a changed resumed config to record.
+
+    Also a plugin (register it with the run's plugin manager): ``hkd_after_step`` marks that the
+    new run made progress, which is what :meth:`settle` asks before deleting a replaced run.
+    """
 
     run_dir: Path
     resume: bool
     changed: dict[str, tuple[Any, Any]]  # dotted key -> (saved, new), harmless or allowed
     config: Config
+    created: bool = False  # the directory did not exist before this run
+    before: frozenset[str] = frozenset()  # names of OUTPUTS already there (not the new run's) after moving aside
+    steps_done: int = 0  # optimizer steps this run finished (hkd_after_step)
+
+    @hookimpl
+    def hkd_after_step(self, step: int) -> None:
+        self.steps_done += 1
+
+    def started(self) -> bool:
+        """The new run made progress of its own: a finished step, metrics or a checkpoint."""
+        return self.resume or self.steps_done > 0 or progress_on_disk(self.run_dir)
 
     def record_config(self) -> Path | None:
         """On a resume whose config differs from the saved one, write it as ``config.resume-N.yaml``.
@@ -73,19 +94,61 @@ class RunDirPlan:
         return out
 
     def settle(self) -> None:
-        """After the run (finished, failed or stopped): an overwritten run is deleted if the new one
-        started (wrote its ``config.yaml``), else put back in place of whatever the refused run left."""
+        """After the run (finished, failed or stopped). A new run that made progress keeps its outputs and
+        a replaced run is deleted; one that did not has what it wrote removed by name (never a file that
+        was there before) and the replaced run, if any, put back; a directory it created goes too."""
+        if self.resume or not self.run_dir.is_dir():
+            return
         aside = self.run_dir / ASIDE
-        if not aside.is_dir():
+        if self.started():
+            if aside.is_dir():
+                shutil.rmtree(aside)
             return
-        if (self.run_dir / CONFIG).exists():
-            shutil.rmtree(aside)
-            return
-        for name in OUTPUTS:  # what the refused run left (presets, say) makes way for the old run
-            _remove(self.run_dir / name)
-        for item in aside.iterdir():
-            os.replace(item, self.run_dir / item.name)
-        aside.rmdir()
+        for name in [*OUTPUTS, *(p.name for p in self.run_dir.glob("config.resume-*.yaml"))]:
+            if name not in self.before:
+                _remove(self.run_dir / name)
+        restore(self.run_dir)
+        if self.created and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()
+
+
+def progress_on_disk(run_dir: Path) -> bool:
+    """A run in ``run_dir`` got past its first step: metrics, a checkpoint or a final model."""
+    from hkd.train.checkpoint import list_checkpoints
+
+    return ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size > 0) \
+        or (run_dir / "final").is_dir() or bool(list_checkpoints(run_dir / "checkpoints"))
+
+
+def restore(run_dir: Path) -> bool:
+    """Put a run moved aside by ``--overwrite`` back in place (the new outputs are already gone); True if there was one."""
+    aside = run_dir / ASIDE
+    if not aside.is_dir():
+        return False
+    for item in aside.iterdir():
+        target = run_dir / item.name
+        if target.exists() or target.is_symlink():  # an earlier new run's leftover of the same name
+            _remove(target)
+        os.replace(item, target)
+    aside.rmdir()
+    return True
+
+
+def recover_interrupted(run_dir: Path) -> None:
+    """A run moved aside by an ``--overwrite`` whose process was killed: deleted if the new run made progress,
+    else put back (with the new run's outputs removed), so the next command sees the directory as it should."""
+    aside = run_dir / ASIDE
+    if not aside.is_dir():
+        return
+    if progress_on_disk(run_dir):
+        shutil.rmtree(aside)
+        return
+    for name in OUTPUTS:
+        if not (aside / name).exists():  # the killed run's own outputs; the old run's come back below
+            _remove(run_dir / name)
+    restore(run_dir)
+    print(f"hkd: {str(run_dir)!r}: an interrupted --overwrite never trained a step; the replaced run is back "
+          "in place", file=sys.stderr)
 
 
 def holds_run(run_dir: Path) -> list[str]:
@@ -148,6 +211,9 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool = False, over
     if resume and overwrite:
         raise HkdError("--resume and --overwrite contradict each other: continue the run in --out, or replace it")
     check_output_dir(run_dir, "--out", "distill", owner=lambda p: True)  # kind, parents, writable
+    if write:
+        recover_interrupted(run_dir)
+    created = not run_dir.exists()
     found = holds_run(run_dir)
     if resume:
         from hkd.train.checkpoint import list_checkpoints
@@ -170,12 +236,12 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool = False, over
                        "replace it with --overwrite, or choose another --out")
     if found and write:
         aside = run_dir / ASIDE
-        _remove(aside)  # an earlier --overwrite whose process died: that run was to be replaced too
         aside.mkdir()
         for item in [run_dir / name for name in OUTPUTS] + sorted(run_dir.glob("config.resume-*.yaml")):
             if item.exists() or item.is_symlink():
                 os.replace(item, aside / item.name)
-    return RunDirPlan(run_dir, False, {}, config)
+    before = frozenset(name for name in OUTPUTS if (run_dir / name).exists())
+    return RunDirPlan(run_dir, False, {}, config, created=created, before=before)
 
 
 def _remove(path: Path) -> None:
