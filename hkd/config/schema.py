@@ -96,7 +96,31 @@ class ModelConfig:
 
 
 @dataclass
-class TeacherConfig(ModelConfig):
+class TeacherModelConfig(ModelConfig):
+    """A teacher model: where it comes from and where it runs (hkd/train/placement.py, docs/teacher-ranks.md)."""
+
+    # colocated: in every student process (sharded with it under FSDP); ranks: on its own torchrun ranks,
+    # sending each student rank only what the active stages ask
+    placement: Literal["colocated", "ranks"] = "colocated"
+    ranks: int = ranged(1, low=1, high=2**16)  # placement ranks: how many torchrun ranks hold this teacher (the last ones)
+    transfer: Literal["full", "topk"] = "full"  # placement ranks: full logits, or top_k logits with the exact tail's log-normaliser
+    top_k: int = ranged(64, low=1, high=2**20)  # transfer topk: logits sent per position
+    run_ahead: int = ranged(2, low=1, high=4096)  # placement ranks: micro-batches a teacher rank may compute ahead of its students
+    timeout_s: float = ranged(600.0, low=1, high=86400)  # placement ranks: a teacher rank silent this long stops the run, named
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if self.placement == "colocated":
+            for name, default in (("ranks", 1), ("transfer", "full"), ("top_k", 64), ("run_ahead", 2), ("timeout_s", 600.0)):
+                if getattr(self, name) != default:
+                    raise ConfigError(f"{_join(path, name)}: applies to {_join(path, 'placement')}: ranks "
+                                      "(this teacher is colocated with the student)")
+        elif self.transfer == "full" and self.top_k != 64:
+            raise ConfigError(f"{_join(path, 'top_k')}: applies to {_join(path, 'transfer')}: topk")
+
+
+@dataclass
+class TeacherConfig(TeacherModelConfig):
     """One more teacher (``teachers:``): a model source, its weight in the mixture, or an offline cache."""
 
     weight: float = ranged(1.0, low=0, low_open=True, high=1e6)  # this teacher's weight in the mixture (or sum)
@@ -222,7 +246,7 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    teacher: ModelConfig  # the model distilled from (teacher 0 when teachers: adds more)
+    teacher: TeacherModelConfig  # the model distilled from (teacher 0 when teachers: adds more)
     student: ModelConfig  # the model trained
     schedule: ScheduleConfig  # phases, their stage weights, ramps and the temperature
     data: DataConfig = field(default_factory=DataConfig)  # the training examples

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from hkd.teachers.cache import (
     TeacherCache, cache_serves, constant_temperature, describe_temperature, fingerprint, teacher_skeleton,
 )
-from hkd.config import Config, ModelConfig, TemperatureConfig
+from hkd.config import Config, ModelConfig, TeacherModelConfig, TemperatureConfig
 from hkd.errors import ConfigError
 from hkd.models.loading import freeze, load_model, num_layers
 from hkd.models.taps import forward_with_taps
@@ -110,7 +110,7 @@ class OpenedTeacher:
     weight: float
 
 
-def teacher_entries(config: Config) -> list[tuple[ModelConfig, str, str | None, float]]:
+def teacher_entries(config: Config) -> list[tuple[TeacherModelConfig, str, str | None, float]]:
     """``(spec, role, teacher_cache, weight)`` for ``teacher`` and then each of ``teachers``."""
     entries = [(config.teacher, "teacher", config.teacher_cache, config.teacher_weight)]
     entries += [(extra, f"teacher{i + 1}", extra.teacher_cache, extra.weight) for i, extra in enumerate(config.teachers)]

@@ -36,6 +36,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # the process group the ranks train in: None is the whole torchrun world; with the teacher on
+    # its own ranks (hkd.train.placement), the student ranks' group, numbered 0..world_size-1
+    group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -63,7 +66,7 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     if not info.enabled:
         return values
     buffer = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(buffer)
+    dist.all_reduce(buffer, group=info.group)
     return buffer.tolist()
 
 
@@ -112,12 +115,12 @@ def sync_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         return
     plain = [p for p in params if not is_sharded(p)]
     has_grad = torch.tensor([p.grad is not None for p in plain], dtype=torch.int32, device=_device_of(plain))
-    dist.all_reduce(has_grad)
+    dist.all_reduce(has_grad, group=info.group)
     with_grad = [p for p, anywhere in zip(plain, has_grad.tolist()) if anywhere]
     if not with_grad:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in with_grad])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=info.group)
     flat /= info.world_size
     offset = 0
     for p in with_grad:
@@ -133,7 +136,7 @@ def _device_of(params: list[torch.nn.Parameter]) -> torch.device:
 def all_reduce_tensor(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Sum a device tensor over ranks without reading it on the host (identity in one process)."""
     if info.enabled:
-        dist.all_reduce(values)
+        dist.all_reduce(values, group=info.group)
     return values
 
 
@@ -148,7 +151,7 @@ def shutdown_distributed() -> None:
 
 def barrier(info: DistInfo) -> None:
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=info.group)
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -39,7 +39,7 @@ from hkd.plugin.manager import HkdPluginManager, build_manager
 from hkd.models.loading import check_compatible, decoder_body, load_model
 from hkd.plugin.schedule import Schedule
 from hkd.train.seeding import seed_everything
-from hkd.teachers.sources import CachedTeacher, check_requests, open_teachers, teacher_entries
+from hkd.teachers.sources import CachedTeacher, OpenedTeacher, check_requests, open_teachers, teacher_entries
 from hkd.plugin.stage import StageContext, StepState, available_stages, build_stages
 from hkd.models.taps import enable_taps
 from hkd.train.best import BestTracker
@@ -101,18 +101,21 @@ def make_optimizer(config: Config, params: list[torch.nn.Parameter]) -> torch.op
 # --------------------------------------------------------------------------- 1. build
 
 
-def build_run(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> Run:
+def build_run(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None,
+              info: DistInfo | None = None, open_sources: Callable[..., list[OpenedTeacher]] | None = None) -> Run:
     """Models, teacher sources, stages, data, optimizer and (with ``resume``) the newest checkpoint.
 
     Everything is validated before the run directory gets its ``config.yaml``; a setup that
     fails removes the directory again if this call created it (preset models are written into
-    it to be loaded the way real ones are).
+    it to be loaded the way real ones are). ``info`` and ``open_sources`` (default: the whole
+    torchrun world, :func:`open_teachers`) are how a student rank with the teacher on its own ranks
+    builds its run (:mod:`hkd.train.placement`).
     """
     pm = pm or build_manager(config.plugins.disable)
-    info = init_distributed()
+    info = info or init_distributed()
     created = info.is_main and not run_dir.exists()
     try:
-        run = _build(config, run_dir, resume, pm, info)
+        run = _build(config, run_dir, resume, pm, info, open_sources or open_teachers)
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -123,10 +126,12 @@ def build_run(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlu
     return run
 
 
-def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, info: DistInfo) -> Run:
+def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, info: DistInfo,
+           open_sources: Callable[..., list[OpenedTeacher]]) -> Run:
     if info.is_main:  # only rank 0 writes presets; the others wait for them to exist
         for spec, role, _, _ in teacher_entries(config):
-            teacher_dir(spec, run_dir, role)
+            if getattr(spec, "placement", "colocated") == "colocated":  # else its own ranks write it
+                teacher_dir(spec, run_dir, role)
         load_model(config.student, "student", run_dir)
     barrier(info)
     seed_everything(config.train.seed)
@@ -137,7 +142,7 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
     # --- models: teachers frozen (or only their architecture, with an offline cache)
     student, student_tok = load_model(config.student, "student", run_dir)
     schedule = Schedule(config.schedule, config.optim)
-    teachers = open_teachers(config, run_dir, device, teacher_dtype)
+    teachers = open_sources(config, run_dir, device, teacher_dtype)
     sources = [t.source for t in teachers]
     specs = available_stages(pm)
     cross_tokenizer = {name: specs[name].cross_tokenizer for name in schedule.stage_names if name in specs}
@@ -387,7 +392,16 @@ def stop_requests() -> Iterator[dict[str, bool]]:
 
 
 def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> RunResult:
-    run = build_run(config, run_dir, resume=resume, pm=pm)
+    if any(getattr(spec, "placement", "colocated") == "ranks" for spec, _, _, _ in teacher_entries(config)):
+        from hkd.train.placement import distill_ranked  # teacher ranks serve; student ranks come back to train()
+
+        return distill_ranked(config, run_dir, resume=resume, pm=pm)
+    return train(build_run(config, run_dir, resume=resume, pm=pm))
+
+
+def train(run: Run) -> RunResult:
+    """Steps from ``run.start_step`` to the end (or an early stop), checkpoints, and :func:`finish`."""
+    config, run_dir = run.config, run.run_dir
     total = run.schedule.total_steps
     run.hook("hkd_on_train_start", config=config, run_dir=run_dir, student=run.student, teacher=run.teachers[0].model,
              start_step=run.start_step, total_steps=total, resumed_from=run.resumed_from)
