@@ -48,6 +48,11 @@ _EXPORTS: dict[str, str] = {
     "load_tokenizer": "hkd.models.loading",
     # data and tokenizers
     "read_jsonl": "hkd.data.encoding",
+    "IGNORE_INDEX": "hkd.data.labels",
+    "next_token_labels": "hkd.data.labels",
+    "next_token_targets": "hkd.data.labels",
+    "prompt_ids": "hkd.data.chat",
+    "end_of_turn_ids": "hkd.data.chat",
     "Retokenized": "hkd.data.tokenalign",
     "VocabMatch": "hkd.data.tokenalign",
     "cross_vocab_distance": "hkd.data.tokenalign",
@@ -64,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "GenerationBackendSpec": "hkd.sampling.backends",
     "GenerationContext": "hkd.sampling.backends",
     "SamplingParams": "hkd.sampling.backends",
+    "PromptBatch": "hkd.sampling.backends",
     "get_generation_backend": "hkd.sampling.backends",
     "build_generation_backend": "hkd.sampling.backends",
     "sync_weights": "hkd.sampling.backends",
@@ -81,7 +87,9 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from hkd.config import Config
+    from hkd.data.chat import end_of_turn_ids, prompt_ids
     from hkd.data.encoding import read_jsonl
+    from hkd.data.labels import IGNORE_INDEX, next_token_labels, next_token_targets
     from hkd.data.tokenalign import Retokenized, VocabMatch, cross_vocab_distance, retokenize
     from hkd.errors import ConfigError, HkdError
     from hkd.kernels.registry import KernelBackend
@@ -94,8 +102,8 @@ if TYPE_CHECKING:
     from hkd.plugin.manager import build_manager
     from hkd.plugin.stage import Stage, StageContext, StageSpec, StepState
     from hkd.sampling.augment import PromptTransform, PromptTransformSpec, TransformContext
-    from hkd.sampling.backends import (GenerationBackend, GenerationBackendSpec, GenerationContext, SamplingParams,
-                                       build_generation_backend, get_generation_backend, sync_weights)
+    from hkd.sampling.backends import (GenerationBackend, GenerationBackendSpec, GenerationContext, PromptBatch,
+                                       SamplingParams, build_generation_backend, get_generation_backend, sync_weights)
     from hkd.sampling.hf_sampler import Samples, sample
     from hkd.sampling.verify import (Verdict, Verifier, VerifierConfig, VerifierSpec, answer_extractor,
                                      build_verifier, compile_pattern)

@@ -15,7 +15,6 @@ import hkd.commands.evaluate as ev
 from hkd.cli import main
 from hkd.commands.evaluate import agreement, evaluate_pass_at_k, pass_at_k, perplexity
 from hkd.models.loading import char_tokenizer
-from hkd.sampling.hf_sampler import Samples
 
 
 @pytest.mark.parametrize("n,c,k,expected", [
@@ -39,15 +38,14 @@ def test_pass_at_k_is_stable_for_large_n():
 
 def test_evaluate_pass_at_k_counts_verified_samples(monkeypatch):
     # prompt i gets i correct completions out of 4
-    def fake_sample(model, tokenizer, prompts, *, n, **options):
-        texts = [f"=> {'ok' if j < int(p) else 'no'}" for p in prompts for j in range(n)]
-        empty = torch.zeros(len(texts), 0, dtype=torch.long)
-        return Samples(empty, empty, empty, empty, texts)
+    from tests.fakes import scripted
 
+    fake_sample = scripted(lambda p, n, seed: [f"=> {'ok' if j < int(p) else 'no'}" for j in range(n)])
     monkeypatch.setattr(ev, "sample", fake_sample)
     records = [{"prompt": str(i)} for i in range(5)]
     verifier = lambda record, text: type("V", (), {"passed": text.endswith("ok")})()  # noqa: E731
-    result = evaluate_pass_at_k(None, None, records, verifier, n=4, k=[1, 2], batch_size=2)
+    result = evaluate_pass_at_k(None, char_tokenizer(), records, verifier, n=4, k=[1, 2], batch_size=2)
+    assert fake_sample.calls == [["0", "1"], ["2", "3"], ["4"]]  # the prompts' ids, [bos] + text
     assert result["correct"] == [0, 1, 2, 3, 4]
     assert result["pass@1"] == pytest.approx(sum(c / 4 for c in range(5)) / 5)
     assert result["pass@2"] == pytest.approx(sum(1 - math.comb(4 - c, 2) / 6 for c in range(5)) / 5)

@@ -179,13 +179,9 @@ def test_rl_stage_samples_through_its_backend_and_syncs_the_student_each_step():
 def test_a_ledger_written_before_backends_and_modes_existed_still_resumes(tmp_path, model_dirs, monkeypatch):
     # catches: settings keys added later (backend, mode, augment, ...) making old outputs "different settings"
     import hkd.sampling.hf_sampler as sampling
+    from tests.fakes import scripted
 
-    def fake_sample(model, tokenizer, prompts, *, n, seed, **options):
-        texts = [f"{p} => 1" for p in prompts for _ in range(n)]
-        empty = torch.zeros(len(texts), 0, dtype=torch.long)
-        return Samples(empty, empty, empty, empty, texts, empty.float())
-
-    monkeypatch.setattr(sampling, "sample", fake_sample)
+    monkeypatch.setattr(sampling, "sample", scripted(lambda p, n, seed: [f"{p} => 1"] * n))
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{i}+1="}) + "\n" for i in range(4)))
     config = gen.GenerateConfig(teacher=ModelConfig(path=str(model_dirs["teacher"])), prompts=str(prompts),

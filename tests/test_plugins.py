@@ -129,3 +129,36 @@ def test_a_stage_that_raises_is_named(raw_config, tmp_path):
     pm = build_manager(extra_plugins=[("brokenplugin", Plugin())])
     with pytest.raises(HkdError, match=r"stage 'broken' failed computing its loss: ValueError\('shapes do not line up'\)"):
         distill(from_dict(Config, raw_config), tmp_path / "run", pm=pm)
+
+
+def test_a_runs_plugin_kernel_backends_do_not_outlive_its_plugins(raw_config, tmp_path):
+    # catches: build_manager registering plugin kernel backends into the process-wide registry for good:
+    # a later run without the plugin could still name the backend, and auto would still pick it
+    from hkd.kernels import KernelBackend, registry
+
+    calls = []
+    reference = registry.get_backend("distill_loss", "torch").fn
+
+    def plugged(*tensors, **options):
+        calls.append(1)
+        return reference(*tensors, **options)
+
+    class Backends:
+        @hookimpl
+        def hkd_add_kernel_backends(self):
+            return [KernelBackend("distill_loss", "plugged", plugged, priority=1000)]  # auto prefers it
+
+    def names():
+        return {row["name"] for row in registry.backends("distill_loss")}
+
+    raw_config["schedule"] = {"phases": [{"name": "p", "steps": 1, "stages": {"logits": 1.0}}]}
+    raw_config["optim"]["grad_accum"] = 1
+    plain = build_manager()
+    with_plugin = build_manager(extra_plugins=[("k", Backends())])
+    assert "plugged" in names()
+    distill(from_dict(Config, raw_config), tmp_path / "plain", pm=plain)  # a run activates its own plugins'
+    assert calls == [] and "plugged" not in names()
+    distill(from_dict(Config, raw_config), tmp_path / "plugged", pm=with_plugin)
+    assert calls
+    build_manager()
+    assert "plugged" not in names()

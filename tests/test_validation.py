@@ -72,3 +72,33 @@ def test_eval_needs_held_out_data_and_a_live_teacher(raw_config, tmp_path):
     (tmp_path / "d.jsonl").write_text('{"prompt": "1+1=", "completion": "2"}\n' * 8)
     with pytest.raises(ConfigError, match=r"eval.path: required for data.kind 'jsonl'"):
         distill(configure(raw_config), tmp_path / "run")
+
+
+def test_ranks_share_the_held_out_batches_and_together_report_what_one_process_does(raw_config, tmp_path,
+                                                                                   monkeypatch):
+    # catches: every rank evaluating the whole held-out set (N times the work), a batch scored twice
+    # or never, stage losses divided by the world size, or a rank that runs fewer forwards than another
+    # (FSDP's gathers would hang)
+    import dataclasses
+
+    import hkd.train.validation as validation
+    from hkd.train.distributed import DistInfo
+    from hkd.train.loop import build_run
+
+    run = build_run(configure(raw_config, num_examples=20, max_batches=5), tmp_path / "run")  # 5 batches of 4
+    single = validation.evaluate(run, 2, {"hidden": "hidden", "logits": "logits"})
+    seen: list[tuple[int, int]] = []
+    real_batch = run.eval_batches.batch
+    monkeypatch.setattr(run.eval_batches, "batch", lambda i: seen.append((rank, i)) or real_batch(i))
+    shares = []
+    monkeypatch.setattr(validation, "all_reduce_tensor", lambda sums, info: shares.append(sums.clone()) or sums)
+    for rank in (0, 1):
+        run.info = DistInfo(rank=rank, world_size=2)
+        validation.evaluate(run, 2, {"hidden": "hidden", "logits": "logits"})
+    assert seen == [(0, 0), (0, 2), (0, 4), (1, 1), (1, 3), (1, 0)]  # 3 forwards each; rank 1's third is a pad
+    run.info = dataclasses.replace(run.info, rank=0, world_size=2)
+    monkeypatch.setattr(validation, "all_reduce_tensor", lambda sums, info: shares[0] + shares[1])
+    together = validation.evaluate(run, 2, {"hidden": "hidden", "logits": "logits"})
+    assert together.keys() == single.keys()
+    for key, value in single.items():
+        assert together[key] == pytest.approx(value, rel=1e-5), key

@@ -27,12 +27,14 @@ from transformers import PreTrainedModel
 from hkd.config import DataConfig, ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
 from hkd.config.outputs import check_output_file, write_text_atomic
 from hkd.data.encoding import collate, encode, encode_dataset, read_jsonl
+from hkd.data.labels import IGNORE_INDEX, next_token_labels
 from hkd.errors import ConfigError, HkdError
 from hkd.commands.generate import pick_device
 from hkd.train.seeding import derive_seed
 from hkd.sampling.verify import VerifierConfig
 from hkd.plugin.manager import build_manager
 from hkd.models.loading import check_compatible, freeze, load_model
+from hkd.sampling.backends import PromptBatch
 from hkd.sampling.hf_sampler import sample
 from hkd.sampling.verify import Verifier, build_verifier
 
@@ -62,11 +64,14 @@ def evaluate_pass_at_k(
     seed: int = 0,
     progress: bool = False,
     backend: Any = None,
+    chat_template: bool = False,
 ) -> dict[str, Any]:
     """Sample ``n`` completions per record; a completion is correct when every verifier passes it.
 
     ``backend``: a generation backend (:mod:`hkd.sampling.backends`) to sample through; ``None`` samples
-    ``model`` directly with the built-in KV-cache sampler.
+    ``model`` directly with the built-in KV-cache sampler. A record's prompt is text or a
+    conversation; both reach the sampler as token ids rendered as training data renders prompts
+    (text in the chat template as a user turn with ``chat_template``).
 
     Returns ``{"pass@K": mean estimate for each K, "n": n, "prompts": P, "correct": [c per prompt]}``.
     Sampling is seeded per batch of prompts, so the numbers are reproducible.
@@ -80,7 +85,7 @@ def evaluate_pass_at_k(
     starts = range(0, len(records), batch_size)
     for start in tqdm(starts, disable=not progress, unit="batch", desc="pass@k"):
         chunk = records[start: start + batch_size]
-        prompts = [str(r[prompt_field]) for r in chunk]
+        prompts = PromptBatch.from_texts(tokenizer, [r[prompt_field] for r in chunk], chat_template, prompt_field)
         if backend is None:
             samples = sample(model, tokenizer, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=derive_seed(seed, str(start)))
@@ -114,8 +119,8 @@ def text_metrics(
     totals = {"student_nll": 0.0, "teacher_nll": 0.0, "agree": 0.0, "kl": 0.0, "tokens": 0.0}
     for start in tqdm(range(0, len(encoded), batch_size), disable=not progress, unit="batch", desc="text"):
         batch = {k: v.to(device) for k, v in collate(encoded[start: start + batch_size], pad_id).items()}
-        labels = batch["labels"][:, 1:]
-        keep = labels != -100
+        labels = next_token_labels(batch["labels"])
+        keep = labels != IGNORE_INDEX
         targets = labels[keep]
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         student_logp = student(**inputs).logits[:, :-1][keep].float().log_softmax(-1)  # [N, V]
@@ -165,7 +170,8 @@ class EvalPromptsConfig:
     """Held-out prompts for pass@k."""
 
     path: str  # JSONL of held-out prompt records (with their answers for the verifiers)
-    prompt_field: str = "prompt"  # field holding the prompt text
+    prompt_field: str = "prompt"  # field holding the prompt: text, or a conversation (a list of {role, content} messages)
+    chat_template: bool = False  # wrap text prompts in the model tokenizer's chat template as a user turn
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed JSONL line: stop, naming file and line (fail), or skip it
     n: int = 8  # samples per prompt
     k: list[int] = field(default_factory=lambda: [1])  # report pass@k for each k (1 <= k <= n; unbiased estimator)
@@ -251,7 +257,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         p = config.prompts
         pm = build_manager(config.plugins.disable)
         verifiers = [build_verifier(pm, v.name, v.options, f"prompts.verifiers[{i}]") for i, v in enumerate(p.verifiers)]
-        records = read_jsonl(p.path, p.on_bad_line, (p.prompt_field,))
+        records = read_jsonl(p.path, p.on_bad_line, (p.prompt_field,), conversations={p.prompt_field: False})
         from hkd.sampling.backends import GenerationContext, build_generation_backend
 
         backend = build_generation_backend(pm, p.backend, GenerationContext(
@@ -259,7 +265,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         results["pass_at_k"] = evaluate_pass_at_k(
             model, tokenizer, records, verifiers, p.n, p.k, prompt_field=p.prompt_field, temperature=p.temperature,
             top_p=p.top_p, max_new_tokens=p.max_new_tokens, batch_size=p.batch_size, seed=p.seed,
-            progress=config.progress, backend=backend)
+            progress=config.progress, backend=backend, chat_template=p.chat_template)
     if config.text is not None:
         teacher = None
         if config.teacher is not None:

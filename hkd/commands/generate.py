@@ -52,7 +52,8 @@ from hkd.config.outputs import check_output_file
 from hkd.data.encoding import read_jsonl
 from hkd.train.distributed import barrier, init_distributed
 from hkd.errors import ConfigError, HkdError
-from hkd.sampling.backends import GenerationContext, SamplingParams, build_generation_backend, get_generation_backend
+from hkd.sampling.backends import (GenerationContext, PromptBatch, SamplingParams, build_generation_backend,
+                                   get_generation_backend)
 from hkd.plugin.manager import build_manager
 from hkd.models.loading import freeze, load_model, load_tokenizer, preset_dir
 from hkd.train.seeding import derive_seed
@@ -74,7 +75,12 @@ class GenerateConfig:
     prompts: str  # JSONL file of prompt records
     output: str  # JSONL file of kept completions (its ledger sits next to it)
     id_field: str | None = "id"  # unique prompt id; None: the record's position in the file
-    prompt_field: str = "prompt"  # field holding the prompt text
+    prompt_field: str = "prompt"  # field holding the prompt: text, or a conversation (a list of {role, content} messages)
+    # wrap text prompts in the teacher tokenizer's chat template as a user turn (conversations always use it)
+    chat_template: bool = False
+    # output lines of chat prompts (conversations, or text with chat_template) also hold the conversation
+    # with the teacher's reply as the last assistant turn, here: what data.messages_field trains on
+    messages_field: str = "messages"
     answer_field: str = "answer"  # reference answer, copied to the output (verifiers see the whole record)
     completion_field: str = "completion"  # key of the completion in output lines
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed JSONL line: stop, naming file and line (fail), or skip it
@@ -130,7 +136,7 @@ class GenerateConfig:
     def settings(self) -> dict[str, Any]:
         """What decides the lines: a resumed run must use the same."""
         keys = ("n", "temperature", "top_p", "max_new_tokens", "batch_size", "seed", "backend", "backend_options",
-                "mode", "min_agreement")
+                "mode", "min_agreement", "chat_template")
         return {k: getattr(self, k) for k in keys} | {"filters": asdict(self.filters),
                                                          "verifiers": [asdict(v) for v in self.verifiers],
                                                          "augment": [asdict(t) for t in self.augment]}
@@ -142,7 +148,7 @@ class GenerateConfig:
 
 # settings keys added after files were written: a ledger without one was written with this value
 SETTINGS_DEFAULTS: dict[str, Any] = {"backend": "transformers", "backend_options": {}, "mode": "solve",
-                                     "min_agreement": 0.0, "augment": []}
+                                     "min_agreement": 0.0, "augment": [], "chat_template": False}
 
 
 def load_generate_config(path: str | Path, overrides: list[str] = ()) -> GenerateConfig:  # type: ignore[assignment]
@@ -305,7 +311,7 @@ def judge(record: dict[str, Any], completions: list[str], verifiers: list[tuple[
 def prompt_records(config: GenerateConfig) -> list[tuple[str, dict[str, Any]]]:
     """(prompt id, record) in file order; ids must be unique because resume keys on them."""
     required = (config.prompt_field,) + ((config.id_field,) if config.id_field else ())
-    records = read_jsonl(config.prompts, config.on_bad_line, required)
+    records = read_jsonl(config.prompts, config.on_bad_line, required, conversations={config.prompt_field: False})
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
     for position, record in enumerate(records):
@@ -414,6 +420,17 @@ def check_generate_output(path: str | Path, flag: str = "output") -> Path:
     return output
 
 
+def chat_line(config: GenerateConfig, prompt: Any, completion: str) -> dict[str, Any]:
+    """``{messages_field: conversation + the reply}`` for a chat prompt (a conversation, or text with
+    ``chat_template``); nothing for a plain text prompt."""
+    if isinstance(prompt, list):
+        return {config.messages_field: [*prompt, {"role": "assistant", "content": completion}]}
+    if config.chat_template:
+        return {config.messages_field: [{"role": "user", "content": str(prompt)},
+                                        {"role": "assistant", "content": completion}]}
+    return {}
+
+
 def generate(config: GenerateConfig) -> GenerateSummary:
     """Sample, verify, filter and append; resumes where an interrupted run stopped."""
     check_generate_output(config.output)
@@ -484,7 +501,10 @@ def generate(config: GenerateConfig) -> GenerateSummary:
                 decisions[pid] = [{"sample": 0, "kept": True, "reason": None}]
                 kept_lines.append({"id": pid, "sample": 0, **record} | ({"augmented_from": origin} if origin else {}))
         else:
-            samples = backend.generate([str(r[config.prompt_field]) for _, r, _ in batch], config.sampling_params(seed))
+            # token ids rendered as training data renders prompts: the sampler never re-tokenizes text
+            prompt_ids = PromptBatch.from_texts(tokenizer, [r[config.prompt_field] for _, r, _ in batch],
+                                                config.chat_template, f"{config.prompts}: {config.prompt_field}")
+            samples = backend.generate(prompt_ids, config.sampling_params(seed))
         for p, (pid, record, origin) in enumerate(batch if backend is not None else []):
             texts = samples.texts[p * config.n: (p + 1) * config.n]
             label = None
@@ -506,7 +526,8 @@ def generate(config: GenerateConfig) -> GenerateSummary:
                 "teacher": teacher,
                 "sampling": settings,
                 "seed": seed,
-            } | ({"pseudo_label": label} if label is not None else {})
+            } | chat_line(config, record[config.prompt_field], d.completion)
+              | ({"pseudo_label": label} if label is not None else {})
               | ({"augmented_from": origin} if origin is not None else {})
                 for d in judged if d.reason is None]
         append_lines(target, kept_lines)  # output first: the ledger line below marks the batch finished

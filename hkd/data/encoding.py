@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -20,7 +21,10 @@ from hkd.tasks.arith import make_problems
 from hkd.config import DataConfig
 from hkd.data.hf import encode_hf
 from hkd.data.packing import Packed
-from hkd.data.text import CHARS_PER_TOKEN_CAP, chat_prompt, encoder_special_ids, is_encoder_tokenizer
+from hkd.data.chat import conversation_problem
+from hkd.data.chat import prompt_ids as chat_prompt_ids
+from hkd.data.labels import IGNORE_INDEX, next_token_targets
+from hkd.data.text import CHARS_PER_TOKEN_CAP, encoder_special_ids, is_encoder_tokenizer
 from hkd.errors import HkdError
 
 Record = dict[str, Any]
@@ -28,8 +32,11 @@ Record = dict[str, Any]
 
 
 
-def _record_problem(line: str, required: tuple[str, ...]) -> tuple[Record | None, str | None]:
-    """(record, None) for a usable line, else (None, what is wrong with it)."""
+def _record_problem(line: str, required: tuple[str, ...],
+                    conversations: Mapping[str, bool] | None = None) -> tuple[Record | None, str | None]:
+    """(record, None) for a usable line, else (None, what is wrong with it). ``conversations``: fields
+    that hold a conversation (True: a training conversation, with an assistant turn) or may hold
+    one instead of text (False: a prompt)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -45,13 +52,20 @@ def _record_problem(line: str, required: tuple[str, ...]) -> tuple[Record | None
         value = record[name]
         if value is None:
             return None, f"field {name!r} is null"
+        if conversations and name in conversations and (isinstance(value, list) or conversations[name]):
+            problem = conversation_problem(value, need_assistant=conversations[name])
+            if problem:
+                return None, f"field {name!r}: {problem}"
+            continue
         if isinstance(value, (bool, list, dict)):
             return None, f"field {name!r} is a {type(value).__name__}, not text"
     return record, None
 
 
-def read_jsonl(path: str | Path, on_bad_line: str = "fail", required: tuple[str, ...] = ()) -> list[Record]:
-    """Read a JSONL file; a malformed line (bad JSON or UTF-8, a missing or null field) names the file and line."""
+def read_jsonl(path: str | Path, on_bad_line: str = "fail", required: tuple[str, ...] = (),
+               conversations: Mapping[str, bool] | None = None) -> list[Record]:
+    """Read a JSONL file; a malformed line (bad JSON or UTF-8, a missing or null field, a broken
+    conversation in one of ``conversations``' fields) names the file and line."""
     p = Path(path)
     if not p.is_file():
         raise HkdError(f"data file {str(p)!r} does not exist")
@@ -68,7 +82,7 @@ def read_jsonl(path: str | Path, on_bad_line: str = "fail", required: tuple[str,
                     line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
                 if not line.strip():
                     continue
-                record, problem = _record_problem(line, required)
+                record, problem = _record_problem(line, required, conversations)
             if problem is not None:
                 if on_bad_line == "fail":
                     raise HkdError(f"{p}:{lineno}: {problem}; set data.on_bad_line: skip to skip such lines")
@@ -96,7 +110,7 @@ def encode(
     tokenizer: Any, prompt: str, completion: str, max_length: int, chat_template: bool = False,
     encoder: bool | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels: [bos] prompt completion [eos]; prompt and bos are not targets (-100).
+    """Token ids and labels: [bos] prompt completion [eos]; prompt and bos are not targets (IGNORE_INDEX).
 
     With ``chat_template`` the prompt is rendered by the tokenizer's template, which writes its
     own special tokens (bos included), so none is added here.
@@ -115,17 +129,14 @@ def encode(
         body = tokenizer(completion, add_special_tokens=False)["input_ids"]
         keep = max(max_length - len(suffix), 0)
         ids = (prompt_ids + body)[:keep] + suffix
-        labels = ([-100] * len(prompt_ids) + body)[:keep] + suffix
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + body)[:keep] + suffix
         return ids[:max_length], labels[:max_length]
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if chat_template and prompt:
-        prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    else:
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        prompt_ids = bos + (tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else [])
+    # what every sampler is given for this prompt too (on-policy, RL, generate, eval)
+    prompt_ids = chat_prompt_ids(tokenizer, prompt, chat_template and bool(prompt), "data.chat_template")
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
     ids = (prompt_ids + completion_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + completion_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
     return ids, labels
 
 
@@ -133,8 +144,7 @@ def encode_dataset(tokenizer: Any, config: DataConfig, seed: int) -> list[tuple[
     """Every record of the configured data set, encoded; what training and the teacher cache share."""
     if config.kind == "hf":  # memory-mapped Arrow rows, not Python lists
         return encode_hf(tokenizer, config, seed)  # type: ignore[return-value]
-    records = load_records(config, seed)
-    encoded = [encode(tokenizer, p, c, config.max_length, config.chat_template) for p, c in records]
+    encoded = [encode(tokenizer, p, c, config.max_length, config.chat_template) for p, c in load_records(config, seed)]
     if encoded and not any(target_count(labels) for _, labels in encoded):
         raise HkdError(
             f"all {len(encoded)} examples have no target tokens after truncation to data.max_length="
@@ -145,14 +155,14 @@ def encode_dataset(tokenizer: Any, config: DataConfig, seed: int) -> list[tuple[
 
 def target_count(labels: list[int]) -> int:
     """Tokens a causal LM is trained to predict: labelled positions after the first."""
-    return sum(1 for label in labels[1:] if label != -100)
+    return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
 
 
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, causal: bool = True) -> dict[str, Tensor]:
     """Right-pad to the longest sequence; ``loss_mask`` marks positions whose prediction counts."""
     width = max(len(ids) for ids, _ in encoded)
     input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, (ids, labs) in enumerate(encoded):
         input_ids[row, : len(ids)] = torch.tensor(ids)
@@ -167,9 +177,8 @@ def loss_mask(batch: dict[str, Tensor], causal: bool) -> Tensor:
     """Positions every stage counts: for a causal LM, position i whose target token i+1 is real."""
     if not causal:
         return batch["attention_mask"].bool()
-    labels = batch["labels"]
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = labels[:, 1:] != -100
+    mask = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    mask[:, :-1] = next_token_targets(batch["labels"])
     return mask
 
 
@@ -209,7 +218,7 @@ class Batches:
         tokens = sum(len(ids) for ids, _ in rows)
         if not self.causal:
             return tokens, tokens
-        return sum(sum(1 for label in labels[1:] if label != -100) for _, labels in rows), tokens
+        return sum(target_count(labels) for _, labels in rows), tokens
 
     def batch(self, index: int) -> dict[str, Tensor]:
         indices = self._indices(index)

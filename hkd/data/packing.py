@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from hkd.data.hf import HFEncoded
+from hkd.data.labels import IGNORE_INDEX
 
 
 class Packed(Sequence[tuple[list[int], list[int]]]):
@@ -57,7 +58,7 @@ class Packed(Sequence[tuple[list[int], list[int]]]):
         labels: list[int] = []
         for example_ids, example_labels in self._examples(row):
             ids += example_ids
-            labels += [-100] + example_labels[1:]  # an example's first token is never a target
+            labels += [IGNORE_INDEX] + example_labels[1:]  # an example's first token is never a target
         return ids, labels
 
     def position_ids(self, rows: list[int], width: int) -> Tensor:

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from hkd.data.labels import IGNORE_INDEX
 from hkd.errors import HkdError
 
 SPECIAL_ROLES = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
@@ -209,7 +210,7 @@ def _items(ids: list[int], labels: list[int], specials: dict[int, str]) -> list[
     for k, token in enumerate(ids):
         if token in specials:
             items.append((f"special:{specials[token]}", [k]))
-        elif items and items[-1][0] == "text" and (labels[k] == -100) == (labels[items[-1][1][-1]] == -100):
+        elif items and items[-1][0] == "text" and (labels[k] == IGNORE_INDEX) == (labels[items[-1][1][-1]] == IGNORE_INDEX):
             items[-1][1].append(k)
         else:
             items.append(("text", [k]))
@@ -232,7 +233,7 @@ def retokenize(ids: list[int], labels: list[int], student_tok: Any, teacher_tok:
         if kind.startswith("special:"):
             role = kind.split(":", 1)[1]
             if role in teacher_roles:  # the teacher has this special: its prediction meets the student's
-                if positions[0] > 0 and teacher_ids and labels[positions[0]] != -100:
+                if positions[0] > 0 and teacher_ids and labels[positions[0]] != IGNORE_INDEX:
                     pairs.append((positions[0] - 1, len(teacher_ids) - 1))
                     spans += 1
                 teacher_ids.append(teacher_roles[role])
@@ -246,7 +247,7 @@ def retokenize(ids: list[int], labels: list[int], student_tok: Any, teacher_tok:
         offset = len(teacher_ids)
         for s_range, t_range in align_spans(token_ends(student_tok, piece), token_ends(teacher_tok, encoded)):
             s_first, t_first = positions[s_range.start], offset + t_range.start
-            if s_first > 0 and t_first > 0 and labels[s_first] != -100:
+            if s_first > 0 and t_first > 0 and labels[s_first] != IGNORE_INDEX:
                 pairs.append((s_first - 1, t_first - 1))
                 spans += 1
         teacher_ids.extend(encoded)

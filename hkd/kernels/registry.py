@@ -5,8 +5,13 @@ accepts the given tensors (e.g. Triton only for CUDA tensors) and that can serve
 (below), and falls back quietly. A backend requested by name must be available (else
 ``RuntimeError`` naming it and why); ``supports`` is not consulted then, so the backend itself
 raises for inputs it cannot run (this lets ``backend="triton"`` run CPU tensors under
-``TRITON_INTERPRET=1`` while ``auto`` never picks the slow interpreter). Plugins add backends
-through the ``hkd_add_kernel_backends`` hook; the plugin manager calls :func:`register_backend`.
+``TRITON_INTERPRET=1`` while ``auto`` never picks the slow interpreter).
+
+Two layers: the built-in backends (and any a program adds with :func:`register_backend`), and
+over them the backends of the plugin manager in use (``hkd_add_kernel_backends``), which
+:func:`set_plugin_backends` replaces as a whole: building a manager installs exactly its
+plugins' backends, and a run activates its own manager's, so a backend one run's plugins added
+is gone in the next run whose plugins do not provide it.
 
 Ops grow options (``skew`` arrived after the first plugins were written), so a backend gets
 only what it declares, as pluggy does for hook implementations: its function's signature is
@@ -118,6 +123,8 @@ class OpSpec:
 
 _OPS: dict[str, OpSpec] = {}
 _BACKENDS: dict[str, dict[str, KernelBackend]] = {}
+# the backends of the plugin manager in use, over _BACKENDS; replaced whole by set_plugin_backends
+_PLUGIN_BACKENDS: dict[str, dict[str, KernelBackend]] = {}
 
 
 def define_op(op: str, *, positional: int, divergences: tuple[str, ...], options: Mapping[str, Option]) -> None:
@@ -142,7 +149,8 @@ def _signature_problem(backend: KernelBackend, spec: OpSpec) -> str | None:
     return None
 
 
-def register_backend(backend: KernelBackend, *, replace: bool = False) -> None:
+def check_backend(backend: KernelBackend) -> None:
+    """``ValueError`` unless ``backend`` fits its op: known divergences, a signature the op can call."""
     spec = _OPS.get(backend.op)
     if spec is not None:
         if backend.divergences is not None:
@@ -153,16 +161,31 @@ def register_backend(backend: KernelBackend, *, replace: bool = False) -> None:
         problem = _signature_problem(backend, spec)
         if problem:
             raise ValueError(f"backend {backend.name!r} for {backend.op}: {problem}")
+
+
+def register_backend(backend: KernelBackend, *, replace: bool = False) -> None:
+    """Add ``backend`` to the built-in layer, for the life of the process (plugins: the hook instead)."""
+    check_backend(backend)
     table = _BACKENDS.setdefault(backend.op, {})
     if backend.name in table and not replace:
         raise ValueError(f"a backend named {backend.name!r} is already registered for op {backend.op!r}")
     table[backend.name] = backend
 
 
+def set_plugin_backends(backends: Collection[KernelBackend]) -> None:
+    """Make ``backends`` the plugin layer, replacing the previous one whole (one name per op: the last wins)."""
+    layer: dict[str, dict[str, KernelBackend]] = {}
+    for backend in backends:
+        check_backend(backend)
+        layer.setdefault(backend.op, {})[backend.name] = backend
+    _PLUGIN_BACKENDS.clear()
+    _PLUGIN_BACKENDS.update(layer)
+
+
 def _table(op: str) -> dict[str, KernelBackend]:
-    if op not in _BACKENDS:
-        raise ValueError(f"unknown kernel op {op!r}; known ops: {sorted(_BACKENDS)}")
-    return _BACKENDS[op]
+    if op not in _BACKENDS and op not in _PLUGIN_BACKENDS:
+        raise ValueError(f"unknown kernel op {op!r}; known ops: {sorted(_BACKENDS.keys() | _PLUGIN_BACKENDS.keys())}")
+    return {**_BACKENDS.get(op, {}), **_PLUGIN_BACKENDS.get(op, {})}
 
 
 def get_backend(op: str, name: str) -> KernelBackend:

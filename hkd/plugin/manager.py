@@ -60,6 +60,14 @@ class HkdPluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.origins: dict[str, str] = {}  # plugin name -> distribution
         self._item_owner: list[tuple[Any, str]] = []  # (item a registration hook returned, its plugin)
+        self.kernel_backends: list[Any] = []  # its plugins' kernel backends (hkd.kernels.registry.KernelBackend)
+
+    def activate_kernel_backends(self) -> None:
+        """Make this manager's plugins' kernel backends the registry's plugin layer (a run calls it at
+        its start), replacing whatever another manager installed: registrations do not leak between runs."""
+        from hkd.kernels import registry
+
+        registry.set_plugin_backends(self.kernel_backends)
 
     def register(self, plugin: object, name: str | None = None) -> str | None:
         plugin_name = super().register(plugin, name)
@@ -151,7 +159,8 @@ def build_manager(disable: Iterable[str] = (), extra_plugins: Iterable[tuple[str
     """Register built-ins and entry-point plugins, except those named in ``disable``.
 
     ``extra_plugins`` lets tests and notebooks register plain objects without packaging them.
-    Then push every plugin's kernel backends into the kernel registry.
+    Then make its plugins' kernel backends the kernel registry's plugin layer (replacing the
+    previous manager's: :meth:`HkdPluginManager.activate_kernel_backends`).
     """
     disabled = set(disable)
     pm = HkdPluginManager()
@@ -195,9 +204,11 @@ def _register_kernel_backends(pm: HkdPluginManager) -> None:
     for plugin_name, backend in pm.collect("hkd_add_kernel_backends"):
         try:
             named = dataclasses.replace(backend, fn=_named_backend(backend.fn, backend.name, backend.op, plugin_name))
-            registry.register_backend(named, replace=True)
+            registry.check_backend(named)
         except Exception as exc:
             raise HkdError(f"plugin {plugin_name!r} returned an invalid kernel backend: {exc}") from exc
+        pm.kernel_backends.append(named)
+    pm.activate_kernel_backends()
 
 
 def _named_backend(fn: Callable[..., Any], name: str, op: str, plugin_name: str) -> Callable[..., Any]:

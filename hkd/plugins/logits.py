@@ -46,7 +46,7 @@ from hkd import (
     ConfigError, HkdError, ModelView, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl,
     kernels,
 )
-from hkd import apply_logit_softcap, check_supported, output_head
+from hkd import apply_logit_softcap, check_supported, next_token_labels, output_head
 from hkd.kernels.sparse import exact_bucket_inputs
 
 
@@ -151,7 +151,7 @@ class LogitsStage(Stage):
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
         assert teacher is not None and student is not None
-        labels = batch["labels"][:, 1:]
+        labels = next_token_labels(batch["labels"])
         options: dict[str, Any] = dict(
             labels=labels,
             divergence=self.config.divergence,

@@ -7,10 +7,11 @@ is one of two kinds, decided by a coin with probability ``lmbda`` (TRL's name fo
 ``lambda``; a pure function of (seed, step), the same on every rank and after a resume):
 
 * **on-policy** (probability ``lmbda``): the prompts of the step's batch (each row's tokens
-  before its first target) are decoded to text and the student samples one continuation per
-  prompt (``sample_temperature``, ``top_p``, ``max_new_tokens``; batched with the KV cache,
-  through the run's generation backend). Teacher and student then run on prompt + sample, and
-  the loss is the per-token divergence on the sampled tokens:
+  before its first target, as token ids: a chat template's markers and the BOS stay exactly as
+  the data encoded them) go to the run's generation backend, and the student samples one
+  continuation per prompt (``sample_temperature``, ``top_p``, ``max_new_tokens``; batched with
+  the KV cache; it stops at EOS or the chat template's end-of-turn token). Teacher and student
+  then run on prompt + sample, and the loss is the per-token divergence on the sampled tokens:
 
       onpolicy = (1 / (A W)) * mean_{sampled tokens t} c * D(P_teacher,t , P_student,t)
 
@@ -28,10 +29,11 @@ No gradient flows through the sampling: the samples are treated as data, as in G
 ``lmbda: 0`` is supervised KD on the data (the logits stage's soft loss); ``lmbda: 1`` is
 pure on-policy distillation. Sampling policy: with ``refresh_every: 1`` (default) the
 student samples with its current weights; with ``refresh_every: N`` the samples come from a
-frozen copy of the student taken every ``N`` steps (what a serving engine that receives new
-weights every N steps does). That copy is a buffer of this stage, so checkpoints carry it and
-a resumed run samples exactly what the uninterrupted run would have; it costs one student's
-weights of memory.
+frozen copy of the student taken at the start of every step that is a multiple of ``N``,
+whatever that step's coin says, so a sample is never more than ``N - 1`` steps old (what a
+serving engine that receives new weights every N steps does). That copy is a buffer of this
+stage, so checkpoints carry it and a resumed run samples exactly what the uninterrupted run
+would have; it costs one student's weights of memory.
 
 Needs a live teacher (not ``teacher_cache``: it scores tokens no cache has seen) and one
 tokenizer shared by teacher and student; with several teachers it reads the first.
@@ -49,7 +51,7 @@ import torch
 from torch import Tensor
 
 from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl, kernels
-from hkd import output_head
+from hkd import IGNORE_INDEX, PromptBatch, next_token_labels, output_head
 from hkd import derive_seed
 
 
@@ -63,7 +65,7 @@ class OnPolicyStageConfig:
     sample_temperature: float = 1.0  # the student's sampling temperature (> 0)
     top_p: float = 1.0  # nucleus sampling of the student's samples (1: off)
     max_new_tokens: int = 32  # tokens the student samples per prompt, at most
-    refresh_every: int = 1  # sample from a copy of the student refreshed every N steps (1: live weights)
+    refresh_every: int = 1  # sample from a copy of the student taken at every N-th step, on-policy or not (1: live weights)
     generation_backend: str = "transformers"  # how the student samples (hkd_add_generation_backends)
     generation_backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
     backend: str | None = None  # kernel backend for distill_loss; default: the run's kernels.distill_loss
@@ -150,20 +152,35 @@ class OnPolicyStage(Stage):
         """The step's coin: a pure function of (seed, step), identical on every rank."""
         return random.Random(derive_seed(self.config.seed, f"onpolicy:{step}")).random() < self.config.lmbda
 
+    def refresh(self, step: int) -> None:
+        """Keep the sampling copy the one taken at the last multiple of ``refresh_every`` up to ``step``.
+
+        Called on every step the stage runs, before its coin, so the copy follows the step count
+        alone. A stage built or resumed at a multiple copies now; one resumed between multiples
+        holds the checkpoint's copy, which is that multiple's. A stage paused over a multiple
+        (a phase without it) copies at its first step back."""
+        if self.policy is None:
+            return
+        every = self.config.refresh_every
+        due = step - step % every
+        if self._refreshed_at is None and step % every:  # resumed between refreshes: the checkpoint's copy
+            self._refreshed_at = due
+        if self._refreshed_at != due:
+            with torch.no_grad():
+                for mine, theirs in zip(self.policy.parameters(), self._models["student"].parameters()):
+                    mine.copy_(theirs)
+            self._refreshed_at = due
+
     def sampling_model(self, step: int) -> Any:
         """The weights the student samples with at ``step``: live, or the copy from the last refresh."""
-        student = self._models["student"]
         if self.policy is None:
-            return student
-        if step % self.config.refresh_every == 0 and self._refreshed_at != step:
-            with torch.no_grad():
-                for mine, theirs in zip(self.policy.parameters(), student.parameters()):
-                    mine.copy_(theirs)
-            self._refreshed_at = step
+            return self._models["student"]
+        self.refresh(step)
         return self.policy
 
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
+        self.refresh(state.step)  # by the step count, whatever the coin says
         on = self.on_policy(state.step)
         if on and "position_ids" in batch:  # packed rows: several examples, so no single prompt per row
             raise ConfigError(f"{self.where}: on-policy steps sample from each row's prompt, but the rows are "
@@ -172,7 +189,7 @@ class OnPolicyStage(Stage):
             inputs, labels, start, tokens = self.sample_batch(batch, state)
         else:  # the data as the loop's forward sees it (packed rows keep their own positions)
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-            labels, start = batch["labels"][:, 1:], 0
+            labels, start = next_token_labels(batch["labels"]), 0
             tokens = None
         student_logits = self._models["student"](**inputs).logits[:, start:-1]
         with torch.no_grad():
@@ -196,7 +213,8 @@ class OnPolicyStage(Stage):
         start, and the number of sampled tokens."""
         from hkd import SamplingParams, sync_weights
 
-        prompts = batch_prompts(batch, self.tokenizer)
+        host = getattr(state, "host_batch", None)  # the loop's CPU copy: reading it waits for nothing
+        prompts = batch_prompts(host if host is not None else batch)
         policy = self.sampling_model(state.step)
         if self.policy is None or self._synced_at != self._refreshed_at:
             # an engine keeping its own weights gets the policy's; the live student: every step
@@ -207,21 +225,22 @@ class OnPolicyStage(Stage):
             top_p=self.config.top_p,
             seed=derive_seed(self.config.seed, f"onpolicy-sample:{state.step}:{state.rank}:{state.micro_batch}")))
         inputs, start = samples.scoring_inputs()
-        labels = samples.completion_ids.masked_fill(samples.completion_mask == 0, -100)
+        labels = samples.completion_ids.masked_fill(samples.completion_mask == 0, IGNORE_INDEX)
         return inputs, labels, start, samples.completion_mask.sum()
 
 
-def batch_prompts(batch: dict[str, Tensor], tokenizer: Any) -> list[str]:
-    """Each row's prompt as text: its real tokens before the first target (``labels != -100``),
-    special tokens (bos, padding) dropped — the sampler adds its own bos."""
-    labels, ids = batch["labels"], batch["input_ids"]
-    mask = batch.get("attention_mask", torch.ones_like(ids))
-    is_target = labels != -100
-    # first target column per row (the row's length when it has no target)
-    lengths = mask.sum(1)
-    first = torch.where(is_target.any(1), is_target.float().argmax(1), lengths)
-    rows = [ids[r, : int(n)].tolist() for r, n in enumerate(first.tolist())]  # one host read per micro-batch
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+def batch_prompts(batch: dict[str, Tensor], tokenizer: Any = None) -> PromptBatch:
+    """Each row's prompt as token ids: its real tokens before the first target (``labels !=
+    IGNORE_INDEX``), exactly as the data encoded them (BOS, a chat template's markers), never
+    decoded and re-encoded. ``tokenizer`` is not used (kept for callers written before)."""
+    labels, ids = batch["labels"].tolist(), batch["input_ids"].tolist()  # one host read per micro-batch
+    mask = batch["attention_mask"].tolist() if "attention_mask" in batch else [[1] * len(row) for row in ids]
+    rows = []
+    for row_ids, row_labels, row_mask in zip(ids, labels, mask):
+        length = sum(row_mask)  # rows are right-padded
+        first = next((i for i, label in enumerate(row_labels[:length]) if label != IGNORE_INDEX), length)
+        rows.append(row_ids[:first])
+    return PromptBatch(rows)
 
 
 @hookimpl

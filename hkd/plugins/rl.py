@@ -32,7 +32,13 @@ prompts; the stage holds no state to checkpoint.
 
 Prompts come from ``prompts`` (a JSONL file with ``prompt_field``/``answer_field``; a relative
 path is taken from the current directory) or, without one, from ``num_prompts`` synthetic
-addition problems (:mod:`hkd.tasks.arith`).
+addition problems (:mod:`hkd.tasks.arith`). A prompt is text or a conversation (a list of
+``{role, content}`` messages, TRL's conversational prompt format). They are rendered to token
+ids once, when the stage is built, as the training data renders prompts: a conversation, and
+a text prompt when ``chat_template`` is on (by default it follows the run's data: on with
+``data.chat_template`` or ``data.messages_field``), through the tokenizer's chat template with
+the generation prompt, other text as ``[bos] + text``. The sampler gets those ids and stops at
+EOS or the template's end-of-turn token.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import torch
 from torch import Tensor
 
 from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
+from hkd import PromptBatch
 from hkd.tasks.arith import make_problems
 from hkd import read_jsonl
 from hkd.kernels.divergence import kl_divergence
@@ -56,7 +63,7 @@ from hkd import VerifierConfig, build_verifier
 @dataclass
 class RlStageConfig:
     prompts: str | None = None  # JSONL of prompt records; None: synthetic addition problems
-    prompt_field: str = "prompt"  # field of the prompt text in prompts
+    prompt_field: str = "prompt"  # field of the prompt in prompts: text, or a conversation (list of {role, content})
     answer_field: str = "answer"  # field of the reference answer the verifier checks
     num_prompts: int = 256  # synthetic only
     digits: int = 2  # synthetic only
@@ -71,6 +78,9 @@ class RlStageConfig:
     seed: int = 0  # seeds the synthetic prompts, their order and the sampling
     generation_backend: str = "transformers"  # how the student samples (hkd_add_generation_backends)
     generation_backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
+    # wrap text prompts in the tokenizer's chat template as a user turn; None: as the run's data does
+    # (data.chat_template or data.messages_field). Conversation prompts always use the template
+    chat_template: bool | None = None
 
 
 def group_advantages(rewards: Tensor, group_size: int, normalize_std: bool, eps: float = 1e-6) -> Tensor:
@@ -101,7 +111,8 @@ def load_prompt_records(config: RlStageConfig, where: str) -> list[dict[str, Any
                 for p in make_problems(config.num_prompts, config.digits, config.seed)]
     if not Path(config.prompts).is_file():
         raise ConfigError(f"{where}.prompts: file {config.prompts!r} does not exist")
-    return read_jsonl(config.prompts, "fail", (config.prompt_field, config.answer_field))
+    return read_jsonl(config.prompts, "fail", (config.prompt_field, config.answer_field),
+                      conversations={config.prompt_field: False})
 
 
 class RlStage(Stage):
@@ -129,6 +140,13 @@ class RlStage(Stage):
             self.tokenizer = context.tokenizer
         if self.tokenizer is None:
             raise HkdError(f"{where}: the RL stage samples text and needs the student's tokenizer")
+        data = getattr(context, "data", None)
+        chat_template = config.chat_template
+        if chat_template is None:  # as the data the student trains on renders its prompts
+            chat_template = data is not None and bool(data.chat_template or getattr(data, "messages_field", None))
+        # every prompt as token ids, rendered once: a bad conversation or template fails here, not at step k
+        self.prompt_ids = PromptBatch.from_texts(self.tokenizer, [r[config.prompt_field] for r in self.records],
+                                                 chat_template, f"{where}.prompts").ids
         pm = context.plugins
         if pm is None:  # built outside the loop (tests, notebooks): the default plugins
             from hkd import build_manager
@@ -147,15 +165,19 @@ class RlStage(Stage):
     def student_request(self) -> TapRequest:
         return TapRequest()  # the stage runs its own forward on its samples
 
-    def step_prompts(self, step: int, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
-        """``prompts_per_step`` records for this step and rank: consecutive slices of a per-epoch shuffle."""
+    def step_indices(self, step: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        """``prompts_per_step`` record indices for this step and rank: consecutive slices of a per-epoch shuffle."""
         size, n = self.config.prompts_per_step, len(self.records)
         picks = []
         for k in range((step * world_size + rank) * size, (step * world_size + rank + 1) * size):
             order = list(range(n))
             random.Random(self.config.seed * 1_000_003 + k // n).shuffle(order)
-            picks.append(self.records[order[k % n]])
+            picks.append(order[k % n])
         return picks
+
+    def step_prompts(self, step: int, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
+        """The records of :meth:`step_indices`."""
+        return [self.records[i] for i in self.step_indices(step, rank, world_size)]
 
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
@@ -163,12 +185,13 @@ class RlStage(Stage):
             return {}
         model = self._models["student"]
         cfg, rank, world = self.config, state.rank, state.world_size
-        records = self.step_prompts(state.step, rank, world)
+        indices = self.step_indices(state.step, rank, world)
+        records = [self.records[i] for i in indices]
         from hkd import SamplingParams, sync_weights
 
         sync_weights(self.backend, model)  # an engine with its own weights copy samples today's student
         samples = self.backend.generate(
-            [str(r[cfg.prompt_field]) for r in records],
+            PromptBatch([self.prompt_ids[i] for i in indices]),
             SamplingParams(n=cfg.samples_per_prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                            top_p=cfg.top_p, seed=derive_seed(cfg.seed, f"rl:{state.step}:{rank}")))
         device = samples.completion_ids.device

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
+from hkd import IGNORE_INDEX, next_token_labels
 
 
 @dataclass
@@ -37,8 +38,8 @@ class SftStage(Stage):
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None, state: StepState) -> dict[str, Tensor]:
         assert student is not None and student.logits is not None
         logits = student.logits[:, :-1].float()  # position i predicts token i + 1
-        labels = batch["labels"][:, 1:]
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+        labels = next_token_labels(batch["labels"])
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                 reduction="sum", label_smoothing=self.config.label_smoothing)
         return {"sft": total / max(state.tokens, 1)}
 

@@ -40,6 +40,7 @@ from hkd import hookimpl
 from hkd import Stage, StageContext, StageSpec, StepState
 from hkd import Retokenized, VocabMatch, cross_vocab_distance, retokenize
 from hkd import ModelView, TapRequest
+from hkd import IGNORE_INDEX, next_token_labels
 
 CACHE_ROWS = 200_000  # re-tokenized rows kept (a few hundred bytes each)
 
@@ -122,13 +123,13 @@ class UldStage(Stage):
         scale = temperature**2 if self.config.scale_t2 else 1.0
         soft = cross_vocab_distance(student_logits[rows, s_pos], teacher_logits[rows, t_pos], self.match,
                                     temperature, self.config.shared).sum() * scale
-        labels = batch["labels"][:, 1:]
-        hard = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+        labels = next_token_labels(batch["labels"])
+        hard = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
         alpha = self.config.alpha
         targets = max(int((labels != -100).sum()), 1)
         return {
-            "uld": ((1 - alpha) * soft + alpha * hard) / state.tokens,
+            "uld": ((1 - alpha) * soft + alpha * hard) / max(state.tokens, 1),  # 0 targets: 0, not nan
             "metric/uld_aligned": torch.tensor(len(s_pos) / targets),
         }
 

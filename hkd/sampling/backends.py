@@ -18,7 +18,14 @@ The contract, in three parts:
 * A :class:`GenerationBackend` has ``generate(prompts, params) -> Samples``: ``params.n``
   completions for each prompt, prompt-major, with token ids, masks, texts and the
   log-probability of every sampled token under the sampling distribution (logits divided by
-  the temperature, top-p renormalised; 0 for greedy decoding). Optionally
+  the temperature, top-p renormalised; 0 for greedy decoding). ``prompts`` is a
+  :class:`PromptBatch`: token ids, rendered once by the caller (BOS, the chat template's
+  special tokens), which the backend continues as they are and returns unchanged as
+  ``Samples.prompt_ids``, so a trainer scores exactly the tokens that were sampled; a sample
+  ends at EOS or at one of ``params.stop_token_ids`` (the chat template's end-of-turn token).
+  A backend written before token-id prompts (its spec leaves ``takes_token_ids`` false) is
+  given texts instead, decoded from the ids with their special tokens kept, and must encode
+  them as :meth:`PromptBatch.from_texts` does. Optionally
   ``sync_weights(model)``: a trainer calls it (through :func:`sync_weights`) before sampling
   with a model it has updated since, so an engine holding its own weights copies them in; a
   backend sampling the live model needs nothing there.
@@ -31,6 +38,8 @@ a resumed output then differs from the uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
@@ -51,6 +60,9 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy decoding
     top_p: float = 1.0  # nucleus sampling; 1: the whole vocabulary
     seed: int | None = None  # same seed, prompts and weights: same samples
+    # a sample also ends at one of these tokens (inclusive); None: the tokenizer's chat template's
+    # end-of-turn token, if it has one (hkd.data.chat.end_of_turn_ids). EOS always ends a sample
+    stop_token_ids: tuple[int, ...] | None = None
 
     def validate(self, where: str = "sampling") -> None:
         for name in ("n", "max_new_tokens"):
@@ -62,12 +74,70 @@ class SamplingParams:
             raise ConfigError(f"{where}.top_p: must be in (0, 1], got {self.top_p}")
 
 
+def with_stop_tokens(params: SamplingParams, tokenizer: Any) -> SamplingParams:
+    """``params`` with ``stop_token_ids`` resolved: ``None`` becomes the chat template's end-of-turn token(s)."""
+    if params.stop_token_ids is not None or tokenizer is None:
+        return params
+    from hkd.data.chat import end_of_turn_ids
+
+    return dataclasses.replace(params, stop_token_ids=end_of_turn_ids(tokenizer))
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Prompts as token ids: ``ids[i]`` is prompt ``i``, unpadded, with the special tokens of its
+    rendering (BOS, a chat template's markers): exactly the ids a completion follows in training
+    data (:func:`hkd.data.chat.prompt_ids`). The attention mask is 1 on every one of them;
+    :meth:`padded` gives the left-padded ids and mask a batched sampler runs on."""
+
+    ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def from_texts(cls, tokenizer: Any, prompts: Sequence[Any], chat_template: bool = False,
+                   where: str = "prompts") -> PromptBatch:
+        """Texts (or conversations: lists of messages) encoded as training data encodes prompts:
+        ``[bos] + text``, or the chat template's rendering with the generation prompt."""
+        from hkd.data.chat import prompt_ids
+
+        return cls([prompt_ids(tokenizer, p, chat_template, where) for p in prompts])
+
+    @classmethod
+    def from_tensors(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PromptBatch:
+        """The real tokens (``attention_mask == 1``) of each row of a padded batch, left or right padded."""
+        ids, mask = input_ids.tolist(), attention_mask.tolist()
+        return cls([[token for token, keep in zip(row, keep_row) if keep] for row, keep_row in zip(ids, mask)])
+
+    def padded(self, pad_id: int, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[P, S]`` left-padded ids and attention mask (every row's continuation starts at column S)."""
+        import torch
+
+        width = max((len(row) for row in self.ids), default=0)
+        # built on the host (explicitly: the step's device checks send device-less factories elsewhere), copied once
+        ids = torch.full((len(self.ids), width), pad_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(self.ids), width), dtype=torch.long, device="cpu")
+        for i, row in enumerate(self.ids):
+            if row:
+                ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long, device="cpu")
+                mask[i, width - len(row):] = 1
+        return ids.to(device), mask.to(device)
+
+    def texts(self, tokenizer: Any) -> list[str]:
+        """The prompts as text for a backend that takes text: the BOS its encoder adds is dropped, every
+        other special token (a chat template's) is kept, so re-encoding gives these ids back."""
+        bos = tokenizer.bos_token_id
+        return [tokenizer.decode(row[1:] if row and bos is not None and row[0] == bos else row,
+                                 skip_special_tokens=False) for row in self.ids]
+
+
 @dataclass(frozen=True)
 class GenerationContext:
     """What a backend's factory is given."""
 
     role: str  # "teacher" (generate, pseudo-labels) or "student" (RL, on-policy)
-    tokenizer: Any  # returned ids are this tokenizer's; prompts are encoded as hkd.sampling.hf_sampler.encode_prompts does
+    tokenizer: Any  # prompt and returned ids are this tokenizer's
     model: torch.nn.Module | None = None  # the live model, when the caller holds one
     model_path: str | None = None  # the model's HF directory: what an engine loads its own weights from
     device: torch.device | None = None  # where the caller's model lives
@@ -76,9 +146,11 @@ class GenerationContext:
 
 @runtime_checkable
 class GenerationBackend(Protocol):
-    """Samples completions. Optional method: ``sync_weights(model: torch.nn.Module) -> None``."""
+    """Samples completions. Optional method: ``sync_weights(model: torch.nn.Module) -> None``.
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> Samples: ...
+    ``prompts`` is a :class:`PromptBatch` when the spec sets ``takes_token_ids``, else a list of texts."""
+
+    def generate(self, prompts: Any, params: SamplingParams) -> Samples: ...
 
 
 @dataclass(frozen=True)
@@ -92,6 +164,10 @@ class GenerationBackendSpec:
     # False: it loads its own weights from context.model_path (an engine), and hkd generate
     # loads only the tokenizer
     needs_model: bool = True
+    # True: generate() takes a PromptBatch (token ids) and returns them as Samples.prompt_ids;
+    # False (backends written before token-id prompts): it takes texts, decoded from the ids with
+    # the chat template's special tokens kept (PromptBatch.texts), and encodes them itself
+    takes_token_ids: bool = False
 
 
 def available_generation_backends(manager: Any) -> dict[str, GenerationBackendSpec]:
@@ -120,7 +196,7 @@ def build_generation_backend(manager: Any, name: str, context: GenerationContext
     if not callable(getattr(backend, "generate", None)):
         raise HkdError(f"generation backend {name!r}: its factory returned {type(backend).__name__}, "
                        "which has no generate(prompts, params) method")
-    return NamedBackend(name, backend)
+    return NamedBackend(name, backend, context.tokenizer, spec.takes_token_ids)
 
 
 def sync_weights(backend: Any, model: torch.nn.Module) -> None:
@@ -133,16 +209,30 @@ def sync_weights(backend: Any, model: torch.nn.Module) -> None:
 class NamedBackend:
     """A backend whose output is checked against the contract, so a broken plugin is named.
 
-    Wrong shapes from an engine would otherwise surface as an index error deep in a loss.
+    Wrong shapes from an engine would otherwise surface as an index error deep in a loss. It
+    also bridges the two prompt forms: callers pass a :class:`PromptBatch` (texts from code
+    written before are encoded as training data's prompts are), a text backend gets texts.
     """
 
-    def __init__(self, name: str, inner: GenerationBackend) -> None:
+    def __init__(self, name: str, inner: GenerationBackend, tokenizer: Any = None, takes_token_ids: bool = True) -> None:
         self.name = name
         self.inner = inner
+        self.tokenizer = tokenizer
+        self.takes_token_ids = takes_token_ids
 
-    def generate(self, prompts: list[str], params: SamplingParams) -> Samples:
+    def generate(self, prompts: PromptBatch | Sequence[str], params: SamplingParams) -> Samples:
+        if not isinstance(prompts, PromptBatch):
+            if self.tokenizer is None:
+                raise HkdError(f"generation backend {self.name!r}: text prompts need the context's tokenizer")
+            prompts = PromptBatch.from_texts(self.tokenizer, list(prompts))
+        params = with_stop_tokens(params, self.tokenizer)
+        if not self.takes_token_ids:
+            samples = self.inner.generate(prompts.texts(self.tokenizer), params)
+            check_samples(samples, len(prompts), params, self.name)
+            return samples
         samples = self.inner.generate(prompts, params)
         check_samples(samples, len(prompts), params, self.name)
+        check_prompt_ids(samples, prompts, params, self.name)
         return samples
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -172,3 +262,14 @@ def check_samples(samples: Any, num_prompts: int, params: SamplingParams, backen
     for name in ("completion_mask", "token_logprobs"):
         if tuple(getattr(samples, name).shape) != width:
             raise bad(f"{name} has shape {tuple(getattr(samples, name).shape)}, expected {width} like completion_ids")
+
+
+def check_prompt_ids(samples: Any, prompts: PromptBatch, params: SamplingParams, backend: str) -> None:
+    """Raise naming ``backend`` unless every sample's prompt is the prompt it was given, token for token."""
+    ids, mask = samples.prompt_ids.tolist(), samples.prompt_mask.tolist()
+    for row, (row_ids, row_mask) in enumerate(zip(ids, mask)):
+        got = [token for token, keep in zip(row_ids, row_mask) if keep]
+        if got != list(prompts.ids[row // params.n]):
+            raise HkdError(f"generation backend {backend!r} broke the contract: sample {row}'s prompt_ids are not the "
+                           f"ids of prompt {row // params.n} it was given ({len(got)} tokens returned, "
+                           f"{len(prompts.ids[row // params.n])} given)")

@@ -15,6 +15,7 @@ ranks, so N ranks x A micro-batches equal one process with N*A micro-batches.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,17 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     buffer = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(buffer, group=info.group)
     return buffer.tolist()
+
+
+def union_names(names: Iterable[str], info: DistInfo) -> list[str]:
+    """The sorted union of every rank's ``names``, the same list on every rank: a vector keyed by it
+    lines up across ranks even when a rank reported a metric the others did not."""
+    mine = sorted(set(names))
+    if not info.enabled:
+        return mine
+    gathered: list[Any] = [None] * info.world_size
+    dist.all_gather_object(gathered, mine)
+    return sorted(set().union(*gathered))
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

@@ -31,7 +31,7 @@ from hkd.config import Config
 from hkd.data.encoding import Batches, encode_dataset
 from hkd.train.distributed import (
     DistInfo, all_reduce_sum, all_reduce_tensor, barrier, clip_gradients, init_distributed, shard_model,
-    sync_gradients,
+    sync_gradients, union_names,
 )
 from hkd.errors import ConfigError, HkdError, StoppedEarly
 from hkd.models.export import save_student
@@ -112,6 +112,7 @@ def build_run(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPlu
     builds its run (:mod:`hkd.train.placement`).
     """
     pm = pm or build_manager(config.plugins.disable)
+    pm.activate_kernel_backends()  # this run's plugins' kernel backends, none another run's left behind
     info = info or init_distributed()
     created = info.is_main and not run_dir.exists()
     try:
@@ -238,10 +239,12 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     local = [float(sum(c for c, _ in micro_counts)), float(sum(s for _, s in micro_counts))]
     tokens, seen = (int(x) for x in all_reduce_sum(local, info, run.device))
 
-    # per-stage losses and token-weighted "metric/..." sums stay on the device until the end
+    # per-stage losses and (sum, count) of each "metric/..." stay on the device until the end: a
+    # metric is the mean of the values reported for it, over the micro-batches and ranks that did
     stage_losses = torch.zeros(len(active), device=run.device)
     metric_sums: dict[str, torch.Tensor] = {}
-    for index, (micro, (count, _)) in enumerate(zip(micro_batches, micro_counts)):
+    metric_counts: dict[str, int] = {}
+    for index, micro in enumerate(micro_batches):
         state = StepState(step=step, temperature=temperature, tokens=tokens, micro_batch=index,
                           micro_batches=accum, rank=info.rank, world_size=info.world_size)
         micro = {k: v.to(run.device) for k, v in micro.items()}
@@ -254,21 +257,24 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                 stage_losses[slot] += stage_loss.detach()
                 total = total + active[name] * stage_loss
                 for metric in (k for k in terms if k.startswith("metric/")):
-                    metric_sums[metric] = metric_sums.get(metric, 0) + terms[metric].detach().float() * count
+                    metric_sums[metric] = metric_sums.get(metric, 0) + terms[metric].detach().float()
+                    metric_counts[metric] = metric_counts.get(metric, 0) + 1
             if total.requires_grad:  # e.g. the RL stage contributes on the first micro-batch only
                 (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
     sync_gradients(run.params, info)
-    all_reduce_tensor(stage_losses, info)
+    metric_names = union_names(metric_sums, info)  # the same keys, in the same order, on every rank
+    zero = torch.zeros(1, device=run.device)
+    sums = [metric_sums[k].reshape(1).to(run.device) if k in metric_sums else zero for k in metric_names]
+    counts = torch.tensor([float(metric_counts.get(k, 0)) for k in metric_names], device=run.device)
+    reduced = all_reduce_tensor(torch.cat([stage_losses, *sums, counts]), info)
     grad_norm = clip_gradients(run.params, config.optim.grad_clip)
 
     # the step's one host read: losses, metrics and the gradient norm together
-    metric_names = sorted(metric_sums)
-    tokens_for_metrics = sum(c for c, _ in micro_counts)
-    values = torch.cat([stage_losses, torch.stack([metric_sums[k] for k in metric_names]).reshape(-1)
-                        if metric_names else stage_losses.new_zeros(0), grad_norm.reshape(1).to(run.device)]).tolist()
+    values = torch.cat([reduced, grad_norm.reshape(1).to(run.device)]).tolist()
     losses = dict(zip(active, values[:len(active)]))
-    stage_metrics = {k: v / tokens_for_metrics if tokens_for_metrics else 0.0
-                     for k, v in zip(metric_names, values[len(active):-1])}
+    totals = values[len(active):len(active) + len(metric_names)]
+    reports = values[len(active) + len(metric_names):-1]
+    stage_metrics = {k: total / n for k, total, n in zip(metric_names, totals, reports) if n}
     norm = values[-1]
 
     bad = [name for name, value in losses.items() if not math.isfinite(value)]

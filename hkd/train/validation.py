@@ -13,6 +13,10 @@ with the teacher, without gradient, at temperature 1:
 last one); ``best.json`` records its step and value, and the early-stopping count, so a
 resumed run goes on judging against the same best. With ``eval.patience: N`` training stops
 after N evaluations in a row without an improvement larger than ``eval.min_delta``.
+
+Under data parallelism the held-out batches are shared out over the ranks (batch ``i`` on rank
+``i % world``) and the sums reduced, so N ranks evaluate the set once between them and report
+what one process would: each batch is scored as a one-process step (``rank 0`` of ``1``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from hkd.tasks.arith import make_problems
 from hkd.config import Config
 from hkd.data.encoding import Batches, encode, encode_dataset
 from hkd.train.distributed import all_reduce_tensor
+from hkd.data.labels import next_token_labels, next_token_targets
 from hkd.kernels.divergence import kl_divergence
 from hkd.errors import ConfigError
 from hkd.models.export import save_student
@@ -81,32 +86,38 @@ def evaluate(run: Run, step: int, active: dict[str, str]) -> dict[str, float]:
         teacher_requests = [have.merge(more) for have, more in zip(teacher_requests, asked)]
         student_request = student_request.merge(run.stages[key].student_request())  # type: ignore[operator]
     sums = torch.zeros(4 + len(active), device=run.device)  # kl, agree, nll, tokens, stage losses
-    for index in range(count):
-        batch = {k: v.to(run.device) for k, v in run.eval_batches.batch(index).items()}
-        tokens, _ = run.eval_batches.counts(index)
-        state = StepState(step=step, temperature=1.0, tokens=tokens, rank=run.info.rank,
-                          world_size=run.info.world_size)
+    world, rank = run.info.world_size, run.info.rank
+    # batch i on rank i % world; every rank runs as many forwards as the busiest (FSDP gathers in each),
+    # one past the end re-runs batch 0 and counts nothing
+    for index in range(rank, -(-count // world) * world, world):
+        real = index < count
+        batch = {k: v.to(run.device) for k, v in run.eval_batches.batch(index if real else 0).items()}
+        tokens, _ = run.eval_batches.counts(index if real else 0)
+        state = StepState(step=step, temperature=1.0, tokens=tokens)  # a batch is scored as one process's step
         with autocast(run):
             state.teachers, student = forward_views(run, batch, teacher_requests, student_request)
         teacher = state.teachers[0]
         assert teacher is not None and student is not None
+        part = torch.zeros_like(sums)
         if has_head:
             assert teacher.logits is not None and student.logits is not None
-            keep = batch["labels"][:, 1:] != -100
+            keep = next_token_targets(batch["labels"])
             teacher_logp = teacher.logits[:, :-1][keep].float().log_softmax(-1)
             student_logp = student.logits[:, :-1][keep].float().log_softmax(-1)
-            sums[0] += kl_divergence(teacher_logp, student_logp).sum()
-            sums[1] += (teacher_logp.argmax(-1) == student_logp.argmax(-1)).sum()
-            sums[2] -= student_logp.gather(-1, batch["labels"][:, 1:][keep][:, None]).sum()
-        sums[3] += tokens
+            part[0] = kl_divergence(teacher_logp, student_logp).sum()
+            part[1] = (teacher_logp.argmax(-1) == student_logp.argmax(-1)).sum()
+            part[2] = -student_logp.gather(-1, next_token_labels(batch["labels"])[keep][:, None]).sum()
+        part[3] = tokens
         for slot, key in enumerate(active.values()):
             stage_terms = stage_loss_terms(run.stages, key, batch, teacher, student, state)
-            sums[4 + slot] += sum((v for k, v in stage_terms.items() if not k.startswith("metric/")),
-                                  torch.zeros((), device=run.device)) / count
+            part[4 + slot] = sum((v for k, v in stage_terms.items() if not k.startswith("metric/")),
+                                 torch.zeros((), device=run.device))
+        if real:
+            sums += part
     run.student.train(was_training)
     values = all_reduce_tensor(sums, run.info).tolist()
     tokens = max(values[3], 1.0)
-    metrics = {f"eval/loss/{name}": value / run.info.world_size for name, value in zip(active, values[4:])}
+    metrics = {f"eval/loss/{name}": value / max(count, 1) for name, value in zip(active, values[4:])}
     weights = run.schedule.weights(max(step - 1, 0))
     metrics["eval/loss"] = sum(weights[name] * metrics[f"eval/loss/{name}"] for name in active)
     if has_head:

@@ -16,6 +16,9 @@ from hkd.plugin.hookspecs import hookimpl
 from hkd.models.loading import char_tokenizer
 from hkd.plugins.logits import LogitsStage, LogitsStageConfig
 from hkd.plugins.onpolicy import OnPolicyStage, OnPolicyStageConfig, batch_prompts
+from hkd.data.chat import encode_conversation
+from hkd.data.encoding import collate
+from hkd.sampling.backends import GenerationBackendSpec, PromptBatch, build_generation_backend
 from hkd.sampling.hf_sampler import sample
 from hkd.train.seeding import derive_seed
 from hkd.plugin.stage import StageContext, StepState
@@ -28,11 +31,52 @@ def stage(config: OnPolicyStageConfig, teacher, student, **context) -> OnPolicyS
                                               tokenizer=char_tokenizer(), **context))
 
 
-def test_prompts_are_each_rows_tokens_before_its_first_target():
+def test_prompts_are_each_rows_token_ids_before_its_first_target():
     # catches: an off-by-one that leaks the first completion token into the prompt (or drops the
-    # prompt's last character), and padding or bos decoded into the text
+    # prompt's last token), padding kept, or the prompt decoded to text and re-encoded
+    tok = char_tokenizer()
     b = batch(texts=("12+34=", "7+8="), completions=("46", "15 ok"))
-    assert batch_prompts(b, char_tokenizer()) == ["12+34=", "7+8="]
+    got = batch_prompts(b)
+    assert isinstance(got, PromptBatch)
+    assert got.ids == [[tok.bos_token_id] + tok("12+34=", add_special_tokens=False)["input_ids"],
+                       [tok.bos_token_id] + tok("7+8=", add_special_tokens=False)["input_ids"]]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3"])
+def test_chat_prompts_reach_the_sampler_as_the_templates_own_ids(template):
+    # catches: the prompt decoded with skip_special_tokens and re-encoded with a BOS (a ChatML
+    # prompt reached the sampler as "<bos>user\n12+34=\nassistant\n"), or a sample that does not
+    # stop at the template's end-of-turn token
+    from tests.chat import CONVERSATION, END_OF_TURN, chat_models, chat_tokenizer
+
+    tok = chat_tokenizer(template)
+    teacher, student = chat_models(tok)
+    received = []
+
+    class Spy:
+        @hookimpl
+        def hkd_add_generation_backends(self):
+            def factory(context):
+                inner = build_generation_backend(build_manager(), "transformers", context)
+
+                class Backend:
+                    def generate(self, prompts, params):
+                        received.append((prompts, params))
+                        return inner.generate(prompts, params)
+                return Backend()
+            return [GenerationBackendSpec("spy", factory, "test", takes_token_ids=True)]
+
+    s = OnPolicyStage(OnPolicyStageConfig(lmbda=1.0, max_new_tokens=6, generation_backend="spy"), StageContext(
+        "onpolicy", teacher, student, {}, "stages.onpolicy", build_manager(extra_plugins=[("spy", Spy())]), tok))
+    conversations = [CONVERSATION[:3], [{"role": "user", "content": "7+8="}, {"role": "assistant", "content": "15"}]]
+    b = collate([encode_conversation(tok, c, 128) for c in conversations], tok.pad_token_id)
+    terms = s.loss(b, None, None, StepState(step=0, temperature=1.0, tokens=1))
+    assert torch.isfinite(terms["onpolicy"])
+    (prompts, params), = received
+    expected = [tok.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+                for c in conversations]
+    assert prompts.ids == [list(e) for e in expected]
+    assert params.stop_token_ids == (tok.convert_tokens_to_ids(END_OF_TURN[template]),)
 
 
 def reference_reverse_kl(student, teacher, samples, temperature: float, skew: float = 0.0) -> torch.Tensor:
@@ -108,22 +152,44 @@ def test_lambda_is_the_fraction_of_on_policy_steps_and_the_same_after_a_restart(
         assert abs(sum(coins) / 400 - lmbda) < 0.06
 
 
-def test_refresh_every_samples_from_the_copy_taken_at_the_last_refresh():
-    # catches: sampling from the live weights between refreshes, never refreshing, or a copy the
-    # checkpoint does not carry (a resumed run would sample from other weights)
+def test_the_sampling_copy_is_refreshed_by_step_count_whatever_the_coin_says():
+    # catches: refreshing only when an on-policy step lands on a multiple of refresh_every (with
+    # lmbda 0.5 and refresh_every 10 the copy was up to 49 steps old), sampling from live weights
+    # between refreshes, or a copy the checkpoint does not carry
     teacher, student = models()
-    s = stage(OnPolicyStageConfig(refresh_every=2), teacher, student)
-    first = s.sampling_model(0)
-    assert first is not student
-    before = [p.detach().clone() for p in student.parameters()]
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.1)
-    assert all(torch.equal(a, b) for a, b in zip(s.sampling_model(1).parameters(), before))
-    assert all(torch.equal(a, b) for a, b in zip(s.sampling_model(2).parameters(), student.parameters()))
+    s = stage(OnPolicyStageConfig(lmbda=0.5, refresh_every=3, max_new_tokens=2, seed=0), teacher, student)
+    coins = [s.on_policy(step) for step in range(12)]
+    assert not coins[3] and coins[4]  # seed 0: step 3 is a refresh on a data step, step 4 samples
+    weights_at = {}
+    for step in range(12):
+        weights_at[step] = [p.detach().clone() for p in student.parameters()]
+        s.loss(batch(), None, None, StepState(step=step, temperature=1.0, tokens=5))
+        due = step - step % 3
+        assert all(torch.equal(a, b) for a, b in zip(s.policy.parameters(), weights_at[due])), step
+        with torch.no_grad():  # an optimizer step
+            for p in student.parameters():
+                p.add_(0.01)
     assert any(key.startswith("policy.") for key in s.state_dict())
     assert not any(p.requires_grad for p in s.parameters())  # the copy is never trained
     assert stage(OnPolicyStageConfig(refresh_every=1), teacher, student).sampling_model(5) is student
+
+
+def test_a_stage_resumed_between_refreshes_keeps_the_checkpoints_copy():
+    # catches: a resumed stage that re-copies the student at its first step (the uninterrupted run
+    # samples from the copy of the last multiple of refresh_every), or one that never refreshes again
+    teacher, student = models()
+    first = stage(OnPolicyStageConfig(lmbda=1.0, refresh_every=4, max_new_tokens=2), teacher, student)
+    first.refresh(4)
+    saved = {k: v.clone() for k, v in first.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01)
+    resumed = stage(OnPolicyStageConfig(lmbda=1.0, refresh_every=4, max_new_tokens=2), teacher, student)
+    resumed.load_state_dict(saved)
+    resumed.refresh(6)
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in saved.items())
+    resumed.refresh(8)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.policy.parameters(), student.parameters()))
 
 
 def test_bad_onpolicy_config_names_the_option():

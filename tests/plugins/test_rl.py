@@ -102,3 +102,24 @@ def test_rl_steps_raise_the_reward(tmp_path):
     metrics = read_metrics(tmp_path / "run")
     assert len(metrics) == 12 and all("metric/reward" in m and m["metric/rl_kl"] >= 0 for m in metrics)
     assert sum(m["metric/reward"] for m in metrics[-4:]) > sum(m["metric/reward"] for m in metrics[:4])
+
+
+def rl_metrics(tmp_path, grad_accum: int, batch_size: int) -> list[dict]:
+    raw = json.loads(json.dumps(BASE_CONFIG))
+    raw["schedule"] = {"phases": [{"name": "rl", "steps": 2, "stages": {"rl": 1.0}}]}
+    raw["stages"] = {"rl": {"num_prompts": 8, "prompts_per_step": 2, "samples_per_prompt": 3, "max_new_tokens": 3,
+                            "kl_weight": 0.1, "verifier": {"name": "regex_format", "options": {"pattern": r"\d.*"}}}}
+    raw["optim"] = {"lr": 1e-2, "grad_accum": grad_accum}
+    raw["data"]["batch_size"] = batch_size
+    distill(from_dict(Config, raw), tmp_path / f"accum{grad_accum}")
+    return read_metrics(tmp_path / f"accum{grad_accum}")
+
+
+def test_rl_metrics_do_not_depend_on_gradient_accumulation(tmp_path):
+    # catches: metrics reported on micro-batch 0 only being averaged over every micro-batch's tokens
+    # (the logged reward was about 1/grad_accum of its value), or a gradient that changes with it
+    one, four = rl_metrics(tmp_path, 1, 8), rl_metrics(tmp_path, 4, 2)
+    assert any(m["metric/reward"] > 0 for m in one)  # the comparison sees real rewards
+    for a, b in zip(one, four):
+        for key in ("metric/reward", "metric/rl_kl", "loss/rl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
