@@ -192,8 +192,17 @@ def validate(config: Config) -> None:
         raise ConfigError(f"schedule.phases: {sum(p.steps for p in config.schedule.phases)} steps in all; "
                           f"at most {MAX_STEPS}")
     check_device(config.train.device, "train.device")
-    if config.data.chat_template and config.data.kind == "jsonl" and config.data.prompt_field is None:
+    if config.data.chat_template and config.data.kind == "jsonl" and config.data.prompt_field is None \
+            and config.data.messages_field is None:
         raise ConfigError("data.chat_template: needs data.prompt_field (the template wraps the prompt)")
+    if config.data.messages_field is not None:
+        if config.data.kind == "synthetic":
+            raise ConfigError("data.messages_field: conversations are read from a file (data.kind: jsonl or hf)")
+        if config.data.prompt_field is not None:
+            raise ConfigError(f"data.messages_field: records are either conversations or prompt/completion pairs; "
+                              f"unset data.prompt_field ({config.data.prompt_field!r}) or data.messages_field")
+        if config.student.encoder:
+            raise ConfigError("data.messages_field: conversations train causal LMs (student.encoder is set)")
     if config.data.kind in ("jsonl", "hf") and not config.data.path:
         raise ConfigError(f"data.path: required when data.kind is {config.data.kind!r}")
     if config.data.streaming and (config.data.kind != "hf" or config.data.packing):

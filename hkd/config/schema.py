@@ -140,6 +140,9 @@ class DataConfig:
     completion_field: str = "completion"  # with prompt_field: the field holding the completion (the loss's targets)
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed JSONL line: stop, naming file and line (fail), or skip it
     chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (prompt_field only)
+    # conversations: the field holding each record's list of {role, content} messages (TRL's
+    # conversational format), rendered with the tokenizer's chat template; loss on assistant turns only
+    messages_field: str | None = None
     max_length: int = ranged(64, low=2, high=2**20)  # tokens per sequence (bos + at least one target)
     batch_size: int = ranged(8, low=1, high=2**16)  # sequences per micro-batch
     num_examples: int = ranged(512, low=1, high=10**7)  # synthetic only

@@ -21,7 +21,7 @@ from hkd.tasks.arith import make_problems
 from hkd.config import DataConfig
 from hkd.data.hf import encode_hf
 from hkd.data.packing import Packed
-from hkd.data.chat import conversation_problem
+from hkd.data.chat import conversation_problem, encode_conversation
 from hkd.data.chat import prompt_ids as chat_prompt_ids
 from hkd.data.labels import IGNORE_INDEX, next_token_targets
 from hkd.data.text import CHARS_PER_TOKEN_CAP, encoder_special_ids, is_encoder_tokenizer
@@ -95,7 +95,8 @@ def read_jsonl(path: str | Path, on_bad_line: str = "fail", required: tuple[str,
 
 
 def load_records(config: DataConfig, seed: int) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs; prompt is "" for plain text (every token is a target)."""
+    """(prompt, completion) pairs; prompt is "" for plain text (every token is a target).
+    Conversations (``data.messages_field``) are read by :func:`load_conversations`."""
     if config.kind == "synthetic":
         return [(p.prompt, p.worked_solution()) for p in make_problems(config.num_examples, config.digits, seed)]
     assert config.path is not None
@@ -104,6 +105,13 @@ def load_records(config: DataConfig, seed: int) -> list[tuple[str, str]]:
         return [("", str(r[config.text_field])) for r in records]
     records = read_jsonl(config.path, config.on_bad_line, (config.prompt_field, config.completion_field))
     return [(str(r[config.prompt_field]), str(r[config.completion_field])) for r in records]
+
+
+def load_conversations(config: DataConfig) -> list[list[dict[str, Any]]]:
+    """The ``data.messages_field`` conversation of every record (TRL's conversational format)."""
+    assert config.path is not None and config.messages_field is not None
+    records = read_jsonl(config.path, config.on_bad_line, (config.messages_field,), {config.messages_field: True})
+    return [r[config.messages_field] for r in records]
 
 
 def encode(
@@ -144,7 +152,13 @@ def encode_dataset(tokenizer: Any, config: DataConfig, seed: int) -> list[tuple[
     """Every record of the configured data set, encoded; what training and the teacher cache share."""
     if config.kind == "hf":  # memory-mapped Arrow rows, not Python lists
         return encode_hf(tokenizer, config, seed)  # type: ignore[return-value]
-    encoded = [encode(tokenizer, p, c, config.max_length, config.chat_template) for p, c in load_records(config, seed)]
+    if config.messages_field is not None:  # conversations: the template's tokens, assistant turns learned
+        encoded = [encode_conversation(tokenizer, messages, config.max_length,
+                                       f"{config.path}: conversation {i + 1} ({config.messages_field})")
+                   for i, messages in enumerate(load_conversations(config))]
+    else:
+        encoded = [encode(tokenizer, p, c, config.max_length, config.chat_template)
+                   for p, c in load_records(config, seed)]
     if encoded and not any(target_count(labels) for _, labels in encoded):
         raise HkdError(
             f"all {len(encoded)} examples have no target tokens after truncation to data.max_length="

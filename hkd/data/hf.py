@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from hkd.config import DataConfig
+from hkd.data.chat import conversation_problem, encode_conversation
+from hkd.data.labels import IGNORE_INDEX
 from hkd.data.text import CHARS_PER_TOKEN_CAP, chat_prompt, encoder_special_ids, is_encoder_tokenizer
 from hkd.errors import HkdError
 
@@ -64,6 +66,8 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 def _encode_batch(rows: dict[str, list[Any]], tokenizer: Any, config: DataConfig) -> dict[str, list[Any]]:
     """:func:`hkd.data.encoding.encode` for a batch of rows, with one tokenizer call per field."""
+    if config.messages_field is not None:
+        return _encode_conversations(rows[config.messages_field], tokenizer, config)
     cap = CHARS_PER_TOKEN_CAP * config.max_length
     if config.prompt_field is None:
         prompts, completions = [""] * len(rows[config.text_field]), [str(t)[:cap] for t in rows[config.text_field]]
@@ -87,15 +91,30 @@ def _encode_batch(rows: dict[str, list[Any]], tokenizer: Any, config: DataConfig
         head = p_ids if templated and prompt else bos + (p_ids if prompt else [])
         if encoder:
             ids = ((head + c_ids)[:keep] + eos)[: config.max_length]
-            labels = (([-100] * len(head) + c_ids)[:keep] + eos)[: config.max_length]
+            labels = (([IGNORE_INDEX] * len(head) + c_ids)[:keep] + eos)[: config.max_length]
         else:
             tail = c_ids + eos
             ids = (head + tail)[: config.max_length]
-            labels = ([-100] * len(head) + tail)[: config.max_length]
+            labels = ([IGNORE_INDEX] * len(head) + tail)[: config.max_length]
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["length"].append(len(ids))
-        out["targets"].append(sum(1 for label in labels[1:] if label != -100))
+        out["targets"].append(sum(1 for label in labels[1:] if label != IGNORE_INDEX))
+    return out
+
+
+def _encode_conversations(conversations: list[Any], tokenizer: Any, config: DataConfig) -> dict[str, list[Any]]:
+    """:func:`hkd.data.chat.encode_conversation` for a batch of rows (``data.messages_field``)."""
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "targets": []}
+    for messages in conversations:
+        problem = conversation_problem(messages)
+        if problem:
+            raise HkdError(f"data.path: {config.path}: a {config.messages_field!r} conversation: {problem}")
+        ids, labels = encode_conversation(tokenizer, messages, config.max_length, f"data.path: {config.path}")
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        out["targets"].append(sum(1 for label in labels[1:] if label != IGNORE_INDEX))
     return out
 
 
@@ -120,11 +139,14 @@ def encode_hf(tokenizer: Any, config: DataConfig, seed: int = 0) -> HFEncoded:
         return HFStream(builder, path, tokenizer, config, seed)  # type: ignore[return-value]
     raw = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir))
     needed = [config.text_field] if config.prompt_field is None else [config.prompt_field, config.completion_field]
+    if config.messages_field is not None:
+        needed = [config.messages_field]
     missing = [name for name in needed if name not in raw.column_names]
     if missing:
         raise HkdError(f"data.path: {path.name} has no column {missing[0]!r} (columns: {raw.column_names})")
     recipe = json.dumps([ENCODING_VERSION, raw._fingerprint, _tokenizer_digest(tokenizer), config.max_length,
-                         config.text_field, config.prompt_field, config.completion_field, config.chat_template])
+                         config.text_field, config.prompt_field, config.completion_field, config.chat_template]
+                        + ([config.messages_field] if config.messages_field is not None else []))
     encoded = raw.map(
         _encode_batch, batched=True, batch_size=1000, num_proc=config.num_proc if config.num_proc > 1 else None,
         fn_kwargs={"tokenizer": tokenizer, "config": config}, remove_columns=raw.column_names,

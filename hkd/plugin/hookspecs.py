@@ -79,7 +79,11 @@ def hkd_add_generation_backends() -> list[GenerationBackendSpec] | None:
     (tokenizer, live model if any, model directory, device) and returns an object with
     ``generate(prompts, params) -> hkd.sampling.hf_sampler.Samples``: ``params.n`` completions per prompt,
     prompt-major, with token ids, masks, texts and the log-probability of each sampled token
-    under the sampling distribution (temperature and top-p applied; 0 for greedy). An engine
+    under the sampling distribution (temperature and top-p applied; 0 for greedy). ``prompts`` is
+    a :class:`hkd.sampling.backends.PromptBatch` of token ids (rendered once by the caller, chat
+    template included) when the spec sets ``takes_token_ids=True``; a backend written before
+    (the default, ``False``) gets them decoded to texts. A sample ends at EOS or one of
+    ``params.stop_token_ids`` (the chat template's end-of-turn token). An engine
     that keeps its own copy of the weights also implements ``sync_weights(model)``, which a
     trainer calls before sampling from a model it has updated. Set ``needs_model=False`` on
     the spec when the backend loads its own weights from ``context.model_path``, so that

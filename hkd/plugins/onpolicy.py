@@ -7,8 +7,9 @@ is one of two kinds, decided by a coin with probability ``lmbda`` (TRL's name fo
 ``lambda``; a pure function of (seed, step), the same on every rank and after a resume):
 
 * **on-policy** (probability ``lmbda``): the prompts of the step's batch (each row's tokens
-  before its first target, as token ids: a chat template's markers and the BOS stay exactly as
-  the data encoded them) go to the run's generation backend, and the student samples one
+  before its last run of targets: a prompt/completion row's prompt, a conversation up to its
+  last assistant turn; as token ids, the BOS and a chat template's markers exactly as the data
+  encoded them) go to the run's generation backend, and the student samples one
   continuation per prompt (``sample_temperature``, ``top_p``, ``max_new_tokens``; batched with
   the KV cache; it stops at EOS or the chat template's end-of-turn token). Teacher and student
   then run on prompt + sample, and the loss is the per-token divergence on the sampled tokens:
@@ -230,16 +231,22 @@ class OnPolicyStage(Stage):
 
 
 def batch_prompts(batch: dict[str, Tensor], tokenizer: Any = None) -> PromptBatch:
-    """Each row's prompt as token ids: its real tokens before the first target (``labels !=
-    IGNORE_INDEX``), exactly as the data encoded them (BOS, a chat template's markers), never
-    decoded and re-encoded. ``tokenizer`` is not used (kept for callers written before)."""
+    """Each row's prompt as token ids: its real tokens before its last run of targets (``labels !=
+    IGNORE_INDEX``): the prompt of a prompt/completion row, and everything before the last assistant
+    turn of a conversation (earlier turns are context, as in TRL's GKD). Exactly as the data encoded
+    them (BOS, a chat template's markers), never decoded and re-encoded. A row without targets is
+    its whole self. ``tokenizer`` is not used (kept for callers written before)."""
     labels, ids = batch["labels"].tolist(), batch["input_ids"].tolist()  # one host read per micro-batch
     mask = batch["attention_mask"].tolist() if "attention_mask" in batch else [[1] * len(row) for row in ids]
     rows = []
     for row_ids, row_labels, row_mask in zip(ids, labels, mask):
-        length = sum(row_mask)  # rows are right-padded
-        first = next((i for i, label in enumerate(row_labels[:length]) if label != IGNORE_INDEX), length)
-        rows.append(row_ids[:first])
+        start = sum(row_mask)  # rows are right-padded
+        targets = [i for i, label in enumerate(row_labels[:start]) if label != IGNORE_INDEX]
+        if targets:
+            start = targets[-1]
+            while start > 0 and row_labels[start - 1] != IGNORE_INDEX:
+                start -= 1
+        rows.append(row_ids[:start])
     return PromptBatch(rows)
 
 
