@@ -384,6 +384,14 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         print(f"hkd: error: {exc}", file=sys.stderr)
         return 2
+    except (ImportError, AttributeError) as exc:  # a dependency's release that breaks an import: name it
+        from hkd.versions import explain
+
+        message = explain(exc)
+        if message is None or os.environ.get("HKD_DEBUG"):
+            raise
+        print(f"hkd: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("hkd: interrupted", file=sys.stderr)
         return 130

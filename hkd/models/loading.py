@@ -19,26 +19,29 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoTokenizer,
-    BertConfig,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
-
-from transformers.utils import logging as hf_logging
-
+from hkd import versions
 from hkd.config import ModelConfig
 from hkd.errors import HkdError
+
+# Models are loaded here: a torch or transformers below hkd's range, or a release whose import
+# breaks, ends as one error naming the package, its version and the range that works.
+with versions.importing("torch", "transformers"):
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoTokenizer,
+        BertConfig,
+        LlamaConfig,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+    )
+    from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # hkd shows its own progress; per-shard bars are noise here
 
