@@ -38,7 +38,7 @@ import torch
 
 from hkd import kernels
 from hkd.config import Config, from_dict
-from hkd.models.loading import write_preset
+from hkd.models.loading import PRESET_RECIPE, write_preset
 from hkd.train.distributed import clip_gradients
 from hkd.train.loop import Run, build_run, train_step
 
@@ -62,12 +62,16 @@ def model_specs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def write_models(args: argparse.Namespace, root: Path) -> dict[str, dict[str, Any]]:
-    """Write both preset models once under ``root``; the specs that load them by path (two runs
-    would otherwise each write their own copy, which takes long at a billion parameters)."""
+    """Write both preset models once under ``root`` (kept if ``root`` already holds them from the
+    same recipe); the specs that load them by path. Two runs would otherwise each write their own
+    copy, which takes long at a billion parameters."""
     specs = {}
     for role, spec in model_specs(args).items():
-        path = write_preset(spec["preset"], root / role, spec["preset_overrides"], spec["seed"])
-        specs[role] = {"path": str(path)}
+        recipe = {"preset": spec["preset"], "overrides": spec["preset_overrides"], "seed": spec["seed"]}
+        written = root / role / PRESET_RECIPE
+        if not (written.is_file() and json.loads(written.read_text()) == recipe):
+            write_preset(spec["preset"], root / role, spec["preset_overrides"], spec["seed"])
+        specs[role] = {"path": str(root / role)}
     return specs
 
 
@@ -141,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student-layers", type=int, help="student depth (default: half the teacher's)")
     parser.add_argument("--vocab", type=int, help="vocabulary size of both models (default: the preset's, 100)")
     parser.add_argument("--fused", action="store_true", help="stages.logits.fused: the LM head fused into the loss")
+    parser.add_argument("--models", help="folder for the two preset models, reused when it holds them already "
+                                         "(default: a temporary one)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and loop")
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with TemporaryDirectory() as tmp:
-        models = write_models(args, Path(tmp) / "models")
+        models = write_models(args, Path(args.models) if args.models else Path(tmp) / "models")
         ours = build_run(make_config(args, device, models), Path(tmp) / "hkd")
         bare = build_run(make_config(args, device, models), Path(tmp) / "bare")
         hkd_step = lambda step: (train_step(ours, step), int(ours.batches.counts(step)[1]))[1]  # noqa: E731
@@ -180,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_tflops"] = args.peak_tflops
     print(f"tokens/s  hkd {median['hkd']:.0f}  bare {median['bare']:.0f}  overhead {100 * result['overhead']:+.1f}%"
           f"  (median of {args.rounds} rounds x {args.steps} steps; student {student_params / 1e6:.1f}M, "
-          f"teacher {teacher_params / 1e6:.1f}M params, {result['precision']}{', fused LM head' if args.fused else ''})")
+          f"teacher {teacher_params / 1e6:.1f}M params, {result['precision']}"
+          f"{', fused LM head' if args.fused else ''})")
     out = Path(args.out) if args.out else folder("loop") / f"loop-{device}-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

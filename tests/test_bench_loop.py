@@ -39,11 +39,15 @@ def test_result_file_has_both_rates_and_the_overhead(tmp_path, capsys):
 
 
 def test_vocab_and_student_size_reach_the_models(tmp_path):
-    # catches: --vocab / --student-* flags that the GPU check passes but the models never get
+    # catches: --vocab / --student-* flags that the GPU check passes but the models never get, or models
+    # written again for the second run (minutes at a billion parameters)
     bench = load_bench_script("loop")
     args = bench.argparse.Namespace(hidden=32, layers=4, student_hidden=16, student_layers=1, vocab=1000,
                                     batch_size=2, length=24, precision="fp32", fused=True)
     models = bench.write_models(args, tmp_path / "models")
+    written = (tmp_path / "models" / "student" / "model.safetensors").stat().st_mtime_ns
+    assert bench.write_models(args, tmp_path / "models") == models  # the same recipe: kept, not written again
+    assert (tmp_path / "models" / "student" / "model.safetensors").stat().st_mtime_ns == written
     run = bench.build_run(bench.make_config(args, "cpu", models), tmp_path / "run")
     student, teacher = run.student.config, run.teachers[0].model.config
     assert (student.vocab_size, teacher.vocab_size) == (1000, 1000)
