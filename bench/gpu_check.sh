@@ -1,65 +1,145 @@
 #!/usr/bin/env bash
-# The prepared GPU check for the kernels (issue 14): install, kernel tests on CUDA, then the two
-# headline benchmarks with eager, Liger and every hkd backend side by side. Bounded to 8 minutes.
+# The GPU check: one call on a bare GPU machine (torch and triton, no package registry) that
+# answers whether the kernels are right and how fast they are, in at most 8 minutes.
 #
+#   bench/gpu_check.sh --prep              # where pip reaches a registry: Liger-Kernel's wheel into bench/wheels/
 #   bench/gpu_check.sh OUTDIR              # on the GPU machine, from the repository root
-#   bench/gpu_check.sh --dry-run OUTDIR    # print the steps (and check the arguments) without running them
-#   bench/gpu_check.sh --small OUTDIR      # tiny shapes, no install / tests: the script end to end on a CPU
+#   bench/gpu_check.sh --small OUTDIR      # the dry run: every part at tiny sizes, on a CPU too (~3 min on 2 cores)
+#   bench/gpu_check.sh --dry-run OUTDIR    # print the parts and their time limits without running them
 #
-# The GPU machine may have no package registry: the project is installed with
-# `pip install --no-deps --no-build-isolation -e .` (torch, triton, transformers are already there)
-# and Liger-Kernel from a wheel under bench/wheels/ when one is present (fetch it beforehand with
-# `pip download liger-kernel --no-deps -d bench/wheels`). Without it the Liger rows say why they
-# could not run and everything else is measured.
+# Parts, in this order, each under its own `timeout` (bench/gpu_check.py says what each does):
+#   setup        pip install --no-index --no-deps --no-build-isolation -e . ; Liger from bench/wheels/
+#   env          (a) python3, versions, CUDA, the GPU; what is missing is named
+#   correctness  (b) the triton backends against fp64: V=128256, every divergence, T 1 and 2.5,
+#                offsets of 1e4, > 2**31 entries, the fused head over 3 chunks, bf16 autocast
+#   softmax      (c) softmax-KL forward and backward apart, 4096 x 128256 bf16, vs eager and Liger
+#   fused        (d) the fused LM head at N 4096 and 8192 (H 4096, V 128256): triton, Liger, chunked
+#   train-*      (e) one training step of a 1.0B student (V 128256, bf16-mixed), fused head off / on
+#   pytest       (f) python3 -m pytest -x --tb=short tests/kernels, last: it gets the time left
+#   summary      the table and the result file
+# Every part appends JSON lines to OUTDIR/gpu-check.jsonl as it goes, so a part killed by its
+# limit keeps what it measured; this script adds one line per part with its exit status
+# ("timeout" when it hit its limit) and seconds. OUTDIR ends with 5 files:
+#   gpu-check.jsonl   every record          gpu-check.log   everything printed
+#   pytest.log        the kernel tests      summary.txt     the table
+#   gpu-check-DATE.json  command, date, device, versions, records, table: for bench/results/gpu-check/
 #
-# OUTDIR receives: install.log, pytest.log, bench-softmax-kl.log, bench-fused-linear.log, the
-# benchmark JSON files (kernels-cuda-*.json, kernels-fused-linear-cuda-*.json) and status.txt
-# (each step's exit status; 124 = it hit its time limit).
+# Without a registry on the GPU machine, Liger-Kernel travels as a wheel: bench/wheels/ is
+# ignored by git, so copy it to the GPU machine along with the working tree.
 set -uo pipefail
 
-usage() { echo "usage: bench/gpu_check.sh [--dry-run|--small] OUTDIR" >&2; exit 2; }
+LIGER_VERSION=0.8.5
+usage() { echo "usage: bench/gpu_check.sh --prep | [--dry-run|--small] OUTDIR" >&2; exit 2; }
 MODE=run
 case "${1:-}" in
   --dry-run) MODE=dry; shift ;;
   --small) MODE=small; shift ;;
+  --prep) MODE=prep; shift ;;
   -*) usage ;;
 esac
+COMMAND_LINE="bash bench/gpu_check.sh $( [ "$MODE" = small ] && echo '--small ' )${1:-}"
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+WHEELS=${GPU_CHECK_WHEELS:-bench/wheels}  # the variable: tests
+
+if [ "$MODE" = prep ]; then
+  [ $# -eq 0 ] || usage
+  mkdir -p "$WHEELS" || exit 1
+  if ls "$WHEELS"/liger_kernel-"$LIGER_VERSION"-*.whl >/dev/null 2>&1; then
+    echo "$WHEELS: liger_kernel $LIGER_VERSION already there"
+  else
+    "$PY" -m pip download "liger-kernel==$LIGER_VERSION" --no-deps -d "$WHEELS" || exit 1
+  fi
+  # the GPU machine's copy of the tree has no git: the commit it was made from travels here
+  commit=$(git rev-parse --short HEAD 2>/dev/null) && {
+    [ -n "$(git status --porcelain --untracked-files=no -- hkd bench 2>/dev/null)" ] && commit="$commit+dirty"
+    echo "$commit" > "$WHEELS/source-commit.txt"; }
+  ls -l "$WHEELS"
+  exit 0
+fi
+
 [ $# -eq 1 ] || usage
 OUT=$1
-cd "$(dirname "$0")/.." || exit 1
-PY=${PYTHON:-python}
 mkdir -p "$OUT" || exit 1
-: > "$OUT/status.txt"
+OUT=$(cd "$OUT" && pwd)
+JSONL=$OUT/gpu-check.jsonl
+# the limits are the GPU machine's; the dry run on a (shared) CPU gets three times each
+SCALE=1; SMALL=()
+[ "$MODE" = small ] && SCALE=3 && SMALL=(--small)
+BUDGET=${GPU_CHECK_BUDGET_S:-$(( 470 * SCALE ))}  # the whole run, seconds: 8 minutes less starting up
+RESERVE=$(( 20 * SCALE ))                          # kept for the summary
+START=$SECONDS
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+LIGER_DIR=$WORK/liger
+# the tree itself is importable even if the editable install fails; Liger goes to LIGER_DIR
+export PYTHONPATH="$LIGER_DIR:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
-# step NAME LIMIT_S LOG CMD...: run CMD under `timeout`, output to OUT/LOG (and the console), status recorded
-step() {
-  local name=$1 limit=$2 log=$3; shift 3
+if [ "$MODE" != dry ]; then
+  : > "$JSONL"
+  exec > >(tee -a "$OUT/gpu-check.log") 2>&1
+  TEE_PID=$!
+fi
+
+LAST_RC=0
+PLANNED=0  # --dry-run: the seconds the parts before would take at their limits (the worst case)
+# part NAME CAP_S CMD...: CMD under `timeout` (CAP_S, or the time left if that is less; 0: all the
+# time left), then one JSON line with its status
+part() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - RESERVE - (SECONDS - START) - PLANNED ))
+  local limit=$left
+  cap=$(( cap * SCALE ))
+  if [ "$cap" -gt 0 ] && [ "$cap" -lt "$left" ]; then limit=$cap; fi
   echo "== $name (limit ${limit}s): $*"
-  if [ "$MODE" = dry ]; then echo "$name dry-run" >> "$OUT/status.txt"; return 0; fi
-  timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$log") 2>&1
-  local rc=$?
-  echo "$name $rc" >> "$OUT/status.txt"
-  return 0  # a failed step does not stop the measurements that follow
+  if [ "$MODE" = dry ]; then PLANNED=$(( PLANNED + limit )); return 0; fi
+  if [ "$limit" -lt 5 ]; then
+    printf '{"part": "%s", "event": "end", "status": "skipped", "reason": "no time left in the %ss budget", "seconds": 0, "limit_s": %s}\n' \
+      "$name" "$BUDGET" "$limit" >> "$JSONL"
+    LAST_RC=124
+    return 0
+  fi
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@"
+  LAST_RC=$?
+  local status=ok
+  case $LAST_RC in 0) ;; 124|137) status=timeout ;; *) status="exit $LAST_RC" ;; esac
+  printf '{"part": "%s", "event": "end", "status": "%s", "rc": %s, "seconds": %s, "limit_s": %s}\n' \
+    "$name" "$status" "$LAST_RC" "$(( SECONDS - t0 ))" "$limit" >> "$JSONL"
+  return 0  # a failed part does not stop the ones after it
 }
 
-BACKENDS=eager,liger,torch,chunked,triton
+GC=("$PY" bench/gpu_check.py)
+COMMON=(--jsonl "$JSONL" "${SMALL[@]}")
+# limits (seconds) sum to 405 before the tests, which get what is left of the 450 (at least 45)
+part setup 25 "${GC[@]}" setup "${COMMON[@]}" --liger-dir "$LIGER_DIR"
+part env 15 "${GC[@]}" env "${COMMON[@]}"
+part correctness 90 "${GC[@]}" correctness "${COMMON[@]}"
+part softmax 40 "${GC[@]}" softmax "${COMMON[@]}"
+part fused 65 "${GC[@]}" fused "${COMMON[@]}"
+part train-unfused 85 "${GC[@]}" train --fused off --work "$WORK" "${COMMON[@]}"   # writes the models
+part train-fused 85 "${GC[@]}" train --fused on --work "$WORK" "${COMMON[@]}"
+
+# (f) last: the kernel tests compile many kernel variants; in parallel when pytest-xdist is there
+PYTEST=("$PY" -m pytest -x --tb=short -q -p no:cacheprovider)
 if [ "$MODE" = small ]; then
-  SOFTMAX_GRID=64x1000; FUSED_GRID=64x32x1000; DTYPE=float32; BACKENDS=eager,liger,chunked
+  PYTEST+=(tests/kernels/test_backend_requests.py)  # the dry run checks the plumbing, not the kernels
 else
-  SOFTMAX_GRID=16384x131072; FUSED_GRID=8192x4096x128256; DTYPE=bfloat16
+  PYTEST+=(tests/kernels)
+  if "$PY" -c "import xdist" 2>/dev/null; then PYTEST+=(-n "${GPU_CHECK_PYTEST_WORKERS:-4}" --dist loadfile); fi
+fi
+part pytest 0 bash -c '"$@" > "$0" 2>&1' "$OUT/pytest.log" "${PYTEST[@]}"
+PYTEST_RC=$LAST_RC
+if [ "$MODE" != dry ]; then
+  tail -n 15 "$OUT/pytest.log"
+  "${GC[@]}" pytest-record --jsonl "$JSONL" --log "$OUT/pytest.log" --rc "$PYTEST_RC" --command "${PYTEST[*]}"
 fi
 
-# budget (8 min): install 60 s, tests 150 s, softmax-KL 110 s, fused linear 140 s
-if [ "$MODE" != small ]; then
-  step install 60 install.log sh -c "$PY -m pip install --no-deps --no-build-isolation -e . && \
-    for w in bench/wheels/liger_kernel-*.whl; do [ -e \"\$w\" ] && $PY -m pip install --no-deps \"\$w\"; done; \
-    $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; \
-    $PY -c 'import liger_kernel' 2>/dev/null && echo 'liger-kernel: installed' || echo 'liger-kernel: absent (its rows will say so)'"
-  step pytest 150 pytest.log "$PY" -m pytest -q -p no:cacheprovider tests/kernels --durations=10
-fi
-step softmax_kl 110 bench-softmax-kl.log "$PY" bench/kernel_speed.py --grid "$SOFTMAX_GRID" --dtype "$DTYPE" \
-  --backends "$BACKENDS" --reps 5 --out "$OUT"
-step fused_linear 140 bench-fused-linear.log "$PY" bench/kernel_speed.py --op fused_linear --grid "$FUSED_GRID" \
-  --dtype "$DTYPE" --backends "$BACKENDS" --reps 3 --out "$OUT"
-echo "== done; step statuses:"
-cat "$OUT/status.txt"
+RESERVE=0
+part summary 20 "${GC[@]}" summary "${COMMON[@]}" --out "$OUT" --command "$COMMAND_LINE"
+rm -rf "$WORK"
+[ "$MODE" = dry ] && exit 0
+echo "== done in $(( SECONDS - START ))s; results in $OUT"
+exec >&- 2>&-
+wait "$TEE_PID" 2>/dev/null
+exit 0

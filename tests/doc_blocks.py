@@ -192,6 +192,10 @@ def check_command(words: list[str], monkeypatch: Any, tmp_path: Path) -> None:
         import subprocess
 
         args = [str(tmp_path / "out") if a.startswith("/tmp/") else a for a in words[2:]]
+        if args[:1] in (["--prep"], ["--small"]):  # a download, a few minutes (tests/test_gpu_check.py runs it)
+            assert f"{args[0]}) MODE=" in (ROOT / words[1]).read_text()
+            assert len(args) == (1 if args[0] == "--prep" else 2), args
+            return
         assert "--dry-run" in args, "only the dry run of bench/gpu_check.sh is tried here"
         proc = subprocess.run(["bash", str(ROOT / words[1]), *args], capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr

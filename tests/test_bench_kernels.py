@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,29 +74,3 @@ def test_table_compares_with_liger_when_it_ran(bench: Any) -> None:
     lines = bench.table(rows).splitlines()
     assert lines[0].split()[-1] == "liger"
     assert [line.split()[-1] for line in lines[1:]] == ["2.00", "1.00", "0.25", "-"]
-
-
-GPU_CHECK = Path(__file__).parents[1] / "bench" / "gpu_check.sh"
-
-
-def test_gpu_check_dry_run_lists_every_step(tmp_path: Path) -> None:
-    # catches: a GPU check that would spend scarce GPU time on a broken command line
-    proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    steps = [line for line in proc.stdout.splitlines() if line.startswith("== ") and "limit" in line]
-    assert [s.split()[1] for s in steps] == ["install", "pytest", "softmax_kl", "fused_linear"]
-    assert sum(int(s.split("limit ")[1].split("s)")[0]) for s in steps) <= 8 * 60  # the whole run fits 8 minutes
-    assert "pip install --no-deps --no-build-isolation -e ." in steps[0] and "bench/wheels/liger_kernel-" in steps[0]
-    assert "tests/kernels" in steps[1]
-    for step, shape in ((steps[2], "--grid 16384x131072"), (steps[3], "--op fused_linear --grid 8192x4096x128256")):
-        assert shape in step and "--dtype bfloat16" in step and f"--out {tmp_path / 'out'}" in step
-        assert "--backends eager,liger,torch,chunked,triton" in step
-    assert (tmp_path / "out" / "status.txt").read_text().split() == [
-        "install", "dry-run", "pytest", "dry-run", "softmax_kl", "dry-run", "fused_linear", "dry-run"]
-
-
-@pytest.mark.parametrize("args", [[], ["--bogus", "x"], ["a", "b"]])
-def test_gpu_check_needs_one_output_dir(args: list[str]) -> None:
-    proc = subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 2 and "usage: bench/gpu_check.sh" in proc.stderr
