@@ -132,6 +132,84 @@ def test_signalled_students_and_teacher_stop_together(reference, tmp_path):
     assert same_student(run, reference)
 
 
+OTHER_TEACHER = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4,
+                 "num_key_value_heads": 2}
+
+
+@pytest.mark.slow
+def test_two_teachers_each_on_its_own_rank_equal_colocated(tmp_path):
+    # catches: views of one teacher handed to the other's stages, or a second teacher whose plan (segments)
+    # or receiver is wired to the first teacher's ranks
+    raw = ranked_config()
+    raw["teachers"] = [{"preset": "tiny-llama", "preset_overrides": OTHER_TEACHER, "seed": 7, "weight": 3.0,
+                        "placement": "ranks"}]
+    raw["stages"]["logits"] = {"alpha": 0.2, "teachers": "mixture"}
+    ranked = hkd(raw, tmp_path / "ranked", tmp_path, procs=3)
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    raw_colocated = colocated(raw)
+    raw_colocated["teachers"][0].pop("placement")
+    single = hkd(raw_colocated, tmp_path / "colocated", tmp_path, procs=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert losses(tmp_path / "ranked") == losses(tmp_path / "colocated")
+    assert same_student(tmp_path / "ranked", tmp_path / "colocated")
+
+
+@pytest.mark.slow
+def test_two_student_ranks_and_two_teacher_ranks_equal_one_process(tmp_path):
+    # catches: a teacher rank serving the wrong student rank (r % ranks), micro-batches of one student sent to
+    # another, student collectives that include the teacher ranks (a hang), or gradients averaged over them
+    raw = ranked_config(ranks=2)
+    raw["train"]["checkpoint_every"] = 0
+    ranked = hkd(raw, tmp_path / "ranked", tmp_path, procs=4)  # 2 student ranks x 2 micro-batches
+    assert ranked.returncode == 0, ranked.stderr[-3000:]
+    single_raw = colocated(raw)
+    single_raw["optim"]["grad_accum"] = 4  # one process, the same 4 micro-batches per step
+    single = hkd(single_raw, tmp_path / "single", tmp_path, procs=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = losses(tmp_path / "ranked"), losses(tmp_path / "single")
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == list(range(1, 8))
+    for (_, loss_a, _), (_, loss_b, _) in zip(a, b):  # all-reduce order: equal up to float rounding
+        assert loss_a == pytest.approx(loss_b, rel=1e-5, abs=1e-7)
+    left = load_file(tmp_path / "ranked" / "final" / "model.safetensors")
+    right = load_file(tmp_path / "single" / "final" / "model.safetensors")
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_topk_transfer_equals_the_offline_cache_of_the_same_k(tmp_path):
+    # catches: top-k targets that differ from the cache's (other rows, a log-normaliser at another
+    # temperature, values after a cast), or full logits sent although transfer: topk
+    from hkd.teachers.cache import build_cache
+
+    raw = colocated(ranked_config())
+    raw["schedule"]["phases"] = [{"name": "feature", "steps": 2, "stages": {"hidden": 1.0}},
+                                 {"name": "decision", "steps": 3, "stages": {"hidden": 0.5, "logits": 1.0}}]
+    raw["schedule"]["temperature"] = {"kind": "constant", "start": 2.0}
+    raw["train"]["checkpoint_every"] = 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the teacher's targets as the cache holds them (built beside its preset teacher)
+        build_cache(from_dict(Config, copy.deepcopy(raw)), tmp_path / "cache", top_k=8, work_dir=tmp_path / "cached",
+                    progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    cached = dict(copy.deepcopy(raw), teacher_cache=str(tmp_path / "cache"))
+    proc = hkd(cached, tmp_path / "cached", tmp_path, procs=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranked = copy.deepcopy(raw)
+    ranked["teacher"].update(placement="ranks", transfer="topk", top_k=8)
+    proc = hkd(ranked, tmp_path / "ranked", tmp_path, probe=True, HKD_PROBE_DIR=str(tmp_path / "probe"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(tmp_path / "ranked"), losses(tmp_path / "cached")
+    for (step_a, loss_a, _), (step_b, loss_b, _) in zip(a, b):  # equal bits here; the cache batches the
+        assert step_a == step_b and loss_a == pytest.approx(loss_b, rel=1e-6)  # teacher differently, so 1e-6
+    left = load_file(tmp_path / "ranked" / "final" / "model.safetensors")
+    right = load_file(tmp_path / "cached" / "final" / "model.safetensors")
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------- refused by name, no torchrun
 
 

@@ -328,7 +328,8 @@ class RemoteTeacher:
 
 @dataclass
 class Work:
-    """What a teacher rank computes: ``(step, student rank, micro-batch, data index)`` in sending order."""
+    """What a teacher rank computes: ``(step, student rank, micro-batch, data index)`` in sending order
+    (each student's micro-batches in its order; the students served take turns)."""
 
     start_step: int
     total_steps: int
@@ -348,9 +349,9 @@ class Work:
             request = self.request_at(step)
             if request.empty():
                 continue
-            for student in self.students:
-                first = (step * self.student_world + student) * self.grad_accum  # as train_step reads them
-                for micro in range(self.grad_accum):
+            for micro in range(self.grad_accum):  # students in turn, so none waits for another's whole step
+                for student in self.students:
+                    first = (step * self.student_world + student) * self.grad_accum  # as train_step reads them
                     yield step, student, micro, first + micro, request
 
 

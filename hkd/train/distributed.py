@@ -78,7 +78,7 @@ def union_names(names: Iterable[str], info: DistInfo) -> list[str]:
     if not info.enabled:
         return mine
     gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, mine)
+    dist.all_gather_object(gathered, mine, group=info.group)
     return sorted(set().union(*gathered))
 
 
