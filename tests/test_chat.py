@@ -335,3 +335,37 @@ def test_a_chat_teacher_and_student_run_every_stage_generate_and_eval_on_convers
     assert main(["eval", str(tmp_path / "eval.yaml"), "--no-progress"]) == 0
     results = json.loads((tmp_path / "eval.json").read_text())
     assert results["pass_at_k"]["pass@1"] == 1.0 and results["text"]["tokens"] > 0
+
+
+def test_the_teacher_cache_keys_conversations_by_their_token_ids(tmp_path):
+    # catches: a cache built on conversations that training reads back differently from the live teacher,
+    # or one reused after the chat template changed the token ids (its targets would sit on other tokens)
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from hkd.teachers.cache import build_cache
+    from hkd.train.loop import distill
+
+    dirs = write_chat_models(tmp_path / "models")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"messages": c} for c in CONVERSATIONS * 2])
+    raw = {"teacher": {"path": str(dirs["teacher"])}, "student": {"path": str(dirs["student"])},
+           "data": {"kind": "jsonl", "path": str(data), "messages_field": "messages", "batch_size": 2,
+                    "max_length": 128},
+           "schedule": {"phases": [{"name": "kd", "steps": 2, "stages": {"logits": 1.0}}]},
+           "optim": {"grad_accum": 1}, "train": {"progress": False}}
+    # top-k of V - 1 with the exact tail bucket: the teacher's whole distribution (k = V itself gives an
+    # infinite loss with the bucket tail, a kernel edge case outside this test)
+    build_cache(from_dict(Config, raw), tmp_path / "cache", top_k=len(chat_tokenizer()) - 1, progress=False,
+                work_dir=tmp_path / "work")
+    live = distill(from_dict(Config, raw), tmp_path / "live")
+    cached = distill(from_dict(Config, dict(raw, teacher_cache=str(tmp_path / "cache"))), tmp_path / "cached")
+    assert cached.last_metrics["loss/logits"] == pytest.approx(live.last_metrics["loss/logits"], rel=1e-4)
+    other = tmp_path / "other-student"
+    shutil.copytree(dirs["student"], other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.chat_template = tok.chat_template.replace("message['content']", "message['content'] | upper")
+    tok.save_pretrained(other)
+    changed = dict(raw, teacher_cache=str(tmp_path / "cache"), student={"path": str(other)})
+    with pytest.raises(HkdError, match=r"built for a different setup: data"):
+        distill(from_dict(Config, changed), tmp_path / "changed")

@@ -24,6 +24,7 @@ def test_torchrun_two_ranks_match_single_process(parallel, raw_config, tmp_path,
     raw_config["schedule"]["phases"][2]["steps"] = 3
     raw_config["train"]["checkpoint_every"] = 3
     raw_config["optim"]["grad_accum"] = 1  # per rank: 2 ranks x 1 micro-batch
+    raw_config["stages"]["hidden"]["log_layers"] = True  # metrics every micro-batch reports (metric/layer/...)
     config_path = tmp_path / "ddp.yaml"
     config_path.write_text(yaml.safe_dump(raw_config))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -41,6 +42,12 @@ def test_torchrun_two_ranks_match_single_process(parallel, raw_config, tmp_path,
     for a, b in zip(ddp_lines, single_lines):
         assert a["tokens"] == b["tokens"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        # catches: metrics logged from rank 0's micro-batches only (the mean over both ranks' is one process's)
+        metrics = {k for k in b if k.startswith("metric/")}
+        assert {k for k in a if k.startswith("metric/")} == metrics
+        for key in metrics:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    assert any(k.startswith("metric/layer/") for line in single_lines for k in line)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "ddp" / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(single.final_dir).state_dict()
     for key in a:

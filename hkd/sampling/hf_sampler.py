@@ -33,8 +33,8 @@ class Samples:
 
     prompt_ids: Tensor  # [P*n, Sp] left-padded
     prompt_mask: Tensor  # [P*n, Sp]
-    completion_ids: Tensor  # [P*n, Sc] right-padded with pad_id after EOS
-    completion_mask: Tensor  # [P*n, Sc] 1 for generated tokens up to and including EOS
+    completion_ids: Tensor  # [P*n, Sc] right-padded with pad_id after EOS or a stop token
+    completion_mask: Tensor  # [P*n, Sc] 1 for generated tokens up to and including EOS or a stop token
     texts: list[str]  # decoded completions (without EOS/padding)
     # [P*n, Sc] float32: log p(token) under the sampling distribution (logits / temperature,
     # top-p renormalised); 0 where completion_mask is 0, and 0 everywhere for greedy decoding
