@@ -33,6 +33,8 @@ _EXPORTS: dict[str, str] = {
     "HkdError": "hkd.errors",
     "ConfigError": "hkd.errors",
     "Config": "hkd.config",
+    "ranged": "hkd.config.schema",  # a stage config's numeric option with its range (checked when built)
+    "Need": "hkd.config.needs",  # a stage config's NEEDS rows: options that act only with another
     # what a stage sees of a model, and helpers to read it
     "TapRequest": "hkd.models.view",
     "ModelView": "hkd.models.view",
@@ -87,6 +89,8 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from hkd.config import Config
+    from hkd.config.needs import Need
+    from hkd.config.schema import ranged
     from hkd.data.chat import end_of_turn_ids, prompt_ids
     from hkd.data.encoding import read_jsonl
     from hkd.data.labels import IGNORE_INDEX, next_token_labels, next_token_targets

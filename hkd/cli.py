@@ -6,9 +6,48 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
-from hkd.errors import HkdError, StoppedEarly
+from hkd.errors import HkdError, StoppedEarly, defer_warnings, flush_warnings
+
+
+class UsageError(Exception):
+    """A command line argparse refuses (a missing argument, a flag's value outside its range)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a refused command line is one ``hkd: error:`` line naming the flag (printed by :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        raise UsageError(f"{message.removeprefix('argument ')} (see {self.prog} --help)")
+
+
+# flags that act only with another flag: (command, flag, what it needs, test on the parsed arguments)
+FLAG_NEEDS: list[tuple[str, str, str, Callable[[argparse.Namespace], bool]]] = [
+    ("cache-teacher", "--top-k", "--targets topk", lambda a: a.targets in (None, "topk")),
+    ("cache-teacher", "--samples", "--targets sampled", lambda a: a.targets == "sampled"),
+    ("cache-teacher", "--seed", "--targets sampled (it seeds the draws)", lambda a: a.targets == "sampled"),
+    ("cache-teacher", "--temperature", "--targets topk or sampled", lambda a: a.targets != "none"),
+    *(("init-student", flag, "--data (calibration text)", lambda a: a.data is not None)
+      for flag in ("--prompt-field", "--completion-field", "--text-field", "--batches")),
+    ("init-student", "--completion-field", "--prompt-field", lambda a: a.prompt_field is not None),
+    ("init-student", "--text-field", "no --prompt-field (which reads --prompt-field and --completion-field)",
+     lambda a: a.prompt_field is None),
+]
+FLAG_DEFAULTS: dict[str, dict[str, object]] = {"cache-teacher": {"top_k": 64, "samples": 64}, "init-student": {
+    "completion_field": "completion", "text_field": "text", "batches": 4}}
+TAKES_OVERRIDES = {"distill", "init-model", "generate", "cache-teacher", "eval"}  # --key.path=value after the flags
+
+
+def check_flag_needs(args: argparse.Namespace) -> None:
+    """Refuse a flag given without the one it needs (:data:`FLAG_NEEDS`), then fill in the defaults."""
+    for command, flag, needs, holds in FLAG_NEEDS:
+        name = flag.removeprefix("--").replace("-", "_")
+        if args.command == command and getattr(args, name, None) is not None and not holds(args):
+            raise HkdError(f"{flag} {getattr(args, name)}: has no effect without {needs}; remove it or add that")
+    for name, value in FLAG_DEFAULTS.get(args.command, {}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _split_overrides(extra: list[str]) -> list[str]:
@@ -260,7 +299,10 @@ def _table(header: list[str], rows: Sequence[Sequence[object]]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from hkd import __version__  # hkd/__init__ imports nothing heavy: --help and --version stay fast
 
-    parser = argparse.ArgumentParser(
+    from hkd.config.flags import (BATCHES, EXAMPLES_PER_SHARD, PRESET_SEED, SAMPLES, SEED, SHARE, SIZE, STEP,
+                                  TEMPERATURE, THREADS, TOP_K, number)
+
+    parser = Parser(
         prog="hkd", description="Progressive hierarchical knowledge distillation. Start with: hkd demo",
         epilog="hkd COMMAND --help says more about each command; docs/reference/config.md has every config key.")
     parser.add_argument("--version", action="version", version=f"hkd {__version__}")
@@ -295,22 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init-model", cmd_init_model, "write a tiny preset model + tokenizer (overrides: --num_hidden_layers=2)")
     p.add_argument("preset", help="tiny-llama, tiny-qwen2 or tiny-bert")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    p.add_argument("--seed", type=number(PRESET_SEED), default=0, help="weight initialisation seed (default 0)")
     p = add("init-student", cmd_init_student, "cut a student out of a teacher: fewer blocks, pruned width "
                                               "(Minitron), records hkd-init.json")
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--out", required=True, help="student directory to write")
     p.add_argument("--layers", help="every:K | 0,3,7,11 (0-based blocks) | importance:N (default: every block)")
-    p.add_argument("--hidden", type=int, help="hidden size (keeps the most active channels)")
-    p.add_argument("--intermediate", type=int, help="MLP size (keeps the most active neurons)")
-    p.add_argument("--heads", type=int, help="query heads (keeps the most active key/value groups)")
-    p.add_argument("--share-layers", type=int, help="ALBERT-style sharing in groups of K blocks (refused for decoders)")
+    p.add_argument("--hidden", type=number(SIZE), help="hidden size (keeps the most active channels)")
+    p.add_argument("--intermediate", type=number(SIZE), help="MLP size (keeps the most active neurons)")
+    p.add_argument("--heads", type=number(SIZE), help="query heads (keeps the most active key/value groups)")
+    p.add_argument("--share-layers", type=number(SHARE),
+                   help="ALBERT-style sharing in groups of K blocks (refused for decoders)")
     p.add_argument("--data", help="calibration JSONL (for importance:N and width pruning)")
     p.add_argument("--prompt-field", help="prompt field of --data (default: plain text in --text-field)")
-    p.add_argument("--completion-field", default="completion")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--batches", type=int, default=4, help="calibration batches of 8 sequences (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--completion-field", help="completion field of --data, with --prompt-field (default completion)")
+    p.add_argument("--text-field", help="text field of --data, without --prompt-field (default text)")
+    p.add_argument("--batches", type=number(BATCHES), help="calibration batches of 8 sequences (default 4)")
+    p.add_argument("--seed", type=number(SEED), default=0, help="seed of the calibration batches (default 0)")
     p = add("generate", cmd_generate, "teacher writes solutions; verifiers keep the correct ones (resumable)")
     p.add_argument("config", help="YAML generate config")
     p.add_argument("--out", help="output JSONL (default: output in the config)")
@@ -322,14 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=["topk", "sampled", "none"],
                    help="topk: the k largest logits and the log-normaliser (default; none for an encoder); sampled: "
                         "--samples draws from the teacher (unbiased); none: hidden states only")
-    p.add_argument("--top-k", type=int, default=64, help="teacher logits kept per position (default 64)")
-    p.add_argument("--samples", type=int, default=64, help="draws per position for --targets sampled (default 64)")
-    p.add_argument("--temperature", type=float,
+    p.add_argument("--top-k", type=number(TOP_K), help="teacher logits kept per position (default 64)")
+    p.add_argument("--samples", type=number(SAMPLES), help="draws per position for --targets sampled (default 64)")
+    p.add_argument("--temperature", type=number(TEMPERATURE, float),
                    help="temperature of the log-normaliser and the draws (default: the config's constant "
                         "schedule.temperature, else 1); tail buckets and sampled targets serve only runs at it")
-    p.add_argument("--seed", type=int, help="seed of the draws (default: train.seed)")
+    p.add_argument("--seed", type=number(SEED), help="seed of the draws (default: train.seed)")
     p.add_argument("--no-hidden", action="store_true", help="do not store hidden states")
-    p.add_argument("--examples-per-shard", type=int, default=1024)
+    p.add_argument("--examples-per-shard", type=number(EXAMPLES_PER_SHARD), default=1024,
+                   help="examples per shard file (default 1024)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p = add("eval", cmd_eval, "pass@k with verifiers, teacher-student agreement and perplexity")
     p.add_argument("config", help="YAML eval config")
@@ -345,10 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="the CI smoke version: 75 s on 2 busy shared CPU cores, under a minute on idle ones "
                         "(the full demo: 3 to 9 minutes); checks the plumbing, its students train too little to score")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=number(SEED), default=0,
                    help="seed for the problem splits, the teacher's and students' initialisation and batch order "
                         "(default 0; docs/benchmarks.md: the demo across seeds)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a shared machine)")
+    p.add_argument("--threads", type=number(THREADS), default=1,
+                   help="torch CPU threads (default 1: robust on a shared machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p = add("init-config", cmd_init_config, "write an annotated starter distill config for a teacher/student pair")
     p.add_argument("--teacher", required=True, help="teacher model directory (Hugging Face, with config.json)")
@@ -356,9 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="YAML file to write (default: print to stdout)")
     p = add("probe", cmd_probe, "every teacher layer x every student layer: hidden-state CKA and attention KL")
     p.add_argument("run_dir", help="run directory (the --out of hkd distill)")
-    p.add_argument("--step", type=int, help="checkpoint step (default: newest; 0 = the initial student)")
+    p.add_argument("--step", type=number(STEP), help="checkpoint step (default: newest; 0 = the initial student)")
     p.add_argument("--final", action="store_true", help="probe the run's final/ model instead of a checkpoint")
-    p.add_argument("--batches", type=int, default=4, help="micro-batches of the run's data to measure on (default 4)")
+    p.add_argument("--batches", type=number(BATCHES), default=4,
+                   help="micro-batches of the run's data to measure on (default 4)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run model code from the run's model directories (never taken from the run's config.yaml)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -373,10 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
     try:
-        return args.func(args, extra)
+        args, extra = parser.parse_known_args(argv)
+    except UsageError as exc:
+        print(f"hkd: error: {exc}", file=sys.stderr)
+        return 2
+    defer_warnings()  # a refused command prints its one error line and nothing else
+    try:
+        if extra and args.command not in TAKES_OVERRIDES:
+            raise HkdError(f"unrecognised argument(s) {extra}; see hkd {args.command} --help")
+        check_flag_needs(args)
+        code = args.func(args, extra)
+        flush_warnings()
+        return code
     except HkdError as exc:
+        flush_warnings(show=isinstance(exc, StoppedEarly))
         if os.environ.get("HKD_DEBUG"):  # developers: the full chain, not the one-line summary
             raise
         if isinstance(exc, StoppedEarly):
@@ -396,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         print("hkd: interrupted", file=sys.stderr)
         return 130
     finally:  # distill and generate join a torchrun process group; leave it explicitly (gloo)
+        flush_warnings()
         if "hkd.train.distributed" in sys.modules:  # else no group was joined: report, stages... never import torch
             from hkd.train.distributed import shutdown_distributed
 

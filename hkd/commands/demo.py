@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from hkd.tasks.chain import make_chain_problems
 from hkd.config import Config, ModelConfig, from_dict, validate
+from hkd.config.flags import THREADS, check_number
 from hkd.config.outputs import check_output_dir, remove_named, write_text_atomic
 from hkd.data.encoding import read_jsonl
 from hkd.errors import HkdError
@@ -375,6 +376,8 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True, threads: 
     cores avoids OpenMP threads spinning against each other, which can cost far more than it gives.
     """
     check_output_dir(out, "--out", "demo", owner=is_demo_dir, why="it has no results.json or data/heldout.jsonl")
+    check_number(threads, THREADS, "--threads")
+    check_output_dir(out, "--out", "hkd demo", owner=is_demo_dir, why="it has no results.json or data/heldout.jsonl")
     started = time.perf_counter()
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)

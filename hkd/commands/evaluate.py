@@ -24,7 +24,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from hkd.config import DataConfig, ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
+from hkd.config import (MAX_SEED, DataConfig, ModelConfig, PluginsConfig, apply_overrides, from_dict, ranged,
+                        read_yaml)
+from hkd.config.load import check_synthetic
+from hkd.config.needs import EVAL_NEEDS, check_needs
 from hkd.config.outputs import check_output_file, write_text_atomic
 from hkd.data.encoding import collate, encode, encode_dataset, read_jsonl
 from hkd.data.labels import IGNORE_INDEX, next_token_labels
@@ -173,13 +176,13 @@ class EvalPromptsConfig:
     prompt_field: str = "prompt"  # field holding the prompt: text, or a conversation (a list of {role, content} messages)
     chat_template: bool = False  # wrap text prompts in the model tokenizer's chat template as a user turn
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed JSONL line: stop, naming file and line (fail), or skip it
-    n: int = 8  # samples per prompt
-    k: list[int] = field(default_factory=lambda: [1])  # report pass@k for each k (1 <= k <= n; unbiased estimator)
-    temperature: float = 0.8  # sampling temperature
-    top_p: float = 1.0  # nucleus sampling (1: off)
-    max_new_tokens: int = 64  # tokens per completion, at most
-    batch_size: int = 8  # prompts per sampling call
-    seed: int = 0  # sampling seed
+    n: int = ranged(8, low=1, high=2**16)  # samples per prompt
+    k: list[int] = ranged(default_factory=lambda: [1], low=1, high=2**16)  # report pass@k for each k (1 <= k <= n; unbiased estimator)
+    temperature: float = ranged(0.8, low=0, high=1e4)  # sampling temperature (0: greedy)
+    top_p: float = ranged(1.0, low=0, low_open=True, high=1)  # nucleus sampling (1: off)
+    max_new_tokens: int = ranged(64, low=1, high=2**20)  # tokens per completion, at most
+    batch_size: int = ranged(8, low=1, high=2**16)  # prompts per sampling call
+    seed: int = ranged(0, low=0, high=MAX_SEED, high_open=True)  # sampling seed
     verifiers: list[VerifierConfig] = field(default_factory=list)  # a sample counts as correct when every one passes
     backend: str = "transformers"  # generation backend (hkd_add_generation_backends) the samples come from
     backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
@@ -199,7 +202,7 @@ class EvalConfig:
     teacher: ModelConfig | None = None  # enables agreement metrics on the text set
     prompts: EvalPromptsConfig | None = None  # pass@k
     text: DataConfig | None = None  # perplexity (and agreement) on these records
-    text_seed: int = 1  # synthetic text: a seed other than training's (train.seed, default 0) gives other problems
+    text_seed: int = ranged(1, low=0, high=MAX_SEED, high_open=True)  # synthetic text: a seed other than training's (train.seed, default 0) gives other problems
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:N, mps
     progress: bool = True  # a progress bar (plain lines when the output is not a terminal)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)  # plugins switched off (plugins.disable)
@@ -224,6 +227,11 @@ def load_eval_config(path: str | Path, overrides: list[str] = ()) -> EvalConfig:
         config.prompts.path = str(base / config.prompts.path)
     if config.text is not None and config.text.path is not None:
         config.text.path = str(base / config.text.path)
+    if config.text is not None and config.text.kind in ("jsonl", "hf") and not config.text.path:
+        raise ConfigError(f"text.path: required when text.kind is {config.text.kind!r}")
+    if config.text is not None:
+        check_synthetic(config.text, "text")
+    check_needs(config, EVAL_NEEDS)  # options that act only with another (hkd/config/needs.py)
     return config
 
 

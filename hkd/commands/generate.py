@@ -47,7 +47,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hkd.sampling.augment import PromptTransform, TransformConfig, TransformContext, build_prompt_transform
-from hkd.config import ModelConfig, PluginsConfig, apply_overrides, from_dict, read_yaml
+from hkd.config import MAX_SEED, ModelConfig, PluginsConfig, apply_overrides, from_dict, ranged, read_yaml
+from hkd.config.needs import GENERATE_NEEDS, check_needs
 from hkd.config.outputs import check_output_file
 from hkd.data.encoding import read_jsonl
 from hkd.train.distributed import barrier, init_distributed
@@ -62,11 +63,11 @@ from hkd.sampling.verify import Verdict, Verifier, VerifierConfig, answer_extrac
 
 @dataclass
 class FilterConfig:
-    max_chars: int = 0  # drop completions longer than this (0: no limit)
+    max_chars: int = ranged(0, low=0, high=2**40)  # drop completions longer than this (0: no limit)
     require_answer: bool = True  # drop completions with no extractable final answer
     answer_pattern: str | None = None  # regex for require_answer; default: the text after "=> "
     dedupe: bool = True  # drop a completion identical to one already kept for the same prompt
-    max_kept_per_prompt: int = 0  # keep at most this many per prompt (0: all)
+    max_kept_per_prompt: int = ranged(0, low=0, high=2**20)  # keep at most this many per prompt (0: all)
 
 
 @dataclass
@@ -84,12 +85,12 @@ class GenerateConfig:
     answer_field: str = "answer"  # reference answer, copied to the output (verifiers see the whole record)
     completion_field: str = "completion"  # key of the completion in output lines
     on_bad_line: Literal["fail", "skip"] = "fail"  # a malformed JSONL line: stop, naming file and line (fail), or skip it
-    n: int = 4  # samples per prompt
-    temperature: float = 0.8  # 0: greedy
-    top_p: float = 1.0  # nucleus sampling (1: off)
-    max_new_tokens: int = 64  # tokens per completion, at most
-    batch_size: int = 8  # prompts per sampling call (n rows each) and per ledger line
-    seed: int = 0  # each batch of prompts samples with a seed derived from this and its prompt ids
+    n: int = ranged(4, low=1, high=2**16)  # samples per prompt
+    temperature: float = ranged(0.8, low=0, high=1e4)  # 0: greedy
+    top_p: float = ranged(1.0, low=0, low_open=True, high=1)  # nucleus sampling (1: off)
+    max_new_tokens: int = ranged(64, low=1, high=2**20)  # tokens per completion, at most
+    batch_size: int = ranged(8, low=1, high=2**16)  # prompts per sampling call (n rows each) and per ledger line
+    seed: int = ranged(0, low=0, high=MAX_SEED, high_open=True)  # each batch of prompts samples with a seed derived from this and its prompt ids
     device: str = "auto"  # "auto": cuda if available else cpu
     backend: str = "transformers"  # generation backend a plugin registers (hkd_add_generation_backends)
     backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
@@ -100,7 +101,7 @@ class GenerateConfig:
     # when that answer's share of the n samples is >= min_agreement; augment: write the records
     # and their augment: variants, no sampling (encoder text)
     mode: Literal["solve", "pseudo_label", "augment"] = "solve"
-    min_agreement: float = 0.0  # pseudo_label: the majority answer's share of the n samples needed
+    min_agreement: float = ranged(0.0, low=0, high=1)  # pseudo_label: the majority answer's share of the n samples needed
     augment: list[TransformConfig] = field(default_factory=list)  # prompt transforms (hkd_add_prompt_transforms)
     progress: bool = True  # a progress bar (plain lines when the output is not a terminal)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)  # plugins switched off (plugins.disable)
@@ -159,6 +160,7 @@ def load_generate_config(path: str | Path, overrides: list[str] = ()) -> Generat
     config.output = str(base / config.output)
     if config.teacher.path is not None:
         config.teacher.path = str(base / config.teacher.path)
+    check_needs(config, GENERATE_NEEDS)  # options that act only with another (hkd/config/needs.py)
     return config
 
 

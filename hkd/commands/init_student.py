@@ -46,6 +46,7 @@ from torch import Tensor
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from hkd.config import DataConfig, ModelConfig
+from hkd.config.flags import BATCHES, SEED, SIZE, check_number
 from hkd.config.outputs import check_output_dir, move_into, temp_dir_beside
 from hkd.data.encoding import Batches, encode_dataset
 from hkd.errors import HkdError
@@ -296,6 +297,11 @@ def init_student(teacher_dir: str | Path, out_dir: str | Path, options: InitOpti
         raise HkdError("init-student: --out must not be the teacher's directory")
     check_output_dir(out, "--out", "init-student", owner=lambda p: (p / INIT_RECORD).is_file(),
                      why=f"it has no {INIT_RECORD}")
+    check_number(options.batches, BATCHES, "--batches")  # the ranges the CLI parses these flags with
+    check_number(options.seed, SEED, "--seed")
+    for name in ("hidden", "intermediate", "heads"):
+        if getattr(options, name) is not None:
+            check_number(getattr(options, name), SIZE, f"--{name}")
     previous = _written_before(out)
     teacher, tokenizer = load_model(ModelConfig(path=str(teacher_dir)), "teacher")
     freeze(teacher)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from hkd.train import checkpoint as ckpt
 from hkd.config import Config, from_dict, load_yaml
+from hkd.config.flags import BATCHES, STEP, check_number
 from hkd.config.outputs import check_output_dir, check_output_file, write_text_atomic
 from hkd.data.encoding import Batches, encode_dataset
 from hkd.errors import HkdError
@@ -118,12 +119,16 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
           trust_remote_code: bool = False, allow_pickle: bool = False, final: bool = False) -> Path:
     """Compute both matrices for the student at ``step`` (or the run's ``final/`` model with
     ``final``, e.g. after its checkpoints were deleted) and write them as JSON; return the path."""
-    if batches < 1:
-        raise HkdError(f"probe --batches: must be >= 1, got {batches}")
+    check_number(batches, BATCHES, "probe --batches")  # the ranges hkd probe's flags are parsed with
+    if step is not None:
+        check_number(step, STEP, "probe --step")
     if final and step is not None:
         raise HkdError("probe: --final probes the run's final/ model; it takes no --step")
     config = run_config(run_dir, trust_remote_code, allow_pickle)
     step, checkpoint = (-1, None) if final else choose_checkpoint(run_dir, step)
+    out = run_dir / "probe" / ("final.json" if final else f"step-{step:08d}.json")
+    check_output_dir(out.parent, "probe output", "hkd probe", owner=lambda p: True)  # RUN_DIR/probe is probe's own
+    check_output_file(out, "probe output", "hkd probe", owner=lambda p: True)
     out = run_dir / "probe" / ("final.json" if final else f"step-{step:08d}.json")
     check_output_dir(out.parent, "probe output", "probe", owner=lambda p: True)  # RUN_DIR/probe is probe's own
     check_output_file(out, "probe output", "probe", owner=lambda p: True)

@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from hkd.config.schema import MAX_STEPS, Config, ModelConfig, from_dict
+from hkd.config.needs import CONFIG_NEEDS, check_needs
+from hkd.config.schema import MAX_STEPS, Config, DataConfig, ModelConfig, from_dict
 from hkd.errors import ConfigError
 
 
@@ -117,7 +118,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 # a model comes from exactly one source: an override that names one clears the other (and says so)
-MODEL_SOURCES = {"path": ("preset", "preset_overrides"), "preset": ("path",)}
+MODEL_SOURCES = {"path": ("preset", "preset_overrides", "seed"), "preset": ("path",)}
 # override values under these keys are file system paths: relative to the working directory,
 # not to the YAML file (the loaders resolve the file's own paths against the file)
 PATH_KEYS = frozenset({"path", "teacher_cache", "output", "prompts"})
@@ -212,6 +213,39 @@ def validate(config: Config) -> None:
                           f"({'student.encoder is set' if config.student.encoder else 'teacher_cache is set'})")
     if len(config.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {config.optim.betas}")
+    if config.kernels:
+        from hkd.kernels import OPS
+
+        for op in config.kernels:  # a misspelt op would choose a backend for nothing
+            if op not in OPS:
+                raise ConfigError(f"kernels.{op}: not a kernel op; the ops are {list(OPS)} (hkd kernels lists them)")
+    if config.train.compile:
+        check_compile_backend(config.train.compile_backend, "train.compile_backend")
+    held_out = config.eval.num_examples if config.eval.every and config.eval.path is None else 0
+    check_synthetic(config.data, "data", held_out)
+    check_needs(config, CONFIG_NEEDS)  # options that act only with another (hkd/config/needs.py)
+
+
+def check_synthetic(data: DataConfig, where: str, held_out: int = 0) -> None:
+    """Synthetic data asks for no more distinct problems than its operand size has (else a ValueError at encoding)."""
+    if data.kind != "synthetic":
+        return
+    distinct = (10**data.digits - (10 ** (data.digits - 1) if data.digits > 1 else 0)) ** 2
+    if data.num_examples > distinct:
+        raise ConfigError(f"{where}.num_examples: {data.num_examples} asked for, but only {distinct} distinct "
+                          f"{data.digits}-digit problems exist; raise {where}.digits or lower {where}.num_examples")
+    if data.num_examples + held_out > distinct:
+        raise ConfigError(f"eval.num_examples: {held_out} held-out problems besides {data.num_examples} training ones, "
+                          f"but only {distinct} distinct {data.digits}-digit problems exist; lower one of them")
+
+
+def check_compile_backend(name: str, path: str) -> None:
+    """``name`` is a backend ``torch.compile`` knows here (an unknown one failed inside dynamo at the first step)."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise ConfigError(f"{path}: {name!r} is not a torch.compile backend here; available: {sorted(known)}")
 
 
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

@@ -147,6 +147,7 @@ def build_stages(
     (own projectors, own state), built from ``stages.<stage>`` merged with those options.
     """
     from hkd.config import from_dict
+    from hkd.config.needs import check_needs
     from hkd.errors import ConfigError, HkdError
 
     specs = available_stages(pm)
@@ -173,6 +174,8 @@ def build_stages(
             raise ConfigError(f"{where}: phases that give a stage options need distinct names without '.' "
                               f"(instance {key!r})")
         config: Any = from_dict(specs[name].config_cls, options, where)
+        # options that act only with another, as the stage's config declares them (hkd/config/needs.py)
+        check_needs(config, list(getattr(specs[name].config_cls, "NEEDS", ())), where)
         context = make_context(name)
         context.config_path = where
         try:

@@ -26,6 +26,7 @@ from torch import Tensor
 from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
 from hkd.kernels.divergence import kl_divergence
 from hkd import LayerMapConfig, build_layer_map, layer_metrics
+from hkd import ranged
 
 if TYPE_CHECKING:  # QKV lives with the taps, which import transformers
     from hkd import QKV
@@ -37,7 +38,7 @@ class AttentionStageConfig:
     heads: Literal["auto", "per_head", "average"] = "auto"  # maps: auto = per_head when counts match
     value_relation: bool = False  # maps: add the MiniLM value-relation KL
     relations: list[Literal["qq", "kk", "vv"]] = field(default_factory=lambda: ["qq", "kk", "vv"])  # relations mode: which self-relations to match
-    relation_heads: int = 4  # relations mode: q, k and v are split into this many heads (must divide each width)
+    relation_heads: int = ranged(4, low=1, high=2**16)  # relations mode: q, k and v are split into this many heads (must divide each width)
     layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))  # which student block learns from which teacher block
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/attention/<s>_<t>
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
 from hkd import LayerMapConfig, build_layer_map, layer_metrics
+from hkd import ranged
 
 
 @dataclass
@@ -41,7 +42,7 @@ class HiddenStageConfig:
     include_embeddings: bool = False  # also map the embedding outputs (layer 0 to layer 0)
     layer_map: LayerMapConfig = field(default_factory=lambda: LayerMapConfig(strategy="auto"))  # which student layer learns from which teacher layer
     log_layers: bool = False  # diagnostic: log each mapped pair's loss as metric/layer/hidden/<s>_<t>
-    layer_weights: list[float] | None = None  # one weight per mapped pair (layer-map order); None: equal
+    layer_weights: list[float] | None = ranged(None, low=0, high=1e6)  # one weight per mapped pair (layer-map order); None: equal
 
 
 class HiddenStage(Stage):

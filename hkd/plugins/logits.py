@@ -37,25 +37,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import Tensor
 
 from hkd import (
-    ConfigError, HkdError, ModelView, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl,
-    kernels,
+    ConfigError, HkdError, ModelView, Need, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest,
+    hookimpl, kernels,
 )
 from hkd import apply_logit_softcap, check_supported, next_token_labels, output_head
+from hkd import ranged
 from hkd.kernels.sparse import exact_bucket_inputs
 
 
 @dataclass
 class LogitsStageConfig:
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"] = "forward_kl"  # KL(teacher||student), KL(student||teacher), generalized JSD (beta) or DistiLLM's skew KLs (skew)
-    beta: float = 0.5  # jsd mixing weight
-    skew: float = 0.1  # skew_*_kl: weight of the first distribution mixed into the second (DistiLLM), in [0, 1)
-    alpha: float = 0.0  # weight of the hard-label cross-entropy
+    beta: float = ranged(0.5, low=0, high=1)  # jsd mixing weight
+    skew: float = ranged(0.1, low=0, high=1, high_open=True)  # skew_*_kl: weight of the first distribution mixed into the second (DistiLLM), in [0, 1)
+    alpha: float = ranged(0.0, low=0, high=1)  # weight of the hard-label cross-entropy
     scale_t2: bool = True  # multiply the soft loss by T^2 (Hinton) so gradients keep their scale
     fused: bool = False  # LM head fused into the loss kernel: no logits tensor is ever built
     backend: str | None = None  # kernel backend; default: the run's kernels.<op> or "auto"
@@ -65,6 +66,13 @@ class LogitsStageConfig:
     # sparse targets (teacher_cache): the teacher's mass outside the cached top-k ids as one more
     # bucket, or dropped (renormalised within the top-k); auto: bucket when the cache serves it
     sparse_tail: Literal["auto", "renormalize", "bucket"] = "auto"
+
+    # options that act only with another (checked when the stage is built, hkd/config/needs.py)
+    NEEDS: ClassVar[list[Need]] = [
+        Need("beta", "divergence is jsd", lambda c, i: c.divergence == "jsd", ("divergence",)),
+        Need("skew", "divergence is skew_forward_kl or skew_reverse_kl", lambda c, i: c.divergence.startswith("skew"),
+             ("divergence",)),
+    ]
 
 
 class LogitsStage(Stage):
@@ -116,6 +124,9 @@ class LogitsStage(Stage):
             kernels.check_request(self.op, self.backend, where=context.config_path, elsewhere=elsewhere,
                                   chosen_by=f"{context.config_path}.backend" if config.backend else f"kernels.{self.op}",
                                   **request)
+        if config.teachers != "mixture" and len(context.teachers) == 1:  # an option that would change nothing
+            raise ConfigError(f"{context.config_path}.teachers: {config.teachers!r} combines several teachers; this "
+                              "run has one (the config's teachers: list is empty), so remove the option")
         self.weights = list(context.teacher_weights) if len(context.teachers) > 1 else [1.0]
         if len(self.weights) > 1:
             if config.fused:

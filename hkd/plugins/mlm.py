@@ -32,16 +32,17 @@ import torch
 from torch import Tensor
 
 from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, hookimpl, kernels
+from hkd import ranged
 
 
 @dataclass
 class MLMStageConfig:
-    mask_rate: float = 0.15  # share of real, non-special tokens chosen as targets
-    mask_token: float = 0.8  # of the chosen: replaced by [MASK]
-    random_token: float = 0.1  # of the chosen: replaced by a random id (the rest keep their token)
-    alpha: float = 0.0  # weight of the MLM hard loss (cross-entropy against the original token)
+    mask_rate: float = ranged(0.15, low=0, low_open=True, high=1)  # share of real, non-special tokens chosen as targets
+    mask_token: float = ranged(0.8, low=0, high=1)  # of the chosen: replaced by [MASK]
+    random_token: float = ranged(0.1, low=0, high=1)  # of the chosen: replaced by a random id (the rest keep their token)
+    alpha: float = ranged(0.0, low=0, high=1)  # weight of the MLM hard loss (cross-entropy against the original token)
     scale_t2: bool = True  # multiply the soft loss by T^2 (Hinton) so gradients keep their scale
-    seed: int = 0  # masks depend on (seed, step, micro-batch, rank) only
+    seed: int = ranged(0, low=0, high=2**63, high_open=True)  # masks depend on (seed, step, micro-batch, rank) only
     backend: str | None = None  # distill_loss backend; default: the run's kernels.distill_loss or "auto"
 
 

@@ -54,23 +54,24 @@ from torch import Tensor
 from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl, kernels
 from hkd import IGNORE_INDEX, PromptBatch, next_token_labels, output_head
 from hkd import derive_seed
+from hkd import ranged
 
 
 @dataclass
 class OnPolicyStageConfig:
-    lmbda: float = 0.5  # probability that a step trains on the student's own samples (GKD's lambda)
+    lmbda: float = ranged(0.5, low=0, high=1)  # probability that a step trains on the student's own samples (GKD's lambda)
     divergence: str = "reverse_kl"  # any divergence of hkd.kernels.distill_loss
-    beta: float = 0.5  # jsd's mixing weight
-    skew: float = 0.1  # skew_forward_kl / skew_reverse_kl: DistiLLM's mixing weight, in [0, 1)
+    beta: float = ranged(0.5, low=0, high=1)  # jsd's mixing weight
+    skew: float = ranged(0.1, low=0, high=1, high_open=True)  # skew_forward_kl / skew_reverse_kl: DistiLLM's mixing weight, in [0, 1)
     scale_t2: bool = True  # multiply by T^2 so gradients keep their scale across temperatures
-    sample_temperature: float = 1.0  # the student's sampling temperature (> 0)
-    top_p: float = 1.0  # nucleus sampling of the student's samples (1: off)
-    max_new_tokens: int = 32  # tokens the student samples per prompt, at most
-    refresh_every: int = 1  # sample from a copy of the student taken at every N-th step, on-policy or not (1: live weights)
+    sample_temperature: float = ranged(1.0, low=0, low_open=True, high=1e4)  # the student's sampling temperature (> 0)
+    top_p: float = ranged(1.0, low=0, low_open=True, high=1)  # nucleus sampling of the student's samples (1: off)
+    max_new_tokens: int = ranged(32, low=1, high=2**20)  # tokens the student samples per prompt, at most
+    refresh_every: int = ranged(1, low=1, high=10**9)  # sample from a copy of the student taken at every N-th step, on-policy or not (1: live weights)
     generation_backend: str = "transformers"  # how the student samples (hkd_add_generation_backends)
     generation_backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
     backend: str | None = None  # kernel backend for distill_loss; default: the run's kernels.distill_loss
-    seed: int = 0  # seeds the per-step coin and the sampling (with the step, rank and micro-batch)
+    seed: int = ranged(0, low=0, high=2**63, high_open=True)  # seeds the per-step coin and the sampling (with the step, rank and micro-batch)
 
 
 class OnPolicyStage(Stage):

@@ -55,6 +55,7 @@ from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec
 from hkd import PromptBatch
 from hkd.tasks.arith import make_problems
 from hkd import read_jsonl
+from hkd import ranged
 from hkd.kernels.divergence import kl_divergence
 from hkd import derive_seed
 from hkd import VerifierConfig, build_verifier
@@ -65,17 +66,17 @@ class RlStageConfig:
     prompts: str | None = None  # JSONL of prompt records; None: synthetic addition problems
     prompt_field: str = "prompt"  # field of the prompt in prompts: text, or a conversation (list of {role, content})
     answer_field: str = "answer"  # field of the reference answer the verifier checks
-    num_prompts: int = 256  # synthetic only
-    digits: int = 2  # synthetic only
-    prompts_per_step: int = 8  # prompts sampled per optimizer step (per rank)
-    samples_per_prompt: int = 4  # the group size of the group-relative advantage
-    max_new_tokens: int = 48  # tokens sampled per completion, at most
-    temperature: float = 1.0  # the student's sampling temperature
-    top_p: float = 1.0  # nucleus sampling (1: off)
+    num_prompts: int = ranged(256, low=1, high=10**7)  # synthetic only
+    digits: int = ranged(2, low=1, high=18)  # synthetic only
+    prompts_per_step: int = ranged(8, low=1, high=2**16)  # prompts sampled per optimizer step (per rank)
+    samples_per_prompt: int = ranged(4, low=1, high=2**16)  # the group size of the group-relative advantage
+    max_new_tokens: int = ranged(48, low=1, high=2**20)  # tokens sampled per completion, at most
+    temperature: float = ranged(1.0, low=0, high=1e4)  # the student's sampling temperature
+    top_p: float = ranged(1.0, low=0, low_open=True, high=1)  # nucleus sampling (1: off)
     normalize_std: bool = True  # divide advantages by the group's reward std
-    kl_weight: float = 0.0  # per-token reverse KL toward the teacher on the student's samples
+    kl_weight: float = ranged(0.0, low=0, high=1e6)  # per-token reverse KL toward the teacher on the student's samples
     verifier: VerifierConfig = field(default_factory=lambda: VerifierConfig("exact_answer"))  # its score is the reward
-    seed: int = 0  # seeds the synthetic prompts, their order and the sampling
+    seed: int = ranged(0, low=0, high=2**63, high_open=True)  # seeds the synthetic prompts, their order and the sampling
     generation_backend: str = "transformers"  # how the student samples (hkd_add_generation_backends)
     generation_backend_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
     # wrap text prompts in the tokenizer's chat template as a user turn; None: as the run's data does

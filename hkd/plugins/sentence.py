@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
+from hkd import ranged
 
 
 @dataclass
@@ -36,7 +37,7 @@ class SentenceStageConfig:
     pooling: Literal["mean", "cls"] = "mean"  # a sentence's vector from the last hidden layer: mean over the attention mask, or the first token
     loss: Literal["cosine", "mse"] = "cosine"  # between the (projected) student's and the teacher's sentence vectors: 1 - cos, or MSE
     projector: Literal["auto", "linear", "none"] = "auto"  # auto: linear only when widths differ
-    similarity: float = 0.0  # weight of the in-batch similarity-matrix loss (0: off)
+    similarity: float = ranged(0.0, low=0, high=1e6)  # weight of the in-batch similarity-matrix loss (0: off)
 
 
 def pool(hidden: Tensor, attention_mask: Tensor, pooling: str) -> Tensor:

@@ -16,11 +16,12 @@ from torch import Tensor
 
 from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, TapRequest, hookimpl
 from hkd import IGNORE_INDEX, next_token_labels
+from hkd import ranged
 
 
 @dataclass
 class SftStageConfig:
-    label_smoothing: float = 0.0  # label smoothing of the cross-entropy on the target tokens, in [0, 1)
+    label_smoothing: float = ranged(0.0, low=0, high=1, high_open=True)  # label smoothing of the cross-entropy on the target tokens, in [0, 1)
 
 
 class SftStage(Stage):

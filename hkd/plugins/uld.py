@@ -41,6 +41,7 @@ from hkd import Stage, StageContext, StageSpec, StepState
 from hkd import Retokenized, VocabMatch, cross_vocab_distance, retokenize
 from hkd import ModelView, TapRequest
 from hkd import IGNORE_INDEX, next_token_labels
+from hkd import ranged
 
 CACHE_ROWS = 200_000  # re-tokenized rows kept (a few hundred bytes each)
 
@@ -50,7 +51,7 @@ class UldStageConfig:
     teacher_tokenizer: str | None = None  # tokenizer directory; default: the teacher model's directory
     # shared vocabulary entries: generalized KL, L1, ULD like the rest (none), or first-character sums (first_char)
     shared: Literal["kl", "l1", "none", "first_char"] = "kl"
-    alpha: float = 0.0  # weight of the hard-label cross-entropy on every student target token
+    alpha: float = ranged(0.0, low=0, high=1)  # weight of the hard-label cross-entropy on every student target token
     scale_t2: bool = True  # multiply the soft loss by T^2
 
 

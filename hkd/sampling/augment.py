@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from hkd.config.schema import ranged
 from hkd.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ class TransformConfig:
     """One entry of ``augment:``."""
 
     name: str  # a transform some plugin registers (``arith_operands``, ``mlm_replace``, ...)
-    variants: int = 1  # new records per source record (at most; a transform may make fewer)
+    variants: int = ranged(1, low=1, high=2**16)  # new records per source record (at most; a transform may make fewer)
     options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of its factory
 
 

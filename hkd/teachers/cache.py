@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
 
 from hkd.config import Config, ModelConfig, TemperatureConfig
+from hkd.config.flags import EXAMPLES_PER_SHARD, SEED, check_number
 from hkd.config.outputs import check_output_dir
 from hkd.data.encoding import collate, encode_dataset
 from hkd.errors import ConfigError, HkdError
@@ -241,6 +242,9 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int = 64, hidden: bool 
     needs it given).
     """
     check_cache_output(out_dir, flag)  # before any model loads
+    check_number(examples_per_shard, EXAMPLES_PER_SHARD, "--examples-per-shard")  # the CLI's ranges
+    if seed is not None:
+        check_number(seed, SEED, "--seed")
     work_dir = work_dir or out_dir
     pm = build_manager(config.plugins.disable)
     teacher, teacher_tok = load_model(config.teacher, "teacher", work_dir)
