@@ -80,3 +80,16 @@ def load_bench_script(name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def _kernel_registry_restored():
+    """A test that builds a plugin manager makes its plugins' kernel backends the registry's plugin
+    layer; the next test starts from the layer it found, as a new process would."""
+    from hkd.kernels import registry
+
+    saved = [{op: dict(table) for op, table in layer.items()} for layer in (registry._BACKENDS, registry._PLUGIN_BACKENDS)]
+    yield
+    for layer, before in zip((registry._BACKENDS, registry._PLUGIN_BACKENDS), saved):
+        layer.clear()
+        layer.update(before)

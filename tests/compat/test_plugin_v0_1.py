@@ -38,7 +38,8 @@ def _own_modules() -> dict[str, object]:
 def v0_1():
     """The frozen package imported from ``plugin_v0_1/`` (not the installed template of the same name)
     and registered under the names of its entry points; modules and kernel registry restored after."""
-    saved_modules, saved_backends = _own_modules(), {op: dict(table) for op, table in registry._BACKENDS.items()}
+    saved_modules = _own_modules()
+    saved = [{op: dict(table) for op, table in layer.items()} for layer in (registry._BACKENDS, registry._PLUGIN_BACKENDS)]
     for name in saved_modules:
         del sys.modules[name]
     sys.path.insert(0, str(ROOT))
@@ -57,8 +58,9 @@ def v0_1():
         for name in _own_modules():
             del sys.modules[name]
         sys.modules.update(saved_modules)
-        registry._BACKENDS.clear()
-        registry._BACKENDS.update(saved_backends)
+        for layer, before in zip((registry._BACKENDS, registry._PLUGIN_BACKENDS), saved):
+            layer.clear()
+            layer.update(before)
 
 
 def run(v0_1, raw_config, run_dir: Path, kernel: str, steps: int = 2, **logits) -> list[dict[str, float]]:
