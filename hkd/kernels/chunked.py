@@ -27,7 +27,12 @@ term adds :math:`\alpha(\mathrm{softmax}(z_s) - \mathrm{onehot}(y))`.
 
 The fused-linear variant does the same per row block of hidden states: it builds that
 block's logits ``h @ W.T + b`` only, and accumulates ``grad_h = G @ W_s`` and
-``grad_W = G.T @ h_s`` (fp32) from the block's logit gradient ``G``.
+``grad_W += G.T @ h_s`` from the block's logit gradient ``G``. The GEMM operands are rounded to
+:func:`hkd.kernels.reference.operand_dtype` (autocast's bf16 under ``bf16-mixed``), their
+products summed in fp32 and the logits kept in fp32, so a block's softmax sees the same logits
+as the Triton and torch backends (bf16 logits of size 100 are 0.5 apart: 3% off in the loss).
+``G`` is rounded to the operand dtype for the two backward GEMMs; ``grad_W`` is summed over
+blocks in the weight's dtype, or in fp32 with ``weight_grad_fp32`` (:class:`Precision`).
 
 ``backward`` consumes the stored gradient (scaled in place, no second ``[N, V]`` copy), so it
 can run once per forward; a second backward (``retain_graph=True``) raises.
@@ -42,6 +47,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .reference import operand_dtype
 
 BLOCK_ELEMENTS = 1 << 22  # elements of one row block's [R, V] fp32 temporaries (16 MiB each)
 # fused-linear blocks: every block also reads and writes the whole [V, H] fp32 weight gradient,
@@ -91,6 +98,50 @@ class Options(NamedTuple):
 def accumulation_dtype(x: Tensor) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (tests compare against fp64)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+HALF = (torch.bfloat16, torch.float16)
+# torch >= 2.8 multiplies bf16 / fp16 matrices into an fp32 result on CUDA (cuBLAS, fp32 accumulation)
+MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+TEMP_ELEMENTS = 1 << 26  # bound on the fp32 temporary of one grad_W update (256 MiB)
+
+
+class Precision(NamedTuple):
+    """The fused LM head's dtypes: the GEMM operands of each side (:func:`operand_dtype`) and the
+    buffer ``grad_W`` is summed in over row blocks."""
+
+    student: torch.dtype
+    teacher: torch.dtype
+    weight_grad: torch.dtype
+
+
+def fused_precision(hs: Tensor, ws: Tensor, ht: Tensor, wt: Tensor, weight_grad_fp32: bool) -> Precision:
+    """Read where the op is called (autocast on or off), before the backend turns autocast off."""
+    return Precision(operand_dtype(hs, ws), operand_dtype(ht, wt),
+                     accumulation_dtype(ws) if weight_grad_fp32 else ws.dtype)
+
+
+def gemm_operand(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` rounded to ``dtype``, stored as :func:`mm32` multiplies it: in ``dtype`` where the device
+    multiplies bf16 / fp16 into an fp32 result (CUDA), else as fp32 holding the same rounded values."""
+    x = x.to(dtype)
+    return x.float() if dtype in HALF and not (x.is_cuda and MM_OUT_DTYPE) else x
+
+
+def mm32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of :func:`gemm_operand` operands, summed in fp32 into an fp32 result (fp64 stays fp64)."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.dtype in HALF else torch.mm(a, b)
+
+
+def addmm32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b``: the products summed in fp32 (fp64), then added to ``acc`` in its own dtype
+    (rounded once per call when ``acc`` is bf16)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    step = max(1, TEMP_ELEMENTS // max(b.shape[1], 1))  # bf16 operands into an fp32 buffer: bounded temporaries
+    for i in range(0, a.shape[0], step):
+        acc[i:i + step].add_(mm32(a[i:i + step], b))
 
 
 def tempered(x: Tensor, temperature: float) -> Tensor:
@@ -229,21 +280,27 @@ def chunked_row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: T
 
 
 def fused_pass(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor, bt: Tensor | None,
-               labels: Tensor | None, o: Options, row_weight: Tensor | None,
+               labels: Tensor | None, o: Options, p: Precision, row_weight: Tensor | None,
                need_grad: bool) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Row losses and (optionally ``row_weight``-weighted) grads w.r.t. ``hs``, ``ws``, ``bs``."""
+    """Row losses and (optionally ``row_weight``-weighted) grads w.r.t. ``hs``, ``ws``, ``bs``
+    (``grad_h`` in the hidden states' dtype, ``grad_W`` in ``p.weight_grad``, ``grad_b`` in fp32)."""
     n, vocab = hs.shape[0], ws.shape[0]
-    rows = torch.empty(n, dtype=accumulation_dtype(hs), device=hs.device)
+    logits_dtype = accumulation_dtype(hs)
+    rows = torch.empty(n, dtype=logits_dtype, device=hs.device)
     grad_h = torch.empty_like(hs) if need_grad else None
-    grad_w = torch.zeros(ws.shape, dtype=accumulation_dtype(ws), device=ws.device) if need_grad else None
-    grad_b = torch.zeros(vocab, dtype=accumulation_dtype(ws), device=ws.device) if need_grad and bs is not None else None
+    grad_w = torch.zeros(ws.shape, dtype=p.weight_grad, device=ws.device) if need_grad else None
+    grad_b = torch.zeros(vocab, dtype=logits_dtype, device=ws.device) if need_grad and bs is not None else None
+    w_s, w_t = gemm_operand(ws, p.student), gemm_operand(wt, p.teacher)  # converted once, not per block
     step = _fused_rows_per_block(vocab)
     for i in range(0, n, step):
         j = min(i + step, n)
-        h = hs[i:j]
-        logits_s = F.linear(h, ws, bs)
-        with torch.no_grad():
-            logits_t = F.linear(ht[i:j], wt, bt)
+        h = gemm_operand(hs[i:j], p.student)
+        logits_s = mm32(h, w_s.T)
+        logits_t = mm32(gemm_operand(ht[i:j], p.teacher), w_t.T)
+        if bs is not None:
+            logits_s += bs
+        if bt is not None:
+            logits_t += bt
         loss, g = block_loss_and_grad(logits_s, logits_t, None if labels is None else labels[i:j], o, need_grad)
         rows[i:j] = loss
         if g is None:
@@ -251,27 +308,33 @@ def fused_pass(hs: Tensor, ws: Tensor, bs: Tensor | None, ht: Tensor, wt: Tensor
         assert grad_h is not None and grad_w is not None
         if row_weight is not None:
             g.mul_(row_weight[i:j, None])
-        grad_h[i:j] = g.to(ws.dtype) @ ws
-        grad_w.addmm_(g.T.to(grad_w.dtype), h.to(grad_w.dtype))
         if grad_b is not None:
             grad_b.add_(g.sum(0))
+        g_op = gemm_operand(g, p.student)
+        grad_h[i:j] = mm32(g_op, w_s)
+        addmm32_(grad_w, g_op.T, h)
     return rows, grad_h, grad_w, grad_b
 
 
 class StoredGradFusedLoss(torch.autograd.Function):
-    """Autograd for a fused-linear ``compute(hs, ws, bs, ht, wt, bt, labels, opts, row_weight,
-    need_grad) -> (rows, grad_h, grad_w, grad_b)`` that accumulates the gradients in the forward."""
+    """Autograd for a fused-linear ``compute(hs, ws, bs, ht, wt, bt, labels, opts, precision, row_weight,
+    need_grad) -> (rows, grad_h, grad_w, grad_b)`` that accumulates the gradients in the forward.
+
+    Autocast is off inside (like ``torch.amp.custom_fwd``, for any device): the caller read its
+    dtype into ``precision`` already, and an autocast ``mm`` would round the fp32 logits to bf16."""
 
     @staticmethod
     def forward(ctx: Any, compute: Callable[..., tuple[Tensor, ...]], hs: Tensor, ws: Tensor, bs: Tensor | None,
-                ht: Tensor, wt: Tensor, bt: Tensor | None, labels: Tensor | None, o: Options) -> Tensor:
+                ht: Tensor, wt: Tensor, bt: Tensor | None, labels: Tensor | None, o: Options,
+                p: Precision) -> Tensor:
         need_grad = any(ctx.needs_input_grad[1:4])
-        rows, *grads = compute(hs, ws, bs, ht, wt, bt, labels, o, None, need_grad)
+        with torch.autocast(hs.device.type, enabled=False):
+            rows, *grads = compute(hs, ws, bs, ht, wt, bt, labels, o, p, None, need_grad)
         ctx.grads = tuple(grads)
         ctx.backend = "triton" if getattr(compute, "__module__", "").endswith("fused_linear_kl") else "chunked"
         ctx.compute = compute
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels)
-        ctx.o = o
+        ctx.o, ctx.p = o, p
         return rows
 
     @staticmethod
@@ -284,20 +347,22 @@ class StoredGradFusedLoss(torch.autograd.Function):
             scale = grad_rows[0].float() if grad_rows.numel() else grad_rows.new_ones((), dtype=torch.float32)
         else:  # "none" with per-row weights: grad_W mixes rows, so recompute with the weights
             hs, ws, bs, ht, wt, bt, labels = ctx.saved_tensors
-            _, grad_h, grad_w, grad_b = ctx.compute(hs, ws, bs, ht, wt, bt, labels, ctx.o,
-                                                    grad_rows.to(accumulation_dtype(hs)), True)
+            with torch.autocast(hs.device.type, enabled=False):
+                _, grad_h, grad_w, grad_b = ctx.compute(hs, ws, bs, ht, wt, bt, labels, ctx.o, ctx.p,
+                                                        grad_rows.to(accumulation_dtype(hs)), True)
             scale = torch.ones((), device=grad_rows.device)
         assert grad_h is not None and grad_w is not None
         hs_dtype, ws_dtype = ctx.saved_tensors[0].dtype, ctx.saved_tensors[1].dtype
         scale = scale.reshape(1)  # 1-dim fp32: takes part in type promotion, so bf16 buffers scale in fp32
         return (None, grad_h.mul_(scale).to(hs_dtype), grad_w.mul_(scale).to(ws_dtype),
-                None if grad_b is None else grad_b.mul_(scale).to(ws_dtype), None, None, None, None, None)
+                None if grad_b is None else grad_b.mul_(scale).to(ws_dtype), None, None, None, None, None, None)
 
 
 def chunked_fused_row_losses(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                              teacher_weight: Tensor, labels: Tensor | None, *, student_bias: Tensor | None,
-                             teacher_bias: Tensor | None, **options: Any) -> Tensor:
+                             teacher_bias: Tensor | None, weight_grad_fp32: bool = False, **options: Any) -> Tensor:
     """``fused_linear_distill_loss`` backend: per-row losses ``[N]`` (fp32), logits one row block at a time."""
     tb = None if teacher_bias is None else teacher_bias.detach()
+    p = fused_precision(student_hidden, student_weight, teacher_hidden, teacher_weight, weight_grad_fp32)
     return StoredGradFusedLoss.apply(fused_pass, student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                     teacher_weight.detach(), tb, labels, Options(**options))
+                                     teacher_weight.detach(), tb, labels, Options(**options), p)

@@ -7,7 +7,7 @@ Public API (stable)::
                  alpha=0.0, reduction="mean", backend="auto")
     fused_linear_distill_loss(student_hidden, student_lm_head_weight, teacher_hidden,
                               teacher_lm_head_weight, *, student_bias=None, teacher_bias=None,
-                              <same options>)
+                              <same options>, weight_grad_fp32=False)
     backends(op)
     check_request(op, backend, *, chosen_by, where, elsewhere=None, **options)  # build time
 
@@ -58,6 +58,8 @@ registry.define_op("fused_linear_distill_loss", positional=5, divergences=DIVERG
     "student_bias": Option(None, lambda r: ("student_bias",) if r["student_bias"] is not None else ()),
     "teacher_bias": Option(None, lambda r: ("teacher_bias",) if r["teacher_bias"] is not None else ()),
     **_SOFT_OPTIONS,
+    # asks for more precision than a backend without it promises, so only False may be dropped
+    "weight_grad_fp32": Option(False, lambda r: ("weight_grad_fp32",) if differs(r["weight_grad_fp32"], False) else ()),
 })
 registry.define_op("sparse_distill_loss", positional=5, divergences=("forward_kl",), options={
     "ignore_index": _SOFT_OPTIONS["ignore_index"],
@@ -227,12 +229,20 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
                               teacher_bias: Tensor | None = None, labels: Tensor | None = None,
                               ignore_index: int = -100, divergence: str = "forward_kl", beta: float = 0.5,
                               skew: float = 0.1, temperature: float = 1.0, scale_t2: bool = True, alpha: float = 0.0,
-                              reduction: str = "mean", backend: str = "auto") -> Tensor:
+                              reduction: str = "mean", backend: str = "auto", weight_grad_fp32: bool = False) -> Tensor:
     """:func:`distill_loss` of the LM-head logits ``hidden @ W.T (+ b)`` without building ``[N, V]`` logits.
 
     ``student_hidden [..., Hs]`` with ``student_lm_head_weight [V, Hs]``, ``teacher_hidden [..., Ht]``
     with ``teacher_lm_head_weight [V, Ht]`` (hidden sizes may differ; biases are ``[V]``).
-    Gradients reach ``student_hidden``, ``student_lm_head_weight`` and ``student_bias`` only.
+    Gradients reach ``student_hidden``, ``student_lm_head_weight`` and ``student_bias`` only, each
+    in its tensor's dtype (an fp32 master weight with bf16 hidden states gets an fp32 gradient).
+
+    Precision, the same in every built-in backend: the GEMM operands are rounded to autocast's
+    dtype when autocast is on for their device (``train.precision: bf16-mixed``), else to the wider
+    of hidden and weight dtype (:func:`hkd.kernels.reference.operand_dtype`); products are summed
+    in fp32 and the logits and their softmax are fp32 whatever the inputs. ``weight_grad_fp32``:
+    sum the weight gradient over row chunks in fp32 even for a bf16 / fp16 weight (rounded once at
+    the end; costs an fp32 ``[V, H]`` buffer), instead of in the weight's own dtype.
     """
     _check_floating(student_hidden=student_hidden, student_lm_head_weight=student_lm_head_weight,
                     teacher_hidden=teacher_hidden, teacher_lm_head_weight=teacher_lm_head_weight,
@@ -261,7 +271,8 @@ def fused_linear_distill_loss(student_hidden: Tensor, student_lm_head_weight: Te
     s_hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     t_hidden = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     options = dict(student_bias=student_bias, teacher_bias=teacher_bias, ignore_index=ignore_index,
-                   divergence=divergence, beta=beta, skew=skew, temperature=temperature, scale_t2=scale_t2, alpha=alpha)
+                   divergence=divergence, beta=beta, skew=skew, temperature=temperature, scale_t2=scale_t2, alpha=alpha,
+                   weight_grad_fp32=weight_grad_fp32)
     chosen = registry.resolve("fused_linear_distill_loss", backend, s_hidden, student_lm_head_weight, t_hidden,
                               teacher_lm_head_weight, request=options)
     rows = chosen.call(s_hidden, student_lm_head_weight, t_hidden, teacher_lm_head_weight, flat_labels, **options)

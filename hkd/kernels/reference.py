@@ -100,7 +100,7 @@ def row_losses(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | 
     valid = labels != ignore_index
     if alpha > 0:
         safe = torch.where(valid, labels, torch.zeros_like(labels))
-        ce = student.logsumexp(-1) - student.gather(-1, safe[:, None]).squeeze(-1)
+        ce = -student.log_softmax(-1).gather(-1, safe[:, None]).squeeze(-1)  # not lse - z: both round at 1e4
         loss = (1 - alpha) * loss + alpha * ce
     return torch.where(valid, loss, torch.zeros_like(loss))
 
@@ -110,18 +110,44 @@ def distill_loss_torch(student_logits: Tensor, teacher_logits: Tensor, labels: T
     return row_losses(student_logits, teacher_logits, labels, **options)
 
 
+def operand_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The precision of the fused LM head's GEMM operands, the same in every backend: autocast's dtype
+    when autocast is on for their device (what the model's own LM head would multiply in; fp64 is left
+    alone, as autocast leaves it), else the wider of the two dtypes (an fp32 master weight with bf16
+    hidden states multiplies in fp32). The products are summed and the logits kept in fp32 (fp64 for
+    fp64) whatever the operands are: bf16 logits would be 0.25 apart at 64."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device) and torch.float64 not in (hidden.dtype, weight.dtype):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+def rounded(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` rounded to ``dtype`` (kept in its own dtype), with the gradient passed straight through, so
+    the reference rounds the operands as a bf16 GEMM does but never its own gradient."""
+    if torch.promote_types(x.dtype, dtype) == dtype:  # dtype holds every value of x: nothing to round
+        return x
+    return x + (x.to(dtype).to(x.dtype) - x).detach()
+
+
 def fused_linear_distill_loss_torch(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                                     teacher_weight: Tensor, labels: Tensor | None, *, student_bias: Tensor | None,
-                                    teacher_bias: Tensor | None, **options) -> Tensor:
-    """Reference for the fused op: it *does* materialise both ``[N, V]`` logits tensors."""
+                                    teacher_bias: Tensor | None, weight_grad_fp32: bool = False, **options) -> Tensor:
+    """Reference for the fused op: it *does* materialise both ``[N, V]`` logits tensors, from operands
+    rounded to :func:`operand_dtype` and multiplied in fp32 (fp64 for fp64) with autocast off. Autograd
+    sums every gradient in that dtype, so ``weight_grad_fp32`` (fp32 accumulation of ``grad_W``) is how
+    this backend always works."""
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    student_logits = student_hidden.to(acc) @ student_weight.to(acc).T
-    teacher_logits = teacher_hidden.detach().to(acc) @ teacher_weight.detach().to(acc).T
-    if student_bias is not None:
-        student_logits = student_logits + student_bias.to(acc)
-    if teacher_bias is not None:
-        teacher_logits = teacher_logits + teacher_bias.detach().to(acc)
-    return row_losses(student_logits, teacher_logits, labels, **options)
+    s_dtype, t_dtype = operand_dtype(student_hidden, student_weight), operand_dtype(teacher_hidden, teacher_weight)
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        student_logits = rounded(student_hidden, s_dtype).to(acc) @ rounded(student_weight, s_dtype).to(acc).T
+        teacher_logits = (rounded(teacher_hidden.detach(), t_dtype).to(acc)
+                          @ rounded(teacher_weight.detach(), t_dtype).to(acc).T)
+        if student_bias is not None:
+            student_logits = student_logits + student_bias.to(acc)
+        if teacher_bias is not None:
+            teacher_logits = teacher_logits + teacher_bias.detach().to(acc)
+        return row_losses(student_logits, teacher_logits, labels, **options)
 
 
 # --------------------------------------------------------------------------- sparse (top-k) teacher targets
@@ -188,7 +214,7 @@ def sparse_row_losses(student_logits: Tensor, topk_ids: Tensor, topk_values: Ten
     if alpha > 0:
         assert labels is not None and keep is not None
         safe = torch.where(keep, labels, torch.zeros_like(labels))
-        loss = loss + alpha * (student.logsumexp(-1) - student.gather(-1, safe[:, None]).squeeze(-1))
+        loss = loss - alpha * student.log_softmax(-1).gather(-1, safe[:, None]).squeeze(-1)
     return loss if keep is None else torch.where(keep, loss, torch.zeros_like(loss))
 
 

@@ -59,6 +59,9 @@ class LogitsStageConfig:
     alpha: float = ranged(0.0, low=0, high=1)  # weight of the hard-label cross-entropy
     scale_t2: bool = True  # multiply the soft loss by T^2 (Hinton) so gradients keep their scale
     fused: bool = False  # LM head fused into the loss kernel: no logits tensor is ever built
+    # fused: sum the LM-head weight gradient over row chunks in fp32 even when the weight is bf16 / fp16
+    # (one rounding at the end instead of one per chunk; costs an fp32 [vocab, hidden] buffer)
+    fused_grad_fp32: bool = False
     backend: str | None = None  # kernel backend; default: the run's kernels.<op> or "auto"
     # several teachers (config ``teachers:``): distil towards their weighted mixture, or sum the
     # weighted per-teacher losses
@@ -100,6 +103,9 @@ class LogitsStage(Stage):
         if not self.sparse and config.sparse_tail != "auto":  # an option that would change nothing is refused
             raise ConfigError(f"{context.config_path}.sparse_tail: {config.sparse_tail!r} applies to top-k targets "
                               "from a teacher_cache; this teacher serves full logits, so remove the option")
+        if config.fused_grad_fp32 and not config.fused:  # an option that would change nothing is refused
+            raise ConfigError(f"{context.config_path}.fused_grad_fp32: sums the fused LM head's weight gradient; "
+                              "this stage builds logits (fused: false), so set fused: true or remove the option")
         if self.sparse_tail == "auto":
             self.sparse_tail = "bucket" if context.teacher_serves.sparse_logsumexp else "renormalize"
         self.config_path = context.config_path
@@ -117,7 +123,8 @@ class LogitsStage(Stage):
             request: dict[str, Any] = dict(divergence=config.divergence, beta=config.beta, skew=config.skew,
                                            alpha=config.alpha, scale_t2=config.scale_t2)
             elsewhere = dict(run_time)
-            if config.fused:  # the fused op also gets the LM heads' biases
+            if config.fused:  # the fused op also gets the LM heads' biases and the weight gradient's precision
+                request["weight_grad_fp32"] = config.fused_grad_fp32
                 for role, model in (("student", context.student), ("teacher", context.teacher)):
                     request[f"{role}_bias"] = getattr(output_head(model) if model is not None else None, "bias", None)
                     elsewhere[f"{role}_bias"] = f"the {role}'s LM head bias"
@@ -189,6 +196,7 @@ class LogitsStage(Stage):
                 cast(Tensor, teacher.lm_head.weight),
                 student_bias=getattr(student.lm_head, "bias", None),
                 teacher_bias=getattr(teacher.lm_head, "bias", None),
+                weight_grad_fp32=self.config.fused_grad_fp32,
                 **options,
             )
         elif len(self.weights) > 1:
