@@ -147,6 +147,7 @@ def test_harmless_leftovers_still_train_and_are_named(tmp_path, raw_config, caps
     ({"divergence": "forward_kl", "beta": 0.3}, r"stages\.logits\.beta: 0\.3 has no effect unless divergence is jsd"),
     ({"skew": 0.2}, r"stages\.logits\.skew: 0\.2 has no effect unless divergence is skew_forward_kl"),
     ({"teachers": "sum"}, r"stages\.logits\.teachers: 'sum' combines several teachers; this run has one"),
+    ({"fused_grad_fp32": True}, r"stages\.logits\.fused_grad_fp32: True has no effect unless fused is true"),
 ])
 def test_stage_options_that_cannot_act_are_refused_when_the_stage_is_built(options, pattern, tmp_path, raw_config,
                                                                             capsys):

@@ -75,6 +75,7 @@ class LogitsStageConfig:
         Need("beta", "divergence is jsd", lambda c, i: c.divergence == "jsd", ("divergence",)),
         Need("skew", "divergence is skew_forward_kl or skew_reverse_kl", lambda c, i: c.divergence.startswith("skew"),
              ("divergence",)),
+        Need("fused_grad_fp32", "fused is true", lambda c, i: c.fused, ("fused",)),
     ]
 
 
@@ -103,9 +104,6 @@ class LogitsStage(Stage):
         if not self.sparse and config.sparse_tail != "auto":  # an option that would change nothing is refused
             raise ConfigError(f"{context.config_path}.sparse_tail: {config.sparse_tail!r} applies to top-k targets "
                               "from a teacher_cache; this teacher serves full logits, so remove the option")
-        if config.fused_grad_fp32 and not config.fused:  # an option that would change nothing is refused
-            raise ConfigError(f"{context.config_path}.fused_grad_fp32: sums the fused LM head's weight gradient; "
-                              "this stage builds logits (fused: false), so set fused: true or remove the option")
         if self.sparse_tail == "auto":
             self.sparse_tail = "bucket" if context.teacher_serves.sparse_logsumexp else "renormalize"
         self.config_path = context.config_path
