@@ -132,6 +132,94 @@ def test_a_plugin_kernel_backend_that_raises_names_backend_and_plugin(raw_config
         distill(from_dict(Config, raw_config), tmp_path / "run", pm=pm)
 
 
+# what makes the host wait for the device: reading a value, and ops whose output size depends on the data
+# (nonzero, boolean-mask indexing, masked_select, unique, repeat_interleave by a tensor) -- on a GPU each
+# one is a sync, on the CPU it is free, so they are counted here instead of timed
+SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy", "nonzero", "masked_select",
+                "unique", "argwhere")
+SYNC_FUNCTIONS = ("nonzero", "masked_select", "unique", "argwhere")
+
+
+def _bool_index(index) -> bool:
+    if isinstance(index, torch.Tensor):
+        return index.dtype == torch.bool and index.dim() > 0
+    return isinstance(index, (tuple, list)) and any(_bool_index(i) for i in index)
+
+
+def count_host_reads(run, steps, monkeypatch, also: tuple[str, ...] = ()) -> list[str]:
+    """Run ``steps`` steps and return every host read made by hkd code on the step's thread, except reads of
+    the micro-batches as the host built them (``Batches.batch``: host data, nothing to wait for).
+
+    On the CPU the loop's "device" copy of a batch is the host tensor itself, so it is cloned here to tell
+    them apart. hkd/kernels/ops.py checks label ranges on CPU tensors only (free there, skipped on CUDA:
+    tests/kernels hold that), so it is left out of this CPU count."""
+    import threading
+
+    import hkd.train.loop as loop
+
+    reads: list[str] = []
+    ours = str(HKD_ROOT / "hkd")
+    cpu_only = str(HKD_ROOT / "hkd" / "kernels" / "ops.py")
+    host_storages: set[int] = set()
+    build_batch = run.batches.batch
+
+    def host_batch(index):
+        batch = build_batch(index)
+        host_storages.update(t.untyped_storage().data_ptr() for t in batch.values())
+        return batch
+
+    def counted(name, tensor) -> None:
+        caller = sys._getframe(2).f_code.co_filename
+        if (threading.current_thread() is threading.main_thread()
+                and (caller.startswith(ours) and caller != cpu_only or caller in also)
+                and not (isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() in host_storages)):
+            reads.append(f"{name} in {caller}:{sys._getframe(2).f_lineno}")
+
+    def method(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if name != "repeat_interleave" or (args and isinstance(args[0], torch.Tensor)):
+                counted(name, self)
+            return original(self, *args, **kwargs)
+
+        return read
+
+    def function(name):
+        original = getattr(torch, name)
+
+        def read(tensor, *args, **kwargs):
+            counted(f"torch.{name}", tensor)
+            return original(tensor, *args, **kwargs)
+
+        return read
+
+    def indexing(name):
+        original = getattr(torch.Tensor, name)
+
+        def index(self, key, *args):
+            if _bool_index(key):
+                counted(f"{name} with a boolean mask", self)
+            return original(self, key, *args)
+
+        return index
+
+    monkeypatch.setattr(run.batches, "batch", host_batch)
+    monkeypatch.setattr(loop, "batch_to_device", lambda batch, device: {k: v.clone() for k, v in batch.items()})
+    for name in (*SYNC_METHODS, "repeat_interleave"):
+        monkeypatch.setattr(torch.Tensor, name, method(name))
+    for name in SYNC_FUNCTIONS:
+        monkeypatch.setattr(torch, name, function(name))
+    for name in ("__getitem__", "__setitem__"):
+        monkeypatch.setattr(torch.Tensor, name, indexing(name))
+    try:
+        for step in range(steps):
+            train_step(run, step)
+    finally:
+        monkeypatch.undo()
+    return reads
+
+
 def test_one_host_read_per_optimizer_step(raw_config, tmp_path, monkeypatch):
     # catches: float()/item() per stage per micro-batch (a device sync each on a GPU)
     raw_config["schedule"] = {"phases": [{"name": "p", "steps": 3, "stages": {"hidden": 1.0, "logits": 1.0,
@@ -139,30 +227,42 @@ def test_one_host_read_per_optimizer_step(raw_config, tmp_path, monkeypatch):
     raw_config["optim"]["grad_accum"] = 3
     raw_config["stages"]["hidden"]["log_layers"] = True  # metric/... terms too
     run = build_run(from_dict(Config, raw_config), tmp_path / "run")
-    reads: list[str] = []
-    # the loop and the stages; hkd/kernels/ops.py checks label ranges on CPU tensors only (free
-    # there, skipped on CUDA: tests/kernels hold that), so it is left out of this CPU count
-    ours = str(HKD_ROOT / "hkd")
-    cpu_only = str(HKD_ROOT / "hkd" / "kernels" / "ops.py")
-
-    def counting(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(ours) and caller != cpu_only:
-                reads.append(f"{name} in {caller}")
-            return original(self, *args, **kwargs)
-
-        return read
-
-    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(name))
-    for step in range(3):
-        metrics = train_step(run, step)
-    monkeypatch.undo()
+    reads = count_host_reads(run, 3, monkeypatch)
     assert len(reads) == 3, reads
+    metrics = train_step(run, 3 - 1)
     assert metrics["loss/logits"] > 0 and any(k.startswith("metric/layer/hidden/") for k in metrics)
+
+
+def test_the_read_counter_sees_syncs_that_are_not_value_reads(raw_config, tmp_path, monkeypatch):
+    # catches: a counter blind to nonzero() and boolean-mask indexing (the syncs the offline cache's reader and
+    # the mlm stage made inside the step): a stage doing both is counted twice per micro-batch
+    from hkd.plugins import hidden
+
+    raw_config["schedule"] = {"phases": [{"name": "p", "steps": 1, "stages": {"hidden": 1.0}}]}
+    run = build_run(from_dict(Config, raw_config), tmp_path / "run")
+    original = hidden.HiddenStage.loss
+
+    def syncing(self, batch, teacher, student, state):
+        batch["loss_mask"].nonzero()
+        batch["input_ids"][batch["loss_mask"].bool()]
+        return original(self, batch, teacher, student, state)
+
+    monkeypatch.setattr(hidden.HiddenStage, "loss", syncing)
+    reads = count_host_reads(run, 1, monkeypatch, also=(__file__,))
+    assert len(reads) == 1 + 2 * raw_config["optim"]["grad_accum"], reads
+
+
+# stage runs with no sampling: the samplers (onpolicy, rl) decode token by token, each token a host read
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["teacher_cache", "uld", "mlm", "sft", "sentence", "teachers", "logits_fused"])
+def test_one_host_read_per_step_for_every_stage_without_sampling(scenario, tmp_path, monkeypatch):
+    # catches: per-row nonzero()/tolist() of the cached teacher's reader inside the step, a stage reading the
+    # device batch back (uld's re-tokenisation, mlm's masks) or selecting rows with a boolean mask
+    from tests.stage_runs import scenario_config
+
+    run = build_run(from_dict(Config, scenario_config(scenario, tmp_path, steps=2, grad_accum=2)), tmp_path / "run")
+    reads = count_host_reads(run, 2, monkeypatch)
+    assert len(reads) == 2, reads
 
 
 def test_an_rl_only_phase_skips_the_student_forward_and_a_gradless_micro_batch_skips_backward(

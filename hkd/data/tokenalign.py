@@ -172,8 +172,9 @@ def cross_vocab_distance(student_logits: Tensor, teacher_logits: Tensor, match: 
         both = torch.zeros(match.first_classes + 1, dtype=torch.bool).index_fill_(0, match.student_first + 1, True)
         both &= torch.zeros_like(both).index_fill_(0, match.teacher_first + 1, True)
         both = both[1:].to(student_logits.device)
-        q1 = _by_class(student_logp.exp(), match.student_first, match.first_classes)[:, both]
-        p1 = _by_class(teacher_logp.exp(), match.teacher_first, match.first_classes)[:, both]
+        # classes outside ``both`` are zeroed, not removed (no boolean-mask selection): they add 0 below
+        q1 = _by_class(student_logp.exp(), match.student_first, match.first_classes).masked_fill(~both, 0.0)
+        p1 = _by_class(teacher_logp.exp(), match.teacher_first, match.first_classes).masked_fill(~both, 0.0)
         direct = (torch.where(p1 > 0, p1 * (p1.clamp_min(1e-30).log() - q1.clamp_min(1e-30).log()), 0.0) - p1 + q1)
         return direct.sum(-1) + _uld(student_logp.exp(), teacher_logp.exp())
     if shared == "none" or match is None or match.student_ids.numel() == 0:
@@ -192,7 +193,9 @@ def cross_vocab_distance(student_logits: Tensor, teacher_logits: Tensor, match: 
     t_rest = torch.ones(teacher_logits.shape[-1], dtype=torch.bool, device=device)
     s_rest[s_ids] = False
     t_rest[t_ids] = False
-    return direct + _uld(student_logp.exp()[:, s_rest], teacher_logp.exp()[:, t_rest])
+    # the shared entries are zeroed rather than removed (a boolean-mask selection would wait for the device to
+    # count them): sorted decreasingly they are trailing zeros on both sides, which add nothing to the ULD sum
+    return direct + _uld(student_logp.exp().masked_fill(~s_rest, 0.0), teacher_logp.exp().masked_fill(~t_rest, 0.0))
 
 
 @dataclass

@@ -67,6 +67,10 @@ class StepState:
     # every teacher's view (``teacher_requests``); ``teachers[0]`` is the ``teacher`` argument
     teachers: list[ModelView | None] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    # the same micro-batch as the host built it (CPU tensors), for stages that need token values on
+    # the host (re-tokenising, prompts to sample from): reading these waits for nothing; ``None``
+    # outside the loop, where a stage reads the batch it is given
+    host_batch: dict[str, Tensor] | None = None
 
 
 class Stage(nn.Module):

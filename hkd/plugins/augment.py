@@ -106,7 +106,8 @@ class MlmReplace:
         vocab = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
         special = set(self.tokenizer.all_special_ids)
         # whole-word tokens only: a "##" continuation or a special token cannot stand for a word
-        self.allowed = torch.tensor([i not in special and not str(t).startswith("##") for i, t in enumerate(vocab)])
+        self.allowed = torch.tensor([i not in special and not str(t).startswith("##") for i, t in enumerate(vocab)],
+                                    device=next(self.model.parameters()).device)
         self.cache: dict[str, list[list[int] | None]] = {}
 
     def proposals(self, words: list[str]) -> list[list[int] | None]:

@@ -61,6 +61,10 @@ class HiddenStage(Stage):
             student_dir=getattr(context.student.config, "name_or_path", None),  # init/auto: a cut student's hkd-init.json
         )
         self.pair_weights = pair_weights(config.layer_weights, self.layer_map, f"{context.config_path}.layer_weights")
+        # a buffer (moved with the stage, not saved): made once, not copied to the device every step
+        self.weights: Tensor
+        self.register_buffer("weights", torch.tensor(self.pair_weights, device=next(context.student.parameters()).device),
+                             persistent=False)
         widths_differ = s_cfg.hidden_size != t_cfg.hidden_size
         if config.projector == "none" and widths_differ:
             raise ConfigError(
@@ -104,7 +108,7 @@ class HiddenStage(Stage):
                 per_token = 1 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)
             pair_sums[(s, t)] = (per_token * mask).sum()
         stacked = torch.stack(list(pair_sums.values()))
-        weights = stacked.new_tensor(self.pair_weights)
+        weights = self.weights.to(stacked.dtype)
         terms = {"hidden": (stacked * weights).sum() / (weights.sum() * max(state.tokens, 1))}
         if self.config.log_layers:
             terms.update(layer_metrics("hidden", pair_sums, mask))

@@ -40,13 +40,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from hkd import (
     ConfigError, HkdError, ModelView, Need, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest,
     hookimpl, kernels,
 )
-from hkd import apply_logit_softcap, check_supported, next_token_labels, output_head
+from hkd import IGNORE_INDEX, apply_logit_softcap, check_supported, next_token_labels, output_head
 from hkd import ranged
 from hkd.kernels.sparse import exact_bucket_inputs
 
@@ -167,7 +168,11 @@ class LogitsStage(Stage):
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
         assert teacher is not None and student is not None
-        labels = next_token_labels(batch["labels"])
+        # every position, with the label its prediction is scored on (the last one has none): the models'
+        # [B, S, V] logits go to the kernels as they are, flattened views, never a logits[:, :-1] copy of
+        # [tokens, vocab]; rows labelled IGNORE_INDEX count for nothing, and no boolean-mask selection makes
+        # the host wait for the device to count the targets
+        labels = F.pad(next_token_labels(batch["labels"]), (0, 1), value=IGNORE_INDEX)
         options: dict[str, Any] = dict(
             labels=labels,
             divergence=self.config.divergence,
@@ -180,17 +185,17 @@ class LogitsStage(Stage):
             backend=self.backend,
         )
         if teacher.sparse is not None:  # offline teacher cache: sparse top-k targets
-            total = self.sparse_loss(full_logits(student)[:, :-1], teacher.sparse, labels, state.temperature)
+            total = self.sparse_loss(full_logits(student), teacher.sparse, labels, state.temperature)
         elif self.config.fused and (student.logit_softcap or teacher.logit_softcap):
             # the fused kernel has no soft-cap: build the (capped) logits, as the models themselves do
-            total = kernels.distill_loss(full_logits(student)[:, :-1], full_logits(teacher)[:, :-1], **options)
+            total = kernels.distill_loss(full_logits(student), full_logits(teacher), **options)
         elif self.config.fused:
             assert student.final_hidden is not None and teacher.final_hidden is not None
             assert student.lm_head is not None and teacher.lm_head is not None
             total = kernels.fused_linear_distill_loss(
-                student.final_hidden[:, :-1],
+                student.final_hidden,
                 cast(Tensor, student.lm_head.weight),
-                teacher.final_hidden[:, :-1],
+                teacher.final_hidden,
                 cast(Tensor, teacher.lm_head.weight),
                 student_bias=getattr(student.lm_head, "bias", None),
                 teacher_bias=getattr(teacher.lm_head, "bias", None),
@@ -199,10 +204,10 @@ class LogitsStage(Stage):
             )
         elif len(self.weights) > 1:
             assert student.logits is not None
-            total = self.several_teachers_loss(student.logits[:, :-1], state, options)
+            total = self.several_teachers_loss(student.logits, state, options)
         else:
             assert student.logits is not None and teacher.logits is not None
-            total = kernels.distill_loss(student.logits[:, :-1], teacher.logits[:, :-1], **options)
+            total = kernels.distill_loss(student.logits, teacher.logits, **options)
         return {"logits": total / max(state.tokens, 1)}
 
     def several_teachers_loss(self, student_logits: Tensor, state: StepState, options: dict[str, Any]) -> Tensor:
@@ -212,7 +217,7 @@ class LogitsStage(Stage):
         teacher_logits = []
         for view in state.teachers:
             assert view is not None and view.logits is not None
-            teacher_logits.append(view.logits[:, :-1])
+            teacher_logits.append(view.logits)
         if self.config.teachers == "sum":
             losses = [w * kernels.distill_loss(student_logits, z, **options) for w, z in zip(self.weights, teacher_logits)]
             return torch.stack(losses).sum()
@@ -225,10 +230,13 @@ class LogitsStage(Stage):
         return kernels.distill_loss(student_logits, (mixed * t).to(student_logits.dtype), **options)
 
     def sparse_loss(self, student_logits: Tensor, targets: SparseTargets, labels: Tensor, temperature: float) -> Tensor:
-        """Summed loss against sparse teacher targets (``[B, S, k]``, shifted here to predict the next
-        token); student logits ``[B, S-1, V]``. Top-k targets are renormalised within the top-k or get
-        the tail as one more bucket (``sparse_tail``); sampled targets are used as they are."""
-        ids, values = targets.ids[:, :-1], targets.values[:, :-1]
+        """Summed loss against sparse teacher targets (``[B, S, k]``: at each position, the teacher's
+        prediction of the next token); student logits ``[B, S, V]`` with ``labels`` ``[B, S]`` (the label
+        each position is scored on), or ``[B, S-1, V]`` with ``labels[:, 1:]`` (the targets are then shifted
+        here). Top-k targets are renormalised within the top-k or get the tail as one more bucket
+        (``sparse_tail``); sampled targets are used as they are."""
+        shift = student_logits.shape[1] == targets.ids.shape[1] - 1
+        ids, values = (targets.ids[:, :-1], targets.values[:, :-1]) if shift else (targets.ids, targets.values)
         exact_at = targets.kind == "sampled" or self.sparse_tail == "bucket"
         if exact_at and not math.isclose(temperature, targets.temperature, rel_tol=1e-6):
             what = "sampled targets" if targets.kind == "sampled" else f"{self.config_path}.sparse_tail: bucket"
@@ -244,8 +252,8 @@ class LogitsStage(Stage):
                 raise HkdError(f"{self.config_path}.sparse_tail: bucket needs the teacher's log-normaliser, which "
                                "these targets lack; use sparse_tail: renormalize or a cache built by this hkd")
             tail = "bucket"
-            values, logsumexp = exact_bucket_inputs(values, targets.logsumexp[:, :-1], temperature,
-                                                    student_logits.shape[-1])
+            lse = targets.logsumexp[:, :-1] if shift else targets.logsumexp
+            values, logsumexp = exact_bucket_inputs(values, lse, temperature, student_logits.shape[-1])
         return kernels.sparse_distill_loss(
             student_logits, ids, values, labels, temperature=temperature, tail=tail, teacher_logsumexp=logsumexp,
             alpha=self.config.alpha, scale_t2=self.config.scale_t2, reduction="sum", backend=self.sparse_backend)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from hkd import ConfigError, ModelView, Stage, StageContext, StageSpec, StepState, hookimpl, kernels
 from hkd import ranged
+from hkd import to_device
 
 
 @dataclass
@@ -56,17 +57,20 @@ def mask_tokens(input_ids: Tensor, attention_mask: Tensor, special_ids: Tensor, 
                 rate: float, mask_token: float, random_token: float,
                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``(masked_ids, chosen)``: BERT's 80/10/10 corruption of ``input_ids`` ``[B, S]`` and the bool map of the
-    positions that are targets. Draws on the CPU from ``generator``, so the result does not depend on the device."""
-    ids = input_ids.cpu()
-    candidates = attention_mask.cpu().bool() & ~torch.isin(ids, special_ids.cpu())
-    draws = torch.rand(ids.shape, generator=generator)
-    kind = torch.rand(ids.shape, generator=generator)
-    random_ids = torch.randint(vocab_size, ids.shape, generator=generator)
+    positions that are targets. The random draws depend only on the shape: they are made on the CPU from
+    ``generator`` (so the result does not depend on the device) and copied to ``input_ids``' device, where the
+    rest happens; the ids are never read back to the host."""
+    device, shape = input_ids.device, input_ids.shape
+    # host draws from a CPU generator (deterministic on every device), one copy each to the device
+    draws = to_device(torch.rand(shape, generator=generator, device="cpu"), device)
+    kind = to_device(torch.rand(shape, generator=generator, device="cpu"), device)
+    random_ids = to_device(torch.randint(vocab_size, shape, generator=generator, device="cpu"), device)
+    candidates = attention_mask.bool() & ~torch.isin(input_ids, special_ids.to(device))
     chosen = candidates & (draws < rate)
-    masked = torch.where(chosen & (kind < mask_token), torch.full_like(ids, mask_id), ids)
+    masked = torch.where(chosen & (kind < mask_token), torch.full_like(input_ids, mask_id), input_ids)
     replaced = chosen & (kind >= mask_token) & (kind < mask_token + random_token)
     masked = torch.where(replaced, random_ids, masked)
-    return masked.to(input_ids.device), chosen.to(input_ids.device)
+    return masked, chosen
 
 
 def is_masked_lm(model: Any) -> bool:
@@ -103,7 +107,11 @@ class MLMStage(Stage):
             raise ConfigError(f"{where}: the tokenizer has no mask token ([MASK]); masked-LM distillation needs one")
         self.mask_id = int(mask_id)
         self.vocab_size = int(context.student.config.vocab_size)
-        self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        # a buffer (moved with the stage, not saved): compared with the batch's ids on their device
+        self.special_ids: Tensor
+        self.register_buffer("special_ids", torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long,
+                                                         device=next(context.student.parameters()).device),
+                             persistent=False)
         self.backend = config.backend or context.kernels.get("distill_loss", "auto")
         kernels.check_request(  # a named backend that cannot serve these options is refused now, not at step 1
             "distill_loss", self.backend, where=where, elsewhere={"temperature": "schedule.temperature"},
@@ -124,9 +132,12 @@ class MLMStage(Stage):
         masked_ids, chosen = self.masked(batch, state)
         inputs = {"input_ids": masked_ids, "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
-            teacher_logits = self._models["teacher"](**inputs).logits[chosen]
-        student_logits = self._models["student"](**inputs).logits[chosen]
-        total = kernels.distill_loss(student_logits, teacher_logits, labels=batch["input_ids"][chosen],
+            teacher_logits = self._models["teacher"](**inputs).logits
+        student_logits = self._models["student"](**inputs).logits
+        # every position goes in, the ones not chosen with label -100 (counted for nothing): a boolean-mask
+        # selection would wait for the device to count the chosen positions
+        labels = batch["input_ids"].masked_fill(~chosen, -100)
+        total = kernels.distill_loss(student_logits, teacher_logits, labels=labels,
                                      temperature=state.temperature, scale_t2=self.config.scale_t2,
                                      alpha=self.config.alpha, reduction="sum", backend=self.backend)
         return {"mlm": total / (self.config.mask_rate * max(state.tokens, 1))}

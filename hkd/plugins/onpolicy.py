@@ -204,7 +204,7 @@ class OnPolicyStage(Stage):
             loss = total / max(state.tokens, 1)
         else:  # the samples: mean over this micro-batch's sampled tokens, averaged over micro-batches and ranks
             loss = total / tokens.clamp_min(1) / (state.micro_batches * state.world_size)
-        terms = {"onpolicy": loss, "metric/onpolicy_steps": torch.tensor(float(on), device=loss.device)}
+        terms = {"onpolicy": loss, "metric/onpolicy_steps": torch.full((), float(on), device=loss.device)}
         if tokens is not None:
             terms["metric/sample_tokens"] = (tokens / max(labels.shape[0], 1)).detach().float()
         return terms

@@ -42,6 +42,7 @@ from hkd import Retokenized, VocabMatch, cross_vocab_distance, retokenize
 from hkd import ModelView, TapRequest
 from hkd import IGNORE_INDEX, next_token_labels
 from hkd import ranged
+from hkd import to_device
 
 CACHE_ROWS = 200_000  # re-tokenized rows kept (a few hundred bytes each)
 
@@ -86,11 +87,16 @@ class UldStage(Stage):
     def student_request(self) -> TapRequest:
         return TapRequest(logits=True)
 
-    def teacher_batch(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[list[tuple[int, int]]]]:
-        """The batch's text in the teacher's tokenization (right-padded) and each row's aligned position pairs."""
+    def teacher_batch(self, batch: dict[str, Tensor], host: dict[str, Tensor] | None = None) \
+            -> tuple[dict[str, Tensor], list[list[tuple[int, int]]]]:
+        """The batch's text in the teacher's tokenization (right-padded) and each row's aligned position pairs.
+
+        ``host``: the same micro-batch as the loop built it on the host (``StepState.host_batch``); its
+        tokens are read there, so a batch on an accelerator is never copied back."""
+        source = host if host is not None else batch
         rows, pairs = [], []
-        for ids, labels, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
-                                     batch["attention_mask"].tolist()):
+        for ids, labels, mask in zip(source["input_ids"].tolist(), source["labels"].tolist(),
+                                     source["attention_mask"].tolist()):
             length = sum(mask)
             key = tuple(ids[:length] + [-1] + labels[:length])
             encoded = self._retokenized.get(key)
@@ -103,23 +109,24 @@ class UldStage(Stage):
         width = max(len(r) for r in rows)
         pad = self.teacher_tok.pad_token_id or 0
         device = batch["input_ids"].device
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[r, : len(row)] = 1
-        return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}, pairs
+        # built on the host from Python lists, then copied once (nothing here waits for the device)
+        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], dtype=torch.long, device="cpu")
+        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long,
+                                      device="cpu")
+        return {"input_ids": to_device(input_ids, device), "attention_mask": to_device(attention_mask, device)}, pairs
 
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
         assert student is not None and student.logits is not None
         student_logits = student.logits
-        teacher_inputs, pairs = self.teacher_batch(batch)
+        teacher_inputs, pairs = self.teacher_batch(batch, state.host_batch)
         with torch.no_grad():
             teacher_logits = self._models["teacher"](**teacher_inputs).logits
-        rows = torch.tensor([r for r, row in enumerate(pairs) for _ in row], dtype=torch.long)
-        s_pos = torch.tensor([s for row in pairs for s, _ in row], dtype=torch.long)
-        t_pos = torch.tensor([t for row in pairs for _, t in row], dtype=torch.long)
+        device = student_logits.device
+        # the aligned positions: built on the host, one (pinned, asynchronous on CUDA) copy
+        aligned = torch.tensor([[r for r, row in enumerate(pairs) for _ in row], [s for row in pairs for s, _ in row],
+                                [t for row in pairs for _, t in row]], dtype=torch.long, device="cpu")
+        rows, s_pos, t_pos = to_device(aligned, device).unbind(0)
         temperature = state.temperature
         scale = temperature**2 if self.config.scale_t2 else 1.0
         soft = cross_vocab_distance(student_logits[rows, s_pos], teacher_logits[rows, t_pos], self.match,
@@ -128,10 +135,10 @@ class UldStage(Stage):
         hard = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
         alpha = self.config.alpha
-        targets = max(int((labels != -100).sum()), 1)
+        targets = (labels != IGNORE_INDEX).sum().clamp_min(1)  # on the device: the loop reads metrics once per step
         return {
             "uld": ((1 - alpha) * soft + alpha * hard) / max(state.tokens, 1),  # 0 targets: 0, not nan
-            "metric/uld_aligned": torch.tensor(len(s_pos) / targets),
+            "metric/uld_aligned": torch.full((), float(s_pos.numel()), device=device) / targets,
         }
 
 

@@ -45,6 +45,7 @@ import json
 import math
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,6 +66,7 @@ from hkd.models.loading import check_compatible, freeze, load_model, load_tokeni
 from hkd.plugin.schedule import Schedule
 from hkd.plugin.stage import StageContext, build_stages
 from hkd.models.taps import forward_with_taps
+from hkd.models.device import to_device
 from hkd.models.view import ModelView, SparseTargets, TapRequest, unserved
 
 INDEX = "index.json"
@@ -521,6 +523,27 @@ def open_shard(cache_dir: Path, shard: dict[str, Any], index: dict[str, Any]) ->
     return handle, offsets
 
 
+@dataclass
+class HostTargets:
+    """One micro-batch's cached targets on the host, scattered to ``[B, S, ...]`` (what :meth:`TeacherCache.read`
+    gathers off the step; :meth:`TeacherCache.to_view` copies them to the device). ``ids`` stay int32 on the
+    host (half the copy) and become int64 on the device."""
+
+    ids: Tensor | None
+    values: Tensor | None
+    logsumexp: Tensor | None
+    hidden: dict[int, Tensor]
+    temperature: float
+    kind: str
+
+    def pinned(self) -> HostTargets:
+        def pin(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return HostTargets(pin(self.ids), pin(self.values), pin(self.logsumexp),
+                           {layer: t.pin_memory() for layer, t in self.hidden.items()}, self.temperature, self.kind)
+
+
 class TeacherCache:
     """Read side of the cache: checks it fits the run, then serves the teacher's targets per batch."""
 
@@ -573,28 +596,38 @@ class TeacherCache:
         hold zeros, which every stage masks out. Targets travel as ``view.sparse``
         (:class:`hkd.models.view.SparseTargets`, ``[B, S, k]``): top-k logits with the log-normaliser
         (when ``sparse_logsumexp`` is asked for), or sampled targets as ``log(count / K)``.
+
+        :meth:`read` (host) then :meth:`to_view` (one copy each to the device); the training loop calls
+        them apart, reading micro-batch N+1 on a background thread while N trains
+        (:class:`hkd.teachers.sources.CachedTeacher`).
         """
-        mask = batch["loss_mask"]
-        device = mask.device
+        host = {key: batch[key].cpu() for key in ("loss_mask", "example_index")}
+        return self.to_view(self.read(host, request), batch["loss_mask"].device)
+
+    def read(self, host_batch: dict[str, Tensor], request: TapRequest, pin: bool = False) -> HostTargets:
+        """The targets of a micro-batch gathered on the host from its CPU ``loss_mask`` and ``example_index``:
+        shard slices scattered to the target positions, nothing on a device (``pin``: in pinned memory,
+        for an asynchronous copy to CUDA). Not thread-safe: one reader thread at a time."""
+        mask = host_batch["loss_mask"].bool()
         shape = tuple(mask.shape)
         index = self.index
         kind, k = index["targets"], slots(index)
         sparse = request.sparse_logits and kind != "none"
-        values = torch.zeros(shape + (k,), device=device)
-        ids = torch.zeros(shape + (k,), dtype=torch.long, device=device)
-        lse = torch.zeros(shape, device=device) if kind == "topk" and request.sparse_logsumexp else None
+        values = torch.zeros(shape + (k,), device="cpu")
+        ids = torch.zeros(shape + (k,), dtype=torch.int32, device="cpu")
+        lse = torch.zeros(shape, device="cpu") if sparse and kind == "topk" and request.sparse_logsumexp else None
         hidden: dict[int, Tensor] = {}
-        for row, example in enumerate(batch["example_index"].tolist()):
+        for row, example in enumerate(host_batch["example_index"].tolist()):
             handle, begin, end = self._shard(example)
             positions = mask[row].nonzero().squeeze(-1)
             if len(positions) != end - begin:
                 raise HkdError(f"teacher_cache: example {example} has {end - begin} cached targets but the batch has "
                                f"{len(positions)}; the cache was built for different data, rebuild it")
             if sparse and kind == "topk":
-                values[row, positions] = handle.get_slice("topk_values")[begin:end].to(device)
-                ids[row, positions] = handle.get_slice("topk_ids")[begin:end].to(device).long()
+                values[row, positions] = handle.get_slice("topk_values")[begin:end]
+                ids[row, positions] = handle.get_slice("topk_ids")[begin:end].to(torch.int32)
                 if lse is not None:
-                    lse[row, positions] = handle.get_slice("logsumexp")[begin:end].to(device)
+                    lse[row, positions] = handle.get_slice("logsumexp")[begin:end]
             elif sparse:
                 counts = handle.get_slice("sample_counts")[begin:end]
                 if counts.numel() and (counts.sum(-1) != index["samples"]).any():
@@ -602,14 +635,25 @@ class TeacherCache:
                                    f"sum to samples={index['samples']}; the cache is damaged, rebuild it with "
                                    "hkd cache-teacher")
                 # log(count / K): the empirical distribution; empty slots (count 0) are -inf
-                values[row, positions] = (counts.double() / index["samples"]).log().float().to(device)
-                ids[row, positions] = handle.get_slice("sample_ids")[begin:end].to(device).long()
+                values[row, positions] = (counts.double() / index["samples"]).log().float()
+                ids[row, positions] = handle.get_slice("sample_ids")[begin:end].to(torch.int32)
             for layer in request.hidden:
-                rows = handle.get_slice(f"hidden.{layer}")[begin:end].to(device)
+                rows = handle.get_slice(f"hidden.{layer}")[begin:end]
                 if layer not in hidden:
-                    hidden[layer] = torch.zeros(shape + (rows.shape[-1],), dtype=rows.dtype, device=device)
+                    hidden[layer] = torch.zeros(shape + (rows.shape[-1],), dtype=rows.dtype, device="cpu")
                 hidden[layer][row, positions] = rows
+        targets = HostTargets(ids if sparse else None, values if sparse else None, lse, hidden,
+                              float(index["temperature"]), "sampled" if kind == "sampled" else "topk")
+        return targets.pinned() if pin else targets
+
+    @staticmethod
+    def to_view(targets: HostTargets, device: torch.device) -> ModelView:
+        """A view on ``device`` of targets :meth:`read` gathered: one (asynchronous on CUDA) copy per tensor."""
+        hidden = {layer: to_device(t, device) for layer, t in targets.hidden.items()}
         states = tuple(hidden.get(layer) for layer in range(max(hidden, default=-1) + 1))
-        targets = SparseTargets(ids, values, lse, temperature=float(index["temperature"]),
-                                kind="sampled" if kind == "sampled" else "topk") if sparse else None
-        return ModelView(hidden_states=states if hidden else None, sparse=targets)
+        sparse = None
+        if targets.ids is not None and targets.values is not None:
+            lse = None if targets.logsumexp is None else to_device(targets.logsumexp, device)
+            sparse = SparseTargets(to_device(targets.ids, device).long(), to_device(targets.values, device), lse,
+                                   temperature=targets.temperature, kind=targets.kind)  # type: ignore[arg-type]
+        return ModelView(hidden_states=states if hidden else None, sparse=sparse)

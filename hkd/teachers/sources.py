@@ -10,6 +10,8 @@ was built for.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,13 +21,16 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from hkd.teachers.cache import (
-    TeacherCache, cache_serves, constant_temperature, describe_temperature, fingerprint, teacher_skeleton,
+    HostTargets, TeacherCache, cache_serves, constant_temperature, describe_temperature, fingerprint, teacher_skeleton,
 )
 from hkd.config import Config, ModelConfig, TeacherModelConfig, TemperatureConfig
 from hkd.errors import ConfigError
 from hkd.models.loading import freeze, load_model, num_layers
 from hkd.models.taps import forward_with_taps
 from hkd.models.view import ModelView, TapRequest, unserved
+
+
+READ_AHEAD = 4  # micro-batches a cached teacher reads ahead, at most
 
 
 class TeacherSource(Protocol):
@@ -39,8 +44,10 @@ class TeacherSource(Protocol):
         """Everything this source can put in a view."""
         ...
 
-    def view(self, batch: dict[str, Tensor], request: TapRequest) -> ModelView:
-        """The teacher's side of ``batch`` (no gradient), exposing what ``request`` names."""
+    def view(self, batch: dict[str, Tensor], request: TapRequest,
+             host_batch: dict[str, Tensor] | None = None) -> ModelView:
+        """The teacher's side of ``batch`` (no gradient), exposing what ``request`` names. ``host_batch``: the
+        same micro-batch on the host, as the loop built it (``None`` outside the loop)."""
         ...
 
 
@@ -59,7 +66,8 @@ class LiveTeacher:
         return TapRequest(hidden=set(range(layers + 1)), attention=set(range(1, layers + 1)),
                           logits=has_head, final_hidden=has_head)
 
-    def view(self, batch: dict[str, Tensor], request: TapRequest) -> ModelView:
+    def view(self, batch: dict[str, Tensor], request: TapRequest,
+             host_batch: dict[str, Tensor] | None = None) -> ModelView:
         with torch.no_grad():
             return forward_with_taps(self.model, batch, request)
 
@@ -82,6 +90,8 @@ class CachedTeacher:
         self.model = skeleton
         self.name = f"teacher_cache {str(cache.path)!r}"
         self.temperature = temperature or TemperatureConfig()
+        self._pool: ThreadPoolExecutor | None = None  # the reader thread, started by the first read
+        self._pending: OrderedDict[tuple[Any, ...], Future[HostTargets]] = OrderedDict()  # reads under way, by key
 
     def serves(self) -> TapRequest:
         return cache_serves(self.cache.index, constant_temperature(self.temperature))[0]
@@ -95,8 +105,50 @@ class CachedTeacher:
         """Refuse targets computed for another teacher, tokenizer or data set."""
         self.cache.check(fingerprint(teacher_path, tokenizer, encoded))
 
-    def view(self, batch: dict[str, Tensor], request: TapRequest) -> ModelView:
-        return self.cache.view(batch, request)
+    # --- reading ahead: shard reads, the per-row target positions and the host-side scatter run on one
+    # background thread (:meth:`prefetch`), so the step only copies finished host tensors to the device.
+    # A prefetch is keyed by what the targets depend on (examples, batch shape, request); a view it
+    # does not match is read on the same thread while the step waits, so the targets (and a resumed
+    # run) never depend on what was read ahead.
+
+    def _reader(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hkd-cache-reader")
+        return self._pool
+
+    def prefetch(self, host_batch: dict[str, Tensor], request: TapRequest, device: torch.device) -> None:
+        """Start reading ``host_batch``'s targets (CPU tensors, as the loop builds them) for ``request``."""
+        key = _prefetch_key(host_batch, request)
+        if key in self._pending:
+            return
+        pin = torch.device(device).type == "cuda"
+        self._pending[key] = self._reader().submit(self.cache.read, host_batch, request, pin)
+        while len(self._pending) > READ_AHEAD:  # never consumed (the schedule changed): drop the oldest
+            self._pending.popitem(last=False)
+
+    def view(self, batch: dict[str, Tensor], request: TapRequest,
+             host_batch: dict[str, Tensor] | None = None) -> ModelView:
+        device = batch["loss_mask"].device
+        if host_batch is None:  # outside the loop: the batch itself is what there is to read
+            return self.cache.view(batch, request)
+        future = self._pending.pop(_prefetch_key(host_batch, request), None)
+        if future is None:  # not read ahead (the first micro-batch, a resume): read it now, on the reader thread
+            future = self._reader().submit(self.cache.read, host_batch, request, device.type == "cuda")
+        return self.cache.to_view(future.result(), device)
+
+    def close(self) -> None:
+        """Stop the reader thread (a pending read is finished and dropped)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._pending.clear()
+
+
+def _prefetch_key(host_batch: dict[str, Tensor], request: TapRequest) -> tuple[Any, ...]:
+    """What a micro-batch's cached targets depend on: its examples, its shape and the request."""
+    mask = host_batch["loss_mask"]
+    return (tuple(host_batch["example_index"].tolist()), tuple(mask.shape), tuple(sorted(request.hidden)),
+            request.sparse_logits, request.sparse_logsumexp)
 
 
 @dataclass

@@ -180,6 +180,8 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     total = torch.stack(squares).sum().sqrt()
     if max_norm > 0:
         scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.device) if not is_sharded(g) else scale.item())
+        with torch.no_grad():  # a sharded gradient is scaled through its local shard: the scale never leaves the device
+            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+            for g in local:
+                g.mul_(scale.to(g.device))
     return total

@@ -34,6 +34,7 @@ from hkd.train.distributed import (
     sync_gradients, union_names,
 )
 from hkd.errors import ConfigError, HkdError, StoppedEarly
+from hkd.models.device import batch_to_device
 from hkd.models.export import save_student
 from hkd.plugin.manager import HkdPluginManager, build_manager
 from hkd.models.loading import check_compatible, decoder_body, load_model
@@ -43,7 +44,10 @@ from hkd.teachers.sources import CachedTeacher, OpenedTeacher, check_requests, o
 from hkd.plugin.stage import StageContext, StepState, available_stages, build_stages
 from hkd.models.taps import enable_taps
 from hkd.train.best import BestTracker
-from hkd.train.run import Run, autocast, export_options, forward_views, stage_at, stage_loss_terms
+from hkd.train.run import (
+    Run, autocast, export_options, forward_views, prefetch_step, prefetch_teachers, stage_at, stage_loss_terms,
+    step_requests,
+)
 from hkd.train.validation import evaluate, held_out_batches, save_best
 from hkd.models.view import TapRequest
 
@@ -223,12 +227,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         group["lr"] = lr
 
     # each model runs only for what active stages need, and not at all if nothing does
-    teacher_requests = [TapRequest() for _ in run.teachers]
-    student_request = TapRequest()
-    for key in keys.values():
-        asked = stage_at(run.stages, key).teacher_requests(len(run.teachers))
-        teacher_requests = [have.merge(more) for have, more in zip(teacher_requests, asked)]
-        student_request = student_request.merge(stage_at(run.stages, key).student_request())
+    _, _, teacher_requests, student_request = step_requests(run, step)
 
     started = time.perf_counter()
     accum = config.optim.grad_accum
@@ -245,9 +244,15 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     metric_sums: dict[str, torch.Tensor] = {}
     metric_counts: dict[str, int] = {}
     for index, micro in enumerate(micro_batches):
+        # a cached teacher reads the next micro-batch (at the last, the next step's first) on its own thread
+        # while this one trains
+        for ahead in micro_batches[index: index + 2]:
+            prefetch_teachers(run, ahead, teacher_requests)
+        if index + 1 == len(micro_batches) and step + 1 < schedule.total_steps:
+            prefetch_step(run, step + 1)
         state = StepState(step=step, temperature=temperature, tokens=tokens, micro_batch=index,
-                          micro_batches=accum, rank=info.rank, world_size=info.world_size)
-        micro = {k: v.to(run.device) for k, v in micro.items()}
+                          micro_batches=accum, rank=info.rank, world_size=info.world_size, host_batch=micro)
+        micro = batch_to_device(micro, run.device)  # pinned and non_blocking on CUDA
         with out_of_memory_hint(config):
             total = torch.zeros((), device=run.device)
             terms_by_stage = micro_batch_terms(run, micro, keys, teacher_requests, student_request, state)
@@ -317,7 +322,7 @@ def micro_batch_terms(run: Run, micro: dict[str, torch.Tensor], keys: dict[str, 
     in fp32 themselves.
     """
     with autocast(run):
-        state.teachers, student_view = forward_views(run, micro, teacher_requests, student_request)
+        state.teachers, student_view = forward_views(run, micro, teacher_requests, student_request, state.host_batch)
         return {name: stage_loss_terms(run.stages, key, micro, state.teachers[0], student_view, state)
                 for name, key in keys.items()}
 

@@ -67,13 +67,56 @@ def autocast(run: Run) -> torch.autocast:
 
 
 def forward_views(run: Run, micro: dict[str, torch.Tensor], teacher_requests: list[TapRequest],
-                  student_request: TapRequest) -> tuple[list[ModelView | None], ModelView | None]:
+                  student_request: TapRequest, host: dict[str, torch.Tensor] | None = None,
+                  ) -> tuple[list[ModelView | None], ModelView | None]:
     """Each model's view for one micro-batch, teachers one after another; a model nothing is
-    asked of does not run."""
-    teacher_views = [None if request.empty() else source.view(micro, request)
+    asked of does not run. ``host``: the micro-batch as the host built it, for a source that reads
+    ahead (:func:`prefetch_teachers`)."""
+    teacher_views = [None if request.empty() else
+                     source.view(micro, request, host_batch=host) if host is not None and reads_ahead(source) else
+                     source.view(micro, request)
                      for source, request in zip(run.teachers, teacher_requests)]
     student_view = None if student_request.empty() else forward_with_taps(run.student, micro, student_request)
     return teacher_views, student_view
+
+
+def reads_ahead(source: TeacherSource) -> bool:
+    """A source that prepares a micro-batch's view off the step (the offline cache's reader thread)."""
+    return callable(getattr(source, "prefetch", None))
+
+
+def step_requests(run: Run, step: int) -> tuple[dict[str, float], dict[str, str], list[TapRequest], TapRequest]:
+    """At ``step``: the active stages' weights, the instance each runs as, and what each teacher and the
+    student must expose (each model runs only for what active stages need, and not at all if nothing does)."""
+    weights = run.schedule.weights(step)
+    active = {name: w for name, w in weights.items() if w > 0}
+    keys = {name: run.schedule.stage_key(step, name) for name in active}  # the instance each stage runs as
+    teacher_requests = [TapRequest() for _ in run.teachers]
+    student_request = TapRequest()
+    for key in keys.values():
+        asked = stage_at(run.stages, key).teacher_requests(len(run.teachers))
+        teacher_requests = [have.merge(more) for have, more in zip(teacher_requests, asked)]
+        student_request = student_request.merge(stage_at(run.stages, key).student_request())
+    return active, keys, teacher_requests, student_request
+
+
+def prefetch_teachers(run: Run, host: dict[str, torch.Tensor], requests: list[TapRequest]) -> None:
+    """Start reading a coming micro-batch's teacher targets (``host``: built on the host) on every source
+    that reads ahead, while the current one trains."""
+    for source, request in zip(run.teachers, requests):
+        if not request.empty() and reads_ahead(source):
+            source.prefetch(host, request, run.device)  # type: ignore[attr-defined]
+
+
+def prefetch_step(run: Run, step: int) -> None:
+    """:func:`prefetch_teachers` for the first micro-batch of ``step`` (read ahead of that step), if any source
+    reads ahead and the step asks it for something."""
+    if not any(reads_ahead(source) for source in run.teachers):
+        return
+    active, _, requests, _ = step_requests(run, step)
+    if active and not all(request.empty() for request in requests):
+        first = (step * run.info.world_size + run.info.rank) * run.config.optim.grad_accum  # as train_step counts
+        prefetch_teachers(run, run.batches.batch(first), requests)
 
 
 def stage_loss_terms(stages: torch.nn.ModuleDict, key: str, *args: Any) -> dict[str, torch.Tensor]:
