@@ -94,7 +94,10 @@ class QKV:
         """Pre-softmax attention scores ``[B, Hq, S, S]`` (fp32): scaled, soft-capped as the model does."""
         groups = self.query.shape[1] // self.key.shape[1]
         key = self.key.repeat_interleave(groups, dim=1) if groups > 1 else self.key
-        scores = torch.matmul(self.query.float(), key.float().transpose(-1, -2)) * self.scaling
+        # fp32 also under bf16 autocast (which would run this matmul in bf16): the maps are compared by
+        # KL, and bf16 scores put the errors of the rounding where the two models' maps differ
+        with torch.autocast(self.query.device.type, enabled=False):
+            scores = torch.matmul(self.query.float(), key.float().transpose(-1, -2)) * self.scaling
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         return scores.masked_fill(~self.allowed(), float("-inf"))

@@ -58,7 +58,8 @@ def self_relation_logp(x: Tensor, heads: int, allowed: Tensor) -> Tensor:
     """MiniLMv2 relation: ``x`` ``[B, H, S, d]`` -> log-softmax of scaled ``[B, R, S, S]`` relations."""
     x = rearrange(x.float(), "b h s d -> b s (h d)")
     x = rearrange(x, "b s (r e) -> b r s e", r=heads)
-    scores = torch.matmul(x, x.transpose(-1, -2)) * x.shape[-1] ** -0.5
+    with torch.autocast(x.device.type, enabled=False):  # fp32 relations under bf16 autocast too
+        scores = torch.matmul(x, x.transpose(-1, -2)) * x.shape[-1] ** -0.5
     return scores.masked_fill(~allowed, float("-inf")).log_softmax(dim=-1)
 
 
