@@ -222,6 +222,7 @@ class Receiver:
         self.slots = threading.Semaphore(depth)  # a receive is posted only with a free slot
         self.draining = threading.Event()
         self.failure: BaseException | None = None  # why the thread stopped receiving, if not an end message
+        self.waited_s = 0.0  # time the student spent waiting for views (the teacher rank was slower)
         self.stream = torch.cuda.Stream(channel.device) if channel.device.type == "cuda" else None
         self.thread = threading.Thread(target=self._run, name=f"hkd-recv-{channel.peer}", daemon=True)
         self.thread.start()
@@ -252,6 +253,13 @@ class Receiver:
         self.queue.put(item)
 
     def next(self) -> tuple[dict[str, Any], Tensor | None]:
+        began = time.perf_counter()
+        try:
+            return self._next()
+        finally:
+            self.waited_s += time.perf_counter() - began
+
+    def _next(self) -> tuple[dict[str, Any], Tensor | None]:
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:

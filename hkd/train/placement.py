@@ -18,6 +18,7 @@ stages ask of that teacher. The end: student rank 0 tells every teacher rank the
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -126,16 +127,20 @@ class Groups:
     data: list[Any]  # per teacher: the device backend, students + its ranks
 
 
-def make_groups(lay: Layout, timeout_s: list[float]) -> Groups:
-    """Every rank creates every group, in the same order (``new_group`` is collective)."""
+def make_groups(lay: Layout) -> Groups:
+    """Every rank creates every group, in the same order (``new_group`` is collective).
+
+    No short timeouts on the groups themselves: a teacher rank waits in its send as long as its
+    students checkpoint; a silent teacher rank is caught by the student's own deadline
+    (``timeout_s``, :meth:`hkd.teachers.ranked.Receiver.next`) and a dead one by the broken connection."""
     students = list(range(lay.students))
     student_group = dist.new_group(students)
     control = dist.new_group(list(range(lay.students + sum(map(len, lay.teachers)))), backend="gloo",
                              timeout=CONTROL_TIMEOUT)
     meta, data = [], []
-    for ranks, seconds in zip(lay.teachers, timeout_s):
-        meta.append(dist.new_group(students + ranks, backend="gloo", timeout=timedelta(seconds=seconds)))
-        data.append(dist.new_group(students + ranks, timeout=timedelta(seconds=seconds)))
+    for ranks in lay.teachers:
+        meta.append(dist.new_group(students + ranks, backend="gloo", timeout=CONTROL_TIMEOUT))
+        data.append(dist.new_group(students + ranks, timeout=CONTROL_TIMEOUT))
     return Groups(student_group, control, meta, data)
 
 
@@ -194,7 +199,7 @@ def distill_ranked(config: Config, run_dir: Path, *, resume: bool = False,
     if not world.enabled:  # layout() refused already: no torchrun world has at least 2 ranks here
         raise ConfigError("teacher.placement: ranks needs torchrun")  # pragma: no cover
     entries = teacher_entries(config)
-    groups = make_groups(lay, [spec.timeout_s for spec, _, _, _ in entries])
+    groups = make_groups(lay)
     if lay.teacher is None:
         return _student(config, run_dir, resume, pm, world, lay, groups)
     return _teacher(config, run_dir, world, lay, groups)
@@ -237,6 +242,8 @@ def _student(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager |
     try:
         result = train(run)
         outcome = "done"
+        if world.rank == 0:
+            _record(run_dir, world.rank, {"role": "student", "waited_for_teacher_s": [r.waited_s for r in receivers]})
         return result
     except StoppedEarly as exc:  # a signal (torchrun signals every rank when one dies: name a teacher rank that did)
         outcome = "stopped"
@@ -252,6 +259,14 @@ def _student(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager |
                         if outcome == "done" else 5.0) and outcome == "done":
                 print("hkd: warning: a teacher rank did not confirm the end of the run (the student is saved)",
                       file=sys.stderr)
+
+
+def _record(run_dir: Path, rank: int, facts: dict[str, Any]) -> None:
+    """``RUN_DIR/ranks/rank-<R>.json``: how long a student waited for its teachers, how busy a teacher
+    rank was (compute vs send, which includes waiting for a free slot) and how many bytes it sent."""
+    out = run_dir / "ranks" / f"rank-{rank}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(facts, indent=1))
 
 
 def _end(groups: Groups, lay: Layout, rank: int, receivers: list[Receiver], wait_s: float) -> bool:
@@ -309,6 +324,8 @@ def _teacher(config: Config, run_dir: Path, world: DistInfo, lay: Layout, groups
             signal.signal(sig, old)
     if final < 0:
         raise HkdError("student rank 0 left without ending the run (see its output)")
+    _record(run_dir, world.rank, {"role": "teacher", "teacher": role, "served": served, "sent": stats.sent,
+                                  "bytes": stats.bytes, "compute_s": stats.compute_s, "send_s": stats.send_s})
     return RunResult(run_dir, run_dir / "final", stats.steps, {"teacher/sent": float(stats.sent),
                                                         "teacher/bytes": float(stats.bytes),
                                                         "teacher/compute_s": stats.compute_s,

@@ -42,7 +42,7 @@ RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "final")  # any of
 # what hkd distill and the loggers write into a run directory; --overwrite replaces these and nothing else
 ASIDE = ".hkd-overwritten"  # the replaced run's outputs, until the new run has started
 OUTPUTS = ("config.yaml", "metrics.jsonl", "checkpoints", "final", "best", "best.json", "models", "probe", "report",
-           "tensorboard", "wandb", "wandb-run-id")
+           "tensorboard", "wandb", "wandb-run-id", "ranks")
 # dotted keys (and everything below them) that may differ on --resume: how the run is watched, logged,
 # saved or spread over devices, not what it computes (docs/scaling.md: a run may resume with other ranks or mode)
 HARMLESS = ("train.progress", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
