@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     "check_supported": "hkd.models.architectures",
     "load_tokenizer": "hkd.models.loading",
     "to_device": "hkd.models.device",
+    "full_parameter": "hkd.models.device",
     # data and tokenizers
     "read_jsonl": "hkd.data.encoding",
     "IGNORE_INDEX": "hkd.data.labels",
@@ -99,7 +100,7 @@ if TYPE_CHECKING:
     from hkd.errors import ConfigError, HkdError
     from hkd.kernels.registry import KernelBackend
     from hkd.models.architectures import apply_logit_softcap, check_supported, output_head
-    from hkd.models.device import to_device
+    from hkd.models.device import full_parameter, to_device
     from hkd.models.layermap import LayerMapConfig, build_layer_map, layer_metrics
     from hkd.models.loading import load_tokenizer
     from hkd.models.taps import QKV, enable_taps

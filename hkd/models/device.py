@@ -32,3 +32,19 @@ def batch_to_device(batch: dict[str, Tensor], device: torch.device | str) -> dic
     """Every tensor of a micro-batch through :func:`to_device`."""
     return {key: to_device(value, device) for key, value in batch.items()}
 
+
+def full_parameter(tensor: Tensor | None) -> Tensor | None:
+    """The whole of a parameter FSDP2 keeps sharded (a ``DTensor``), for code that uses a module's weight
+    without calling the module (the fused LM head reads ``lm_head.weight``); a plain tensor as it is.
+
+    The gather is differentiable: the gradient that reaches the whole weight is averaged over the ranks
+    and scattered back to each rank's shard, as FSDP reduces the gradients of its own forwards (the loop
+    multiplies every loss by the world size to undo that average). Memory: one whole weight while it is
+    in use, which is what FSDP's own unshard of the module would hold. A collective: every rank must
+    make the same calls.
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
+    return tensor

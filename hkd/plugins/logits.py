@@ -47,7 +47,7 @@ from hkd import (
     ConfigError, HkdError, ModelView, Need, SparseTargets, Stage, StageContext, StageSpec, StepState, TapRequest,
     hookimpl, kernels,
 )
-from hkd import IGNORE_INDEX, apply_logit_softcap, check_supported, next_token_labels, output_head
+from hkd import IGNORE_INDEX, apply_logit_softcap, check_supported, full_parameter, next_token_labels, output_head
 from hkd import ranged
 from hkd.kernels.sparse import exact_bucket_inputs
 
@@ -160,11 +160,6 @@ class LogitsStage(Stage):
     def student_request(self) -> TapRequest:
         return TapRequest(final_hidden=True) if self.config.fused else TapRequest(logits=True)
 
-    def parallel_refusal(self, parallel: str) -> str | None:
-        if parallel == "fsdp" and self.config.fused:
-            return f"{self.config_path}.fused: the fused LM head cannot run under train.parallel: fsdp yet; use ddp"
-        return None
-
     def loss(self, batch: dict[str, Tensor], teacher: ModelView | None, student: ModelView | None,
              state: StepState) -> dict[str, Tensor]:
         assert teacher is not None and student is not None
@@ -192,13 +187,15 @@ class LogitsStage(Stage):
         elif self.config.fused:
             assert student.final_hidden is not None and teacher.final_hidden is not None
             assert student.lm_head is not None and teacher.lm_head is not None
+            # the heads' weights as the kernel needs them: under FSDP each is gathered whole for this call
+            # (its gradient goes back to the shards), as FSDP itself would to run the head
             total = kernels.fused_linear_distill_loss(
                 student.final_hidden,
-                cast(Tensor, student.lm_head.weight),
+                cast(Tensor, full_parameter(cast(Tensor, student.lm_head.weight))),
                 teacher.final_hidden,
-                cast(Tensor, teacher.lm_head.weight),
-                student_bias=getattr(student.lm_head, "bias", None),
-                teacher_bias=getattr(teacher.lm_head, "bias", None),
+                cast(Tensor, full_parameter(cast(Tensor, teacher.lm_head.weight))),
+                student_bias=full_parameter(getattr(student.lm_head, "bias", None)),
+                teacher_bias=full_parameter(getattr(teacher.lm_head, "bias", None)),
                 weight_grad_fp32=self.config.fused_grad_fp32,
                 **options,
             )

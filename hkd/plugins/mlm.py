@@ -10,8 +10,9 @@ chosen positions only::
     loss = (1 - alpha) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + alpha * CE(z_s, original token)
 
 through :func:`hkd.kernels.distill_loss` (``alpha``: the MLM hard loss; ``scale_t2: false``
-drops the ``T^2``). The masks are a function of ``(seed, step, micro-batch, rank)`` only, so
-a resumed run masks exactly as the uninterrupted one would. The per-position sum is divided
+drops the ``T^2``). The masks are a function of ``(seed, step, micro-batch)`` only (the micro-batch
+numbered across ranks as one process would), so a resumed run masks exactly as the uninterrupted
+one would, and N ranks as one process with N times the micro-batches. The per-position sum is divided
 by ``mask_rate`` times the step's real tokens (all micro-batches and ranks), the expected
 number of chosen positions up to the special tokens' share: the value reads as a mean per
 masked token and accumulated gradients equal one big batch's.
@@ -122,7 +123,9 @@ class MLMStage(Stage):
 
     def masked(self, batch: dict[str, Tensor], state: StepState) -> tuple[Tensor, Tensor]:
         """This micro-batch's ``(masked_ids, chosen)``; the same for the same (seed, step, micro-batch, rank)."""
-        generator = mask_generator(self.config.seed, state.step, state.micro_batch, state.rank)
+        # the micro-batch numbered as one process would (rank r trains r*A .. r*A+A-1 of the step's W*A), with
+        # rank 0's stream: W ranks mask exactly as one process with W*A micro-batches does
+        generator = mask_generator(self.config.seed, state.step, state.rank * state.micro_batches + state.micro_batch, 0)
         return mask_tokens(batch["input_ids"], batch["attention_mask"], self.special_ids, mask_id=self.mask_id,
                            vocab_size=self.vocab_size, rate=self.config.mask_rate, mask_token=self.config.mask_token,
                            random_token=self.config.random_token, generator=generator)

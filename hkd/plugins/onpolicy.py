@@ -55,6 +55,7 @@ from hkd import ConfigError, HkdError, ModelView, Stage, StageContext, StageSpec
 from hkd import IGNORE_INDEX, PromptBatch, next_token_labels, output_head
 from hkd import derive_seed
 from hkd import ranged
+from hkd import full_parameter
 
 
 @dataclass
@@ -168,9 +169,12 @@ class OnPolicyStage(Stage):
         if self._refreshed_at is None and step % every:  # resumed between refreshes: the checkpoint's copy
             self._refreshed_at = due
         if self._refreshed_at != due:
+            # by name, from whole tensors: under FSDP the student's parameters are shards (gathered here, on
+            # every rank alike), while the copy, taken before sharding, stays whole on each rank
+            student = dict(self._models["student"].named_parameters())
             with torch.no_grad():
-                for mine, theirs in zip(self.policy.parameters(), self._models["student"].parameters()):
-                    mine.copy_(theirs)
+                for name, mine in self.policy.named_parameters():
+                    mine.copy_(full_parameter(student[name]))
             self._refreshed_at = due
 
     def sampling_model(self, step: int) -> Any:
@@ -225,10 +229,17 @@ class OnPolicyStage(Stage):
         samples = self.generator.generate(prompts, SamplingParams(
             n=1, max_new_tokens=self.config.max_new_tokens, temperature=self.config.sample_temperature,
             top_p=self.config.top_p,
-            seed=derive_seed(self.config.seed, f"onpolicy-sample:{state.step}:{state.rank}:{state.micro_batch}")))
+            seed=derive_seed(self.config.seed, f"onpolicy-sample:{state.step}:0:{global_micro_batch(state)}")))
         inputs, start = samples.scoring_inputs()
         labels = samples.completion_ids.masked_fill(samples.completion_mask == 0, IGNORE_INDEX)
         return inputs, labels, start, samples.completion_mask.sum()
+
+
+def global_micro_batch(state: StepState) -> int:
+    """The micro-batch's place in the step, numbered as one process would (rank ``r`` trains micro-batches
+    ``r*A .. r*A+A-1`` of the step's ``W*A``): what the samples are seeded by, so ``W`` ranks draw exactly
+    the samples one process with ``W*A`` micro-batches would (``0:i`` in the seed's text: rank 0's)."""
+    return state.rank * state.micro_batches + state.micro_batch
 
 
 def batch_prompts(batch: dict[str, Tensor], tokenizer: Any = None) -> PromptBatch:

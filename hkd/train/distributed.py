@@ -115,6 +115,32 @@ def shard_model(model: Any, reshard_after_forward: bool) -> None:
         fully_shard(lm_head, reshard_after_forward=reshard_after_forward)
 
 
+def tied_output_head(model: Any) -> torch.nn.Module | None:
+    """The output head whose weight is the input embeddings' (``tie_word_embeddings``), or ``None``."""
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    embeddings = get_in() if callable(get_in) else None
+    if head is None or embeddings is None:
+        return None
+    return head if getattr(head, "weight", None) is getattr(embeddings, "weight", False) else None
+
+
+def fsdp_refusal(student: Any) -> str | None:
+    """Why ``train.parallel: fsdp`` cannot train ``student``, or ``None``.
+
+    A student whose output head shares its weight with the input embeddings (``tie_word_embeddings``:
+    small Llama/Qwen/Gemma checkpoints, BERT's masked-LM decoder) cannot: :func:`shard_model` shards the
+    body (which holds the embeddings) and the head as separate units, and sharding replaces the body's
+    parameter, so the head would silently train its own copy. (A frozen teacher's copy never changes,
+    so tied teachers are fine.)"""
+    head = tied_output_head(student)
+    if head is None:
+        return None
+    return (f"train.parallel: fsdp: the student ({type(student).__name__}) ties its output head's weight to its "
+            "input embeddings (tie_word_embeddings), which hkd's FSDP units (the body and the head sharded "
+            "apart) would untie; use train.parallel: ddp, or a student with tie_word_embeddings: false")
+
+
 def sync_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Average gradients over ranks, except FSDP-sharded ones (FSDP already reduced those).
 

@@ -30,7 +30,7 @@ from hkd.teachers.cache import teacher_dir
 from hkd.config import Config
 from hkd.data.encoding import Batches, encode_dataset
 from hkd.train.distributed import (
-    DistInfo, all_reduce_sum, all_reduce_tensor, barrier, clip_gradients, init_distributed, shard_model,
+    DistInfo, all_reduce_sum, all_reduce_tensor, barrier, clip_gradients, fsdp_refusal, init_distributed, shard_model,
     sync_gradients, union_names,
 )
 from hkd.errors import ConfigError, HkdError, StoppedEarly
@@ -176,8 +176,7 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
             if source.live:
                 enable_taps(source.model)
     if info.enabled and config.train.parallel == "fsdp":
-        for name in stages:
-            refusal = stage_at(stages, name).parallel_refusal("fsdp")
+        for refusal in [fsdp_refusal(student)] + [stage_at(stages, name).parallel_refusal("fsdp") for name in stages]:
             if refusal:
                 raise ConfigError(refusal)
         for source in sources:
