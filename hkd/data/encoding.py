@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hkd.tasks.arith import make_problems
 from hkd.config import DataConfig
-from hkd.data.hf import encode_hf
+from hkd.data.hf import encode_hf, value_problem
 from hkd.data.packing import Packed
 from hkd.data.chat import conversation_problem, encode_conversation
 from hkd.data.chat import prompt_ids as chat_prompt_ids
@@ -48,17 +48,10 @@ def _record_problem(line: str, required: tuple[str, ...],
     missing = [f for f in required if f not in record]
     if missing:
         return None, f"missing field(s) {missing}"
-    for name in required:  # str(None) would train on the text "None"
-        value = record[name]
-        if value is None:
-            return None, f"field {name!r} is null"
-        if conversations and name in conversations and (isinstance(value, list) or conversations[name]):
-            problem = conversation_problem(value, need_assistant=conversations[name])
-            if problem:
-                return None, f"field {name!r}: {problem}"
-            continue
-        if isinstance(value, (bool, list, dict)):
-            return None, f"field {name!r} is a {type(value).__name__}, not text"
+    for name in required:  # one check for every data kind (kind: hf checks its rows with it too)
+        problem = value_problem(name, record[name], (conversations or {}).get(name))
+        if problem:
+            return None, problem
     return record, None
 
 

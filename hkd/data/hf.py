@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,125 @@ def _encode_conversations(conversations: list[Any], tokenizer: Any, config: Data
     return out
 
 
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets logs a reader's failure as an error line of its own before raising; hkd names it once, itself."""
+    import datasets
+
+    previous = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(previous)
+
+
+def value_problem(name: str, value: Any, conversation: bool | None = None) -> str | None:
+    """What is wrong with one record's field as training input, or ``None``: the check every data kind shares
+    (``kind: jsonl`` per line, :func:`hkd.data.encoding.read_jsonl`; ``kind: hf`` per row). ``conversation``:
+    the field holds a conversation (True: one to train on) or may hold one instead of text (False)."""
+    if value is None:  # str(None) would train on the text "None"
+        return f"field {name!r} is null"
+    if conversation is not None and (isinstance(value, list) or conversation):
+        problem = conversation_problem(value, need_assistant=conversation)
+        return f"field {name!r}: {problem}" if problem else None
+    if isinstance(value, (bool, list, dict)):
+        return f"field {name!r} is a {type(value).__name__}, not text"
+    return None
+
+
+def required_fields(config: DataConfig) -> tuple[tuple[str, ...], dict[str, bool]]:
+    """The fields every record of this data block must hold as text (or conversations), as ``kind: jsonl`` reads them."""
+    messages: str | None = getattr(config, "messages_field", None)
+    if messages is not None:
+        return (messages,), {messages: True}
+    if config.prompt_field is None:
+        return (config.text_field,), {}
+    return (config.prompt_field, config.completion_field), {}
+
+
+def bad_rows(dataset: Any, fields: tuple[str, ...], conversations: dict[str, bool]) -> dict[int, str]:
+    """Row index -> the first problem of that row (:func:`value_problem`), read column by column from Arrow:
+    nulls and a column's type are found without touching Python objects; only mixed-type (JSON) or
+    conversation columns are looked at row by row."""
+    import pyarrow.compute as pc
+
+    problems: dict[int, str] = {}
+    for name in fields:
+        column = dataset.data.column(name)
+        kind = str(column.type)
+        if name in conversations or kind in ("string", "large_string") or (
+                kind.startswith(("int", "uint", "float", "double", "decimal")) and "list" not in kind):
+            nulls = pc.is_null(column).to_numpy(zero_copy_only=False)
+            for row in nulls.nonzero()[0].tolist():
+                problems.setdefault(row, value_problem(name, None) or "")
+            if name in conversations:
+                for row, value in enumerate(dataset[name]):
+                    problem = value_problem(name, value, conversations[name]) if value is not None else None
+                    if problem:
+                        problems.setdefault(row, problem)
+            continue
+        for row, value in enumerate(dataset[name]):  # bool, lists, structs, mixed JSON: the values say
+            problem = value_problem(name, value)
+            if problem:
+                problems.setdefault(row, problem)
+    return dict(sorted(problems.items()))
+
+
+def _row_problem(path: Path, config: DataConfig, builder: str, row: int, problem: str) -> HkdError:
+    """The refusal for a bad row: for a JSONL file the line and message ``kind: jsonl`` gives, else the row."""
+    if builder == "json":
+        exact = _jsonl_problem(path, config)
+        if exact is not None:
+            return exact
+    return HkdError(f"{path}: row {row + 1}: {problem}; set data.on_bad_line: skip to skip such rows")
+
+
+def _jsonl_problem(path: Path, config: DataConfig, on_bad_line: str = "fail") -> HkdError | None:
+    """What ``kind: jsonl`` would say about this file (file, line and field), or ``None`` when it reads it."""
+    from hkd.data.encoding import read_jsonl  # the one line reader (hkd.data.encoding imports this module)
+
+    fields, conversations = required_fields(config)
+    try:
+        read_jsonl(path, on_bad_line, fields, conversations)
+    except HkdError as exc:
+        return exc
+    return None
+
+
+def unreadable(path: Path, config: DataConfig, builder: str, exc: BaseException) -> HkdError:
+    """A file ``datasets`` cannot read: the JSONL reader's message when it finds the bad line, else one line
+    naming the file and the reader's own reason (never its traceback)."""
+    if isinstance(exc, HkdError):
+        return exc
+    if builder == "json":
+        exact = _jsonl_problem(path, config, config.on_bad_line)
+        if exact is not None:  # kind jsonl refuses the file too: the same words
+            return exact
+        skipped = _jsonl_problem(path, config) if config.on_bad_line == "skip" else None
+        if skipped is not None:  # a line kind jsonl would skip, but datasets reads JSON whole and stops at it
+            return HkdError(str(skipped).replace("; set data.on_bad_line: skip to skip such lines", "")
+                            + "; data.kind: hf cannot skip a line it cannot parse (fix it, or use data.kind: jsonl)")
+    cause = exc.__cause__ or exc
+    reason = " ".join(str(cause).split())[:300] or type(cause).__name__
+    return HkdError(f"data.path: {str(path)!r} cannot be read as {builder} data ({type(cause).__name__}: {reason})")
+
+
+def _keep_rows(dataset: Any, path: Path, config: DataConfig, builder: str) -> Any:
+    """The rows of ``dataset`` that every data kind accepts: a bad one is refused by name, or dropped with
+    ``data.on_bad_line: skip``; none left is refused as ``kind: jsonl`` refuses an empty file."""
+    fields, conversations = required_fields(config)
+    problems = bad_rows(dataset, fields, conversations)
+    if problems and config.on_bad_line != "skip":
+        row, problem = next(iter(problems.items()))
+        raise _row_problem(path, config, builder, row, problem)
+    if problems:
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in problems])
+    if len(dataset) == 0:
+        raise HkdError(f"data file {str(path)!r} has no usable records")
+    return dataset
+
+
 def encode_hf(tokenizer: Any, config: DataConfig, seed: int = 0) -> HFEncoded:
     """Read and tokenise ``config.path`` through ``datasets``, cached next to the file."""
     try:
@@ -130,20 +250,18 @@ def encode_hf(tokenizer: Any, config: DataConfig, seed: int = 0) -> HFEncoded:
     if builder is None:
         raise HkdError(f"data.path: {path.name} is not one of {', '.join(BUILDERS)} (data.kind: hf)")
     if not path.is_file():
-        raise HkdError(f"data.path: {path} does not exist")
-    if config.on_bad_line != "fail":
-        raise HkdError("data.on_bad_line: kind hf reads files whole; only 'fail' is supported")
+        raise HkdError(f"data file {str(path)!r} does not exist")  # as kind jsonl says it
     cache_dir = path.parent / ".hkd-cache"
     datasets.disable_progress_bars()
     if config.streaming:
         return HFStream(builder, path, tokenizer, config, seed)  # type: ignore[return-value]
-    raw = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir))
-    needed = [config.text_field] if config.prompt_field is None else [config.prompt_field, config.completion_field]
-    if config.messages_field is not None:
-        needed = [config.messages_field]
-    missing = [name for name in needed if name not in raw.column_names]
-    if missing:
-        raise HkdError(f"data.path: {path.name} has no column {missing[0]!r} (columns: {raw.column_names})")
+    try:
+        with quiet_datasets():
+            raw = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir))
+    except Exception as exc:  # datasets and pyarrow raise many types for a malformed file
+        raise unreadable(path, config, builder, exc) from None
+    check_columns(path, config, builder, raw.column_names)
+    raw = _keep_rows(raw, path, config, builder)  # nulls, non-text values: as kind jsonl refuses them
     recipe = json.dumps([ENCODING_VERSION, raw._fingerprint, _tokenizer_digest(tokenizer), config.max_length,
                          config.text_field, config.prompt_field, config.completion_field, config.chat_template]
                         + ([config.messages_field] if config.messages_field is not None else []))
@@ -160,6 +278,18 @@ def encode_hf(tokenizer: Any, config: DataConfig, seed: int = 0) -> HFEncoded:
     return HFEncoded(encoded)
 
 
+def check_columns(path: Path, config: DataConfig, builder: str, columns: list[str]) -> None:
+    """The fields the data block reads are columns of the file (streamed: of its first record); for a JSONL
+    file the refusal is ``kind: jsonl``'s, naming the first line without the field."""
+    fields, _ = required_fields(config)
+    missing = [name for name in fields if name not in columns]
+    if missing and config.on_bad_line == "skip":  # every record lacks the field: each one skipped
+        raise HkdError(f"data file {str(path)!r} has no usable records")
+    if missing:
+        exact = _jsonl_problem(path, config) if builder == "json" else None
+        raise exact or HkdError(f"data.path: {path.name} has no column {missing[0]!r} (columns: {columns})")
+
+
 class HFStream:
     """``data.streaming: true``: examples read and tokenised on the fly, never stored.
 
@@ -174,12 +304,40 @@ class HFStream:
         self.builder, self.path, self.tokenizer, self.config, self.window = builder, path, tokenizer, config, window
         self.seed = seed
         self._rows: dict[int, tuple[list[int], list[int]]] = {}
+        self._check_first_row()  # columns and the first record now, before the run directory is written
         self._restart()
 
-    def _epoch(self, epoch: int) -> Any:
+    def _stream(self) -> Any:
         import datasets
 
-        stream = datasets.load_dataset(self.builder, data_files=str(self.path), split="train", streaming=True)
+        return datasets.load_dataset(self.builder, data_files=str(self.path), split="train", streaming=True)
+
+    def _check_first_row(self) -> None:
+        try:
+            with quiet_datasets():
+                first = next(iter(self._stream()), None)
+        except Exception as exc:
+            raise unreadable(self.path, self.config, self.builder, exc) from None
+        if first is None:  # nothing Arrow could read: kind jsonl's words for why, where it has them
+            exact = _jsonl_problem(self.path, self.config, self.config.on_bad_line) if self.builder == "json" else None
+            raise exact or HkdError(f"data file {str(self.path)!r} has no usable records")
+        if self.config.on_bad_line != "skip":  # with skip, a first record without the field is just skipped
+            check_columns(self.path, self.config, self.builder, list(first))
+
+    def _check_rows(self, rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        """Every streamed row as kind jsonl checks a line (before shuffling, so the row is the file's)."""
+        fields, conversations = required_fields(self.config)
+        keep = []
+        for offset, index in enumerate(indices):
+            problem = next((p for name in fields if (p := value_problem(
+                name, rows[name][offset] if name in rows else None, conversations.get(name)))), None)
+            if problem is not None and self.config.on_bad_line != "skip":
+                raise _row_problem(self.path, self.config, self.builder, index, problem)
+            keep.append(problem is None)
+        return {key: [v for v, ok in zip(values, keep) if ok] for key, values in rows.items()}
+
+    def _epoch(self, epoch: int) -> Any:
+        stream = self._stream().map(self._check_rows, batched=True, batch_size=1000, with_indices=True)
         if self.config.shuffle:
             stream = stream.shuffle(seed=self.seed * 1_000_003 + epoch, buffer_size=10_000)
         stream = stream.map(_encode_batch, batched=True, batch_size=1000, fn_kwargs={"tokenizer": self.tokenizer, "config": self.config})
@@ -193,13 +351,16 @@ class HFStream:
     def _read(self) -> None:
         for _ in range(2):  # the current epoch, else the next one
             try:
-                row = next(self._iterator)
+                with quiet_datasets():
+                    row = next(self._iterator)
                 break
             except StopIteration:
                 if self._next == 0:
-                    raise HkdError(f"data.path: {self.path} has no records") from None
+                    raise HkdError(f"data file {str(self.path)!r} has no usable records") from None
                 self._epoch_number += 1
                 self._iterator = self._epoch(self._epoch_number)
+            except Exception as exc:  # a line the reader cannot parse, met mid-stream: named, not a traceback
+                raise unreadable(self.path, self.config, self.builder, exc) from None
         self._rows[self._next] = (list(row["input_ids"]), list(row["labels"]))
         self._rows.pop(self._next - self.window, None)
         self._next += 1
