@@ -334,6 +334,26 @@ def encoder_reason(config: Any) -> str:
     return f"model_type {model_type!r}" + (f", architectures {architectures}" if architectures else "")
 
 
+def check_role(config: Any, spec: ModelConfig, role: str, path: Path) -> None:
+    """The role flags agree with the architecture the checkpoint declares, by name.
+
+    ``encoder: false`` on an encoder would add a randomly initialised LM head; ``encoder: true`` on a
+    checkpoint saved as a causal LM (``*ForCausalLM``) would drop its head (allowed away with
+    ``allow_unexpected``) and export ``final/`` as a sentence-transformers model around a decoder.
+    A bare decoder saved without a head (``LlamaModel``: an embedding model) may be an encoder.
+    """
+    if not spec.encoder and is_encoder_config(config):
+        raise HkdError(f"{role}: {str(path)!r} is an encoder ({encoder_reason(config)}), which has no causal LM "
+                       f"head; set {role}.encoder: true (loading it as a causal LM would add a randomly "
+                       "initialised head)")
+    _, architectures = _config_facts(config)
+    causal = [a for a in architectures if a.endswith(CAUSAL_SUFFIXES)]
+    if spec.encoder and (causal or config_is_decoder(config)):
+        raise HkdError(f"{role}.encoder: true, but {str(path)!r} is a causal LM ({encoder_reason(config)}): as an "
+                       "encoder it would lose its LM head and final/ would be a sentence-transformers model around a "
+                       f"decoder; set {role}.encoder: false (and distil it as a causal LM)")
+
+
 def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tuple[PreTrainedModel, Any]:
     """Load ``role`` ("teacher"/"student") from ``spec``; returns (model, tokenizer or None)."""
     if spec.preset is not None:
@@ -358,10 +378,7 @@ def load_model(spec: ModelConfig, role: str, run_dir: Path | None = None) -> tup
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
         loader = encoder_loader(config) if spec.encoder else AutoModelForCausalLM
-        if not spec.encoder and is_encoder_config(config):
-            raise HkdError(f"{role}: {str(path)!r} is an encoder ({encoder_reason(config)}), which has no causal LM "
-                           f"head; set {role}.encoder: true (loading it as a causal LM would add a randomly "
-                           "initialised head)")
+        check_role(config, spec, role, path)
         with _quiet_transformers(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's pickle-protocol notes; refusals are raised, not warned
             model, info = loader.from_pretrained(path, config=config, **kwargs)  # type: ignore[misc]

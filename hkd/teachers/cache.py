@@ -62,7 +62,9 @@ from hkd.config.outputs import check_output_dir
 from hkd.data.encoding import collate, encode_dataset
 from hkd.errors import ConfigError, HkdError
 from hkd.plugin.manager import build_manager
-from hkd.models.loading import check_compatible, freeze, load_model, load_tokenizer, num_layers, preset_dir, safetensors_shapes
+from hkd.models.loading import (
+    check_compatible, check_role, freeze, load_model, load_tokenizer, num_layers, preset_dir, safetensors_shapes,
+)
 from hkd.plugin.schedule import Schedule
 from hkd.plugin.stage import StageContext, build_stages
 from hkd.models.taps import forward_with_taps
@@ -127,6 +129,7 @@ def teacher_skeleton(spec: ModelConfig, run_dir: Path, role: str = "teacher") ->
     """
     path = teacher_dir(spec, run_dir, role)
     config = AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+    check_role(config, spec, role, path)  # encoder: true on a causal LM is refused here too
     loader = AutoModel if spec.encoder else AutoModelForCausalLM
     with torch.device("meta"):
         model = loader.from_config(config, trust_remote_code=spec.trust_remote_code)
