@@ -75,9 +75,7 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     info = init_distributed()  # the run-directory guard decides before anything is written; rank 0 clears
     plan = prepare_run_dir(run_dir, config, resume=args.resume, overwrite=args.overwrite,
                            allow_config_change=args.allow_config_change, write=info.is_main)
-    barrier(info)
-    if info.is_main:
-        plan.record_config()
+    barrier(info)  # a changed resumed config is recorded when training starts (plan.hkd_on_train_start)
     pm = build_manager(config.plugins.disable, extra_plugins=[("hkd-run-directory", plan)])  # counts finished steps
     try:
         result = distill(config, run_dir, resume=args.resume, pm=pm)

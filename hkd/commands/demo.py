@@ -377,7 +377,6 @@ def run_demo(settings: DemoSettings, out: Path, progress: bool = True, threads: 
     """
     check_output_dir(out, "--out", "demo", owner=is_demo_dir, why="it has no results.json or data/heldout.jsonl")
     check_number(threads, THREADS, "--threads")
-    check_output_dir(out, "--out", "hkd demo", owner=is_demo_dir, why="it has no results.json or data/heldout.jsonl")
     started = time.perf_counter()
     torch.set_num_threads(threads)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from hkd.config import Config, from_dict, load_yaml
 from hkd.config.flags import BATCHES, STEP, check_number
 from hkd.config.outputs import check_output_dir, check_output_file, write_text_atomic
 from hkd.data.encoding import Batches, encode_dataset
-from hkd.errors import HkdError
+from hkd.errors import ConfigError, HkdError, warn
 from hkd.models.layermap import LayerMapConfig, build_layer_map
 from hkd.models.loading import freeze, load_model, safetensors_shapes
 from hkd.kernels.divergence import kl_divergence
@@ -85,13 +85,16 @@ def mapped_pairs(config: Config, student_layers: int, teacher_layers: int, stude
         spec = specs.get(name)
         if spec is None:
             continue
-        options: Any = from_dict(spec.config_cls, config.stages.get(name) or {}, f"stages.{name}")
-        layer_map = getattr(options, "layer_map", None)
-        if isinstance(layer_map, LayerMapConfig):
-            pairs = build_layer_map(layer_map.strategy, student_layers, teacher_layers, pairs=layer_map.pairs,
-                                    include_embeddings=bool(getattr(options, "include_embeddings", False)),
-                                    where=f"stages.{name}.layer_map", student_dir=student_dir)
-            mapped[name] = [[s, t] for s, t in pairs]
+        try:  # the outlines are an annotation: a map that cannot be rebuilt is named and left out
+            options: Any = from_dict(spec.config_cls, config.stages.get(name) or {}, f"stages.{name}")
+            layer_map = getattr(options, "layer_map", None)
+            if isinstance(layer_map, LayerMapConfig):
+                pairs = build_layer_map(layer_map.strategy, student_layers, teacher_layers, pairs=layer_map.pairs,
+                                        include_embeddings=bool(getattr(options, "include_embeddings", False)),
+                                        where=f"stages.{name}.layer_map", student_dir=student_dir)
+                mapped[name] = [[s, t] for s, t in pairs]
+        except HkdError as exc:
+            warn(f"probe: the {name!r} stage's mapped pairs are not outlined: {exc}")
     return mapped
 
 
@@ -109,6 +112,9 @@ def run_config(run_dir: Path, trust_remote_code: bool = False, allow_pickle: boo
         config = from_dict(Config, load_yaml(config_path.read_text(encoding="utf-8"), str(config_path)) or {})
     except UnicodeDecodeError:
         raise HkdError(f"probe: {str(config_path)!r} is not UTF-8 text") from None
+    except ConfigError as exc:  # edited, or written by another hkd version: the file is named with the key
+        where = "" if str(config_path) in str(exc) else f"{str(config_path)!r}: "
+        raise HkdError(f"probe: {where}{exc}") from None
     for model in (config.teacher, config.student):
         model.trust_remote_code = trust_remote_code
         model.allow_pickle = allow_pickle
@@ -127,20 +133,21 @@ def probe(run_dir: Path, step: int | None = None, batches: int = 4, progress: bo
     config = run_config(run_dir, trust_remote_code, allow_pickle)
     step, checkpoint = (-1, None) if final else choose_checkpoint(run_dir, step)
     out = run_dir / "probe" / ("final.json" if final else f"step-{step:08d}.json")
-    check_output_dir(out.parent, "probe output", "hkd probe", owner=lambda p: True)  # RUN_DIR/probe is probe's own
-    check_output_file(out, "probe output", "hkd probe", owner=lambda p: True)
-    out = run_dir / "probe" / ("final.json" if final else f"step-{step:08d}.json")
     check_output_dir(out.parent, "probe output", "probe", owner=lambda p: True)  # RUN_DIR/probe is probe's own
     check_output_file(out, "probe output", "probe", owner=lambda p: True)
     teacher, teacher_tok = load_model(config.teacher, "teacher", run_dir)
-    student, student_tok = load_model(config.student, "student", run_dir)
-    student_dir = getattr(student.config, "name_or_path", None)  # where a cut student's layer record lies
-    if final:
+    if final:  # final/ is a whole model: the student's original directory is not needed (it may be gone)
         final_dir = run_dir / "final"
         if not (final_dir / "config.json").is_file():
             raise HkdError(f"probe --final: {str(final_dir)!r} holds no model (the run has not finished?)")
-        student = load_model(dataclasses.replace(config.student, path=str(final_dir), preset=None), "student")[0]
-    elif checkpoint is not None:
+        student, student_tok = load_model(dataclasses.replace(config.student, path=str(final_dir), preset=None),
+                                          "student")
+        original = config.student.path  # where a cut student's layer record (hkd-init.json) lies, as distill read it
+        student_dir = original if original is not None and Path(original).is_dir() else None
+    else:
+        student, student_tok = load_model(config.student, "student", run_dir)
+        student_dir = getattr(student.config, "name_or_path", None)  # where a cut student's layer record lies
+    if checkpoint is not None:
         weights = checkpoint / "student.safetensors"
         try:
             safetensors_shapes(weights)

@@ -42,7 +42,7 @@ import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from hkd.config.outputs import check_output_dir, write_text_atomic  # noqa: E402
-from hkd.errors import HkdError  # noqa: E402
+from hkd.errors import HkdError, warn  # noqa: E402
 
 LAYER_PREFIX = "metric/layer/"
 
@@ -58,23 +58,31 @@ class RunData:
     planned_steps: int | None = None
     finished: bool = False
     evals: dict[str, dict[str, Any]] = field(default_factory=dict)  # file name -> flattened metrics
+    problems: list[str] = field(default_factory=list)  # files (or parts) the report could not use, and why
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Parse ``metrics.jsonl``; lines that are not a JSON object are skipped and counted."""
+    """Parse ``metrics.jsonl``, an untrusted file (a run still writing it, another hkd version, an edit):
+    a line is used when it is a JSON object whose ``step`` (and ``phase``, if any) is a count; values that
+    are not finite numbers are dropped from it. Other lines are skipped and counted."""
     rows, skipped = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
+    for raw in path.read_bytes().splitlines():
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
             skipped += 1
             continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-        else:
+        if not (isinstance(row, dict) and _count(row.get("step")) and _count(row.get("phase", 0))):
             skipped += 1
+            continue
+        rows.append({key: value for key, value in row.items() if key in ("step", "phase") or (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))})
     return rows, skipped
 
 
@@ -99,22 +107,31 @@ def load_run(run_dir: Path) -> RunData:
             f"report: {str(metrics_path)!r} does not exist; is this a run directory, and does "
             "logging.backends include jsonl?"
         )
-    metrics, skipped = read_metrics(metrics_path)
+    try:
+        metrics, skipped = read_metrics(metrics_path)
+    except OSError as exc:
+        raise HkdError(f"report: {str(metrics_path)!r} cannot be read ({exc})") from None
     data = RunData(run_dir, metrics, skipped, finished=(run_dir / "final").is_dir())
+    if skipped:
+        data.problems.append(f"{metrics_path}: {skipped} line(s) that are not a step's metrics skipped (a run still "
+                             "writing leaves its last line incomplete; other lines come from an edit or another "
+                             "hkd version)")
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
         try:
-            config = yaml.safe_load(config_path.read_text()) or {}
+            config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
             phases = config.get("schedule", {}).get("phases", [])
             data.phase_names = [str(p.get("name", i)) for i, p in enumerate(phases)]
             data.planned_steps = sum(int(p.get("steps", 0)) for p in phases) or None
-        except (yaml.YAMLError, AttributeError, TypeError, ValueError):
-            pass  # the report still works from metrics alone
+        except (yaml.YAMLError, AttributeError, TypeError, ValueError, OSError, RecursionError) as exc:
+            data.phase_names, data.planned_steps = [], None  # the report still works from metrics alone
+            data.problems.append(f"{config_path}: not a run config ({type(exc).__name__}); phase names and "
+                                 "planned steps are not shown")
     for path in sorted(run_dir.glob("eval*.json")):
         try:
-            data.evals[path.name] = flatten(json.loads(path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise HkdError(f"report: {path}: not valid JSON ({exc})") from exc
+            data.evals[path.name] = flatten(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            data.problems.append(f"{path}: not valid JSON ({type(exc).__name__}: {exc}); its table is not shown")
     return data
 
 
@@ -123,7 +140,8 @@ def load_run(run_dir: Path) -> RunData:
 
 def series(metrics: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     """Steps and values where ``key`` was logged (stages log only while active)."""
-    points = [(row["step"], float(row[key])) for row in metrics if isinstance(row.get(key), (int, float))]
+    points = [(row["step"], float(row[key])) for row in metrics
+              if isinstance(row.get(key), (int, float)) and not isinstance(row.get(key), bool)]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -246,9 +264,10 @@ def layer_pairs(metrics: list[dict[str, Any]]) -> dict[str, list[tuple[int, int]
     """Stage -> the (student, teacher) pairs it logged with ``log_layers``."""
     pairs: dict[str, list[tuple[int, int]]] = {}
     for key in keys_with(metrics, LAYER_PREFIX):
-        stage, pair = key[len(LAYER_PREFIX):].rsplit("/", 1)
-        s, t = pair.split("_")
-        pairs.setdefault(stage, []).append((int(s), int(t)))
+        stage, _, pair = key[len(LAYER_PREFIX):].rpartition("/")
+        s, _, t = pair.partition("_")
+        if stage and s.isdigit() and t.isdigit():  # a key of another shape (an edit, another version) is not a pair
+            pairs.setdefault(stage, []).append((int(s), int(t)))
     return {stage: sorted(found) for stage, found in pairs.items()}
 
 
@@ -529,6 +548,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | 
     if data.skipped_lines:
         sections.append(f'<p class="note">{data.skipped_lines} unreadable line(s) in metrics.jsonl skipped '
                         "(a run still writing leaves its last line incomplete).</p>")
+    notes_at = len(sections)  # the files found wrong while drawing are listed here too
     sections.append("<h2>Summary</h2>" + table_html(None, summary_rows(data)))
 
     def figure(title: str, name: str, fig: Figure | None, caption: str = "") -> None:
@@ -563,12 +583,48 @@ def build_report(run_dir: Path, out_dir: Path | None = None, steps: list[int] | 
             if chosen:
                 figure(f"{stage} loss by layer pair", f"heatmap_{stage}", heatmap_figure(data, stage, pairs, chosen),
                        "teacher layer x student layer; only mapped pairs are computed, other cells stay blank")
-    for path in sorted((run_dir / "probe").glob("step-*.json")):
-        result = json.loads(path.read_text())
-        figure(f"Layer similarity at step {result['step']} (hkd probe)", f"probe_{path.stem.replace('-', '_')}",
+    for path in sorted((run_dir / "probe").glob("step-*.json")) + sorted((run_dir / "probe").glob("final.json")):
+        result, problem = read_probe(path)
+        if result is None:
+            data.problems.append(f"{path}: {problem}; not drawn (run hkd probe again to rewrite it)")
+            continue
+        at = "of final/" if path.name == "final.json" else f"at step {result['step']}"
+        figure(f"Layer similarity {at} (hkd probe)", f"probe_{path.stem.replace('-', '_')}",
                probe_figure(result), f"every teacher layer x every student layer on {result['tokens']} tokens; "
                "red boxes: the pairs this run's layer maps connect")
     for name, values in data.evals.items():
         sections.append(f"<h2>Evaluation: {html.escape(name)}</h2>"
                         + table_html(["group", "metric", "value", "what it is"], eval_rows(values)))
+    for problem in data.problems:  # every file in a run directory is input: what could not be used is named
+        warn(f"report: {problem}")
+    sections[notes_at:notes_at] = [f'<p class="note">{html.escape(p)}</p>' for p in data.problems
+                                   if "metrics.jsonl" not in p]
     return write_page(out_dir / "index.html", f"hkd report: {run_dir.name}", sections)
+
+
+def read_probe(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """An ``hkd probe`` result checked for what the figure reads, or ``(None, what is wrong)``."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return None, f"not valid JSON ({type(exc).__name__}: {exc})"
+    if not isinstance(result, dict):
+        return None, f"expected a JSON object, got {type(result).__name__}"
+
+    def matrix(value: Any, rows: int, columns: int) -> bool:
+        return isinstance(value, list) and len(value) == rows and all(
+            isinstance(row, list) and len(row) == columns and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in row) for row in value)
+
+    t, s = result.get("teacher_layers"), result.get("student_layers")
+    if not (isinstance(result.get("step"), int) and _count(result.get("tokens")) and _count(t) and _count(s)):
+        return None, "missing or malformed step, tokens, teacher_layers or student_layers"
+    assert isinstance(t, int) and isinstance(s, int)
+    if not (matrix(result.get("hidden_cka"), t + 1, s + 1) and matrix(result.get("attention_kl"), t, s)):
+        return None, f"hidden_cka is not {t + 1}x{s + 1} numbers or attention_kl not {t}x{s}"
+    mapped = result.get("mapped", {})
+    if not (isinstance(mapped, dict) and all(isinstance(p, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and all(_count(x) for x in pair) for pair in p)
+            for p in mapped.values())):
+        return None, "mapped is not a mapping of stage -> [student, teacher] pairs"
+    return {**result, "mapped": mapped}, ""

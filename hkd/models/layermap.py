@@ -19,6 +19,21 @@ from hkd.errors import ConfigError
 Strategy = Literal["uniform", "last", "explicit", "init", "auto"]
 
 
+def read_layer_record(record: Path, where: str) -> list[list[int]]:
+    """The ``layer_map`` of an ``hkd-init.json``, checked: a damaged or foreign record is named, not a traceback."""
+    try:
+        pairs = json.loads(record.read_text(encoding="utf-8"))["layer_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{where}.strategy: init reads {str(record)!r}, which is not an hkd init-student record "
+                          f"({type(exc).__name__}: {exc}); re-run hkd init-student or use another strategy") from None
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in p)
+            for p in pairs):
+        raise ConfigError(f"{where}.strategy: init reads {str(record)!r}, whose layer_map is not a list of "
+                          "[student_layer, teacher_layer] pairs; re-run hkd init-student or use another strategy")
+    return pairs
+
+
 def build_layer_map(
     strategy: Strategy,
     student_layers: int,
@@ -50,7 +65,7 @@ def build_layer_map(
             raise ConfigError(f"{where}.strategy: init reads the student's hkd-init.json (written by hkd init-student); "
                               f"{str(record) if record else 'the student directory'} has none")
         strategy = "explicit"
-        pairs = [p for p in json.loads(record.read_text())["layer_map"] if include_embeddings or p != [0, 0]]
+        pairs = [p for p in read_layer_record(record, where) if include_embeddings or p != [0, 0]]
     if strategy == "uniform":
         if student_layers <= teacher_layers:
             mapping = [(s, round(s * teacher_layers / student_layers)) for s in range(1, student_layers + 1)]

@@ -28,12 +28,14 @@ def hkd_on_train_start(config: Config, run_dir: Path, start_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= start_step:
-                kept.append(line)
+            row = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a crash
             continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step <= start_step:
+            kept.append(line)  # steps that run again are dropped; lines hkd report cannot place it skips itself
     path.write_text("".join(f"{line}\n" for line in kept))
 
 

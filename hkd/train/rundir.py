@@ -34,7 +34,7 @@ import yaml
 
 from hkd.config import Config, from_dict, load_yaml
 from hkd.config.outputs import check_output_dir
-from hkd.errors import ConfigError, HkdError
+from hkd.errors import ConfigError, HkdError, warn
 from hkd.plugin.hookspecs import hookimpl
 
 CONFIG = "config.yaml"
@@ -69,6 +69,10 @@ class RunDirPlan:
     def hkd_after_step(self, step: int) -> None:
         self.steps_done += 1
 
+    @hookimpl
+    def hkd_on_train_start(self) -> None:
+        self.record_config()  # once everything was checked: a refused resume leaves the directory as it was
+
     def started(self) -> bool:
         """The new run made progress of its own: a finished step, metrics or a checkpoint."""
         return self.resume or self.steps_done > 0 or progress_on_disk(self.run_dir)
@@ -85,7 +89,7 @@ class RunDirPlan:
         while (self.run_dir / f"config.resume-{n}.yaml").exists():
             n += 1
         previous = self.run_dir / f"config.resume-{n - 1}.yaml"
-        if n > 1 and previous.read_text() == text:  # the same resumed config again: one record is enough
+        if n > 1 and previous.read_text(encoding="utf-8", errors="replace") == text:  # the same resumed config again: one record is enough
             return previous
         out = self.run_dir / f"config.resume-{n}.yaml"
         tmp = out.with_name(out.name + ".tmp")
@@ -222,7 +226,14 @@ def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool = False, over
             raise HkdError(f"--resume: no checkpoint in {str(run_dir / 'checkpoints')!r}")
         changed: dict[str, tuple[Any, Any]] = {}
         if (run_dir / CONFIG).is_file():
-            changed = config_differences(load_saved_config(run_dir), config)
+            try:
+                changed = config_differences(load_saved_config(run_dir), config)
+            except HkdError:
+                if not allow_config_change:
+                    raise
+                warn(f"--resume: the saved {str(run_dir / CONFIG)!r} cannot be read as a config; continuing with the "
+                     "new one (--allow-config-change), recorded beside it")
+                changed = {CONFIG: ("(unreadable)", "(this config)")}
             altering = {k: v for k, v in changed.items() if not _harmless(k)}
             if altering and not allow_config_change:
                 shown = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in list(altering.items())[:6])
