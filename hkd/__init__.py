@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "to_device": "hkd.models.device",
     "full_parameter": "hkd.models.device",
     # data and tokenizers
-    "read_jsonl": "hkd.data.encoding",
+    "read_jsonl": "hkd.data.records",
     "IGNORE_INDEX": "hkd.data.labels",
     "next_token_labels": "hkd.data.labels",
     "next_token_targets": "hkd.data.labels",
@@ -94,7 +94,7 @@ if TYPE_CHECKING:
     from hkd.config.needs import Need
     from hkd.config.schema import ranged
     from hkd.data.chat import end_of_turn_ids, prompt_ids
-    from hkd.data.encoding import read_jsonl
+    from hkd.data.records import read_jsonl
     from hkd.data.labels import IGNORE_INDEX, next_token_labels, next_token_targets
     from hkd.data.tokenalign import Retokenized, VocabMatch, cross_vocab_distance, retokenize
     from hkd.errors import ConfigError, HkdError

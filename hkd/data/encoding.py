@@ -8,10 +8,7 @@ elsewhere, such as the offline teacher cache, can be looked up for it.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, Iterator
 
 import torch
@@ -19,73 +16,14 @@ from torch import Tensor
 
 from hkd.tasks.arith import make_problems
 from hkd.config import DataConfig
-from hkd.data.hf import encode_hf, value_problem
+from hkd.data.hf import encode_hf
 from hkd.data.packing import Packed
-from hkd.data.chat import conversation_problem, encode_conversation
+from hkd.data.chat import encode_conversation
 from hkd.data.chat import prompt_ids as chat_prompt_ids
 from hkd.data.labels import IGNORE_INDEX, next_token_targets
+from hkd.data.records import read_jsonl
 from hkd.data.text import CHARS_PER_TOKEN_CAP, encoder_special_ids, is_encoder_tokenizer
 from hkd.errors import HkdError
-
-Record = dict[str, Any]
-
-
-
-
-def _record_problem(line: str, required: tuple[str, ...],
-                    conversations: Mapping[str, bool] | None = None) -> tuple[Record | None, str | None]:
-    """(record, None) for a usable line, else (None, what is wrong with it). ``conversations``: fields
-    that hold a conversation (True: a training conversation, with an assistant turn) or may hold
-    one instead of text (False: a prompt)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        return None, f"malformed JSON ({exc.msg} at column {exc.colno})"
-    except RecursionError:
-        return None, "malformed JSON (nested too deeply)"
-    if not isinstance(record, dict):
-        return None, f"expected a JSON object, got {type(record).__name__}"
-    missing = [f for f in required if f not in record]
-    if missing:
-        return None, f"missing field(s) {missing}"
-    for name in required:  # one check for every data kind (kind: hf checks its rows with it too)
-        problem = value_problem(name, record[name], (conversations or {}).get(name))
-        if problem:
-            return None, problem
-    return record, None
-
-
-def read_jsonl(path: str | Path, on_bad_line: str = "fail", required: tuple[str, ...] = (),
-               conversations: Mapping[str, bool] | None = None) -> list[Record]:
-    """Read a JSONL file; a malformed line (bad JSON or UTF-8, a missing or null field, a broken
-    conversation in one of ``conversations``' fields) names the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise HkdError(f"data file {str(p)!r} does not exist")
-    records: list[Record] = []
-    with p.open("rb") as handle:
-        for lineno, raw in enumerate(handle, 1):
-            record: Record | None = None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                problem: str | None = f"not valid UTF-8 (byte {exc.start + 1} of the line: {raw[exc.start:exc.start + 1]!r})"
-            else:
-                if lineno == 1:
-                    line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
-                if not line.strip():
-                    continue
-                record, problem = _record_problem(line, required, conversations)
-            if problem is not None:
-                if on_bad_line == "fail":
-                    raise HkdError(f"{p}:{lineno}: {problem}; set data.on_bad_line: skip to skip such lines")
-                continue
-            assert record is not None
-            records.append(record)
-    if not records:
-        raise HkdError(f"data file {str(p)!r} has no usable records")
-    return records
-
 
 def load_records(config: DataConfig, seed: int) -> list[tuple[str, str]]:
     """(prompt, completion) pairs; prompt is "" for plain text (every token is a target).

@@ -23,6 +23,7 @@ import numpy as np
 from hkd.config import DataConfig
 from hkd.data.chat import conversation_problem, encode_conversation
 from hkd.data.labels import IGNORE_INDEX
+from hkd.data.records import read_jsonl, value_problem
 from hkd.data.text import CHARS_PER_TOKEN_CAP, chat_prompt, encoder_special_ids, is_encoder_tokenizer
 from hkd.errors import HkdError
 
@@ -132,20 +133,6 @@ def quiet_datasets() -> Iterator[None]:
         datasets.logging.set_verbosity(previous)
 
 
-def value_problem(name: str, value: Any, conversation: bool | None = None) -> str | None:
-    """What is wrong with one record's field as training input, or ``None``: the check every data kind shares
-    (``kind: jsonl`` per line, :func:`hkd.data.encoding.read_jsonl`; ``kind: hf`` per row). ``conversation``:
-    the field holds a conversation (True: one to train on) or may hold one instead of text (False)."""
-    if value is None:  # str(None) would train on the text "None"
-        return f"field {name!r} is null"
-    if conversation is not None and (isinstance(value, list) or conversation):
-        problem = conversation_problem(value, need_assistant=conversation)
-        return f"field {name!r}: {problem}" if problem else None
-    if isinstance(value, (bool, list, dict)):
-        return f"field {name!r} is a {type(value).__name__}, not text"
-    return None
-
-
 def required_fields(config: DataConfig) -> tuple[tuple[str, ...], dict[str, bool]]:
     """The fields every record of this data block must hold as text (or conversations), as ``kind: jsonl`` reads them."""
     messages: str | None = getattr(config, "messages_field", None)
@@ -195,8 +182,6 @@ def _row_problem(path: Path, config: DataConfig, builder: str, row: int, problem
 
 def _jsonl_problem(path: Path, config: DataConfig, on_bad_line: str = "fail") -> HkdError | None:
     """What ``kind: jsonl`` would say about this file (file, line and field), or ``None`` when it reads it."""
-    from hkd.data.encoding import read_jsonl  # the one line reader (hkd.data.encoding imports this module)
-
     fields, conversations = required_fields(config)
     try:
         read_jsonl(path, on_bad_line, fields, conversations)

@@ -16,7 +16,6 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -44,33 +43,13 @@ from hkd.teachers.sources import CachedTeacher, OpenedTeacher, check_requests, o
 from hkd.plugin.stage import StageContext, StepState, available_stages, build_stages
 from hkd.models.taps import enable_taps
 from hkd.train.best import BestTracker
+from hkd.train.placement import distill_ranked
 from hkd.train.run import (
-    Run, autocast, export_options, forward_views, prefetch_step, prefetch_teachers, stage_at, stage_loss_terms,
-    step_requests,
+    Run, RunResult, autocast, export_options, forward_views, prefetch_step, prefetch_teachers, stage_at, stage_loss_terms,
+    resolve_device, resolve_precision, step_requests,
 )
 from hkd.train.validation import evaluate, held_out_batches, save_best
 from hkd.models.view import TapRequest
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    final_dir: Path
-    steps: int
-    last_metrics: dict[str, float]
-
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast over fp32 weights on CUDA, plain fp32 elsewhere."""
-    if name == "auto":
-        return "bf16-mixed" if device.type == "cuda" else "fp32"
-    return name
 
 
 def prepare_student(student: PreTrainedModel, config: Config, precision: str) -> None:
@@ -403,9 +382,8 @@ def stop_requests() -> Iterator[dict[str, bool]]:
 
 def distill(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None) -> RunResult:
     if any(getattr(spec, "placement", "colocated") == "ranks" for spec, _, _, _ in teacher_entries(config)):
-        from hkd.train.placement import distill_ranked  # teacher ranks serve; student ranks come back to train()
-
-        return distill_ranked(config, run_dir, resume=resume, pm=pm)
+        # teacher ranks serve; student ranks come back to train()
+        return distill_ranked(config, run_dir, resume=resume, pm=pm, build_run=build_run, train=train)
     return train(build_run(config, run_dir, resume=resume, pm=pm))
 
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -43,8 +43,7 @@ from hkd.teachers.cache import teacher_dir, teacher_skeleton
 from hkd.teachers.ranked import Channel, Receiver, RemoteTeacher, Work, request_from_json, request_to_json, serve
 from hkd.teachers.sources import OpenedTeacher, teacher_entries
 from hkd.train.distributed import DistInfo, init_distributed
-from hkd.train.loop import RunResult, build_run, resolve_device, resolve_precision, train
-from hkd.train.run import Run, stage_at
+from hkd.train.run import Run, RunResult, resolve_device, resolve_precision, stage_at
 from hkd.models.view import TapRequest
 
 CONTROL_TIMEOUT = timedelta(days=7)  # start-up exchanges and the stop message: as long as a run may take
@@ -192,21 +191,22 @@ def segments(run: Run, teacher: int) -> list[tuple[int, int, dict[str, Any]]]:
 # --------------------------------------------------------------------------- entry
 
 
-def distill_ranked(config: Config, run_dir: Path, *, resume: bool = False,
-                   pm: HkdPluginManager | None = None) -> RunResult:
+def distill_ranked(config: Config, run_dir: Path, *, resume: bool = False, pm: HkdPluginManager | None = None,
+                   build_run: Callable[..., Run], train: Callable[[Run], RunResult]) -> RunResult:
+    """Run this rank's part of a job whose teachers sit on their own ranks. Student ranks build and
+    train their run with the loop's ``build_run`` and ``train`` (passed in: the loop calls this module)."""
     world = init_distributed()
     lay = layout(config, world.world_size, world.rank)
     if not world.enabled:  # layout() refused already: no torchrun world has at least 2 ranks here
         raise ConfigError("teacher.placement: ranks needs torchrun")  # pragma: no cover
-    entries = teacher_entries(config)
     groups = make_groups(lay)
     if lay.teacher is None:
-        return _student(config, run_dir, resume, pm, world, lay, groups)
+        return _student(config, run_dir, resume, pm, world, lay, groups, build_run, train)
     return _teacher(config, run_dir, world, lay, groups)
 
 
 def _student(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager | None, world: DistInfo,
-             lay: Layout, groups: Groups) -> RunResult:
+             lay: Layout, groups: Groups, build_run: Callable[..., Run], train: Callable[[Run], RunResult]) -> RunResult:
     exchange(groups, lay, {})  # (A) teacher presets written
     info = DistInfo(world.rank, lay.students, world.local_rank, group=groups.students)
     entries = teacher_entries(config)

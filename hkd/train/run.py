@@ -56,6 +56,27 @@ class Run:
             self.pm.call(name, **kwargs)
 
 
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    last_metrics: dict[str, float]
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast over fp32 weights on CUDA, plain fp32 elsewhere."""
+    if name == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    return name
+
+
 def stage_at(stages: torch.nn.ModuleDict, name: str) -> Stage:
     stage = stages[name]
     assert isinstance(stage, Stage)
