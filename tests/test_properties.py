@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from hkd.config import (
     MODEL_SOURCES, PATH_KEYS, Config, ConfigError, DataConfig, LoggingConfig, ModelConfig, OptimConfig, PhaseConfig,
-    PluginsConfig, ScheduleConfig, TemperatureConfig, TrainConfig, WandbConfig, apply_overrides, from_dict,
+    PluginsConfig, ScheduleConfig, TeacherModelConfig, TemperatureConfig, TrainConfig, WandbConfig, apply_overrides,
+    from_dict,
     load_config,
 )
 from hkd.data.encoding import read_jsonl
@@ -36,7 +37,7 @@ BASE = {
 
 # every place in a config that is a dataclass: (dotted path as errors print it, its class)
 SECTIONS: list[tuple[str, type]] = [
-    ("", Config), ("teacher", ModelConfig), ("student", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
+    ("", Config), ("teacher", TeacherModelConfig), ("student", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
     ("train", TrainConfig), ("plugins", PluginsConfig), ("logging", LoggingConfig), ("logging.wandb", WandbConfig),
     ("schedule", ScheduleConfig), ("schedule.temperature", TemperatureConfig), ("schedule.phases[0]", PhaseConfig),
 ]
@@ -188,7 +189,7 @@ def baseline() -> dict:
 
 def typed_override(draw: st.DrawFn) -> tuple[str, typing.Any, str]:
     """(dotted key, value, the text a user types) for a typed field of the real config."""
-    kind = draw(st.sampled_from(["lr", "seed", "progress", "prompt_field", "betas", "stage_option", "temperature"]))
+    kind = draw(st.sampled_from(["lr", "seed", "progress", "device", "betas", "stage_option", "temperature"]))
     if kind == "lr":  # repr writes 1e-05, which YAML 1.1 reads as a string: the float field converts it
         value = draw(st.floats(min_value=1e-12, max_value=1e3))
         return "optim.lr", value, repr(value)
@@ -198,15 +199,15 @@ def typed_override(draw: st.DrawFn) -> tuple[str, typing.Any, str]:
     if kind == "progress":
         value = draw(st.booleans())
         return "train.progress", value, str(value).lower()
-    if kind == "prompt_field":
-        value = draw(st.none() | st.text(string.ascii_letters + "_", min_size=1, max_size=6))
-        return "data.prompt_field", value, render(value)
+    if kind == "device":  # a string (data.prompt_field was one, but synthetic data now refuses it as inert)
+        value = draw(st.sampled_from(["cpu", "auto"]))
+        return "train.device", value, value
     if kind == "betas":
         value = draw(st.lists(st.floats(min_value=0, max_value=0.999), min_size=2, max_size=2))
         return "optim.betas", value, render(value)
     if kind == "temperature":
         value = draw(st.floats(min_value=0.01, max_value=100))
-        return "schedule.temperature.end", value, render(value)
+        return "schedule.temperature.start", value, render(value)
     value = draw(override_values)
     return "stages.logits.alpha", value, render(value)
 

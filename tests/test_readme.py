@@ -32,7 +32,7 @@ def test_the_two_commands_work_on_a_fresh_clone_and_ci_runs_the_test_command():
     for words in first[:3]:
         assert " ".join(words[2:]).replace('"', "") in ci.replace('"', ""), words
     assert ["python", "-m", "pytest", "-q"] in [c for block in bash for c in doc_blocks.commands(block)]
-    assert ci.rstrip().splitlines()[-1] == "python -m pytest -q"  # the README's test command, last
+    assert "python -m pytest -q" in ci.splitlines()  # the README's test command, as a step of its own
 
 
 def test_the_sample_demo_output_is_the_recorded_seed_0_run():
