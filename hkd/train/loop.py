@@ -216,11 +216,13 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     local = [float(sum(c for c, _ in micro_counts)), float(sum(s for _, s in micro_counts))]
     tokens, seen = (int(x) for x in all_reduce_sum(local, info, run.device))
 
-    # per-stage losses and (sum, count) of each "metric/..." stay on the device until the end: a
-    # metric is the mean of the values reported for it, over the micro-batches and ranks that did
+    # per-stage losses and (weighted sum, weight) of each "metric/..." stay on the device until the end:
+    # a metric is the mean of the values reported for it over the micro-batches and ranks that did,
+    # weighted by their target tokens (a per-token metric stays the step's per-token mean; a value
+    # reported on one micro-batch, like the RL reward, is that value)
     stage_losses = torch.zeros(len(active), device=run.device)
     metric_sums: dict[str, torch.Tensor] = {}
-    metric_counts: dict[str, int] = {}
+    metric_weights: dict[str, float] = {}
     for index, micro in enumerate(micro_batches):
         # a cached teacher reads the next micro-batch (at the last, the next step's first) on its own thread
         # while this one trains
@@ -239,16 +241,17 @@ def train_step(run: Run, step: int) -> dict[str, float]:
                                  torch.zeros((), device=run.device))
                 stage_losses[slot] += stage_loss.detach()
                 total = total + active[name] * stage_loss
+                weight = float(max(micro_counts[index][0], 1))
                 for metric in (k for k in terms if k.startswith("metric/")):
-                    metric_sums[metric] = metric_sums.get(metric, 0) + terms[metric].detach().float()
-                    metric_counts[metric] = metric_counts.get(metric, 0) + 1
+                    metric_sums[metric] = metric_sums.get(metric, 0) + weight * terms[metric].detach().float()
+                    metric_weights[metric] = metric_weights.get(metric, 0.0) + weight
             if total.requires_grad:  # e.g. the RL stage contributes on the first micro-batch only
                 (total * info.world_size).backward()  # ranks average gradients: undo the 1/N
     sync_gradients(run.params, info)
     metric_names = union_names(metric_sums, info)  # the same keys, in the same order, on every rank
     zero = torch.zeros(1, device=run.device)
     sums = [metric_sums[k].reshape(1).to(run.device) if k in metric_sums else zero for k in metric_names]
-    counts = torch.tensor([float(metric_counts.get(k, 0)) for k in metric_names], device=run.device)
+    counts = torch.tensor([metric_weights.get(k, 0.0) for k in metric_names], device=run.device)
     reduced = all_reduce_tensor(torch.cat([stage_losses, *sums, counts]), info)
     grad_norm = clip_gradients(run.params, config.optim.grad_clip)
 
