@@ -371,4 +371,4 @@ def test_the_cli_passes_targets_samples_temperature_and_seed(raw, tmp_path, caps
     assert (index["targets"], index["top_k"], index["temperature"]) == ("topk", 3, 2.0)  # the config's constant T
     capsys.readouterr()
     assert main(args + ["--targets", "topk", "--temperature", "0"]) == 2
-    assert "--temperature: must be a positive number, got 0.0" in capsys.readouterr().err
+    assert "--temperature: 0.0 is outside (0, 10000]" in capsys.readouterr().err
