@@ -61,7 +61,14 @@ def _split_overrides(extra: list[str]) -> list[str]:
 
 def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     from hkd.config import load_config
+    from hkd.plugin.hookspecs import hookimpl
     from hkd.plugin.manager import build_manager
+
+    class ShowWarnings:  # the warnings held back while the run was checked, shown when it starts training
+        @hookimpl
+        def hkd_on_train_start(self) -> None:
+            flush_warnings()
+
     from hkd.train.distributed import barrier, init_distributed
     from hkd.train.loop import distill
     from hkd.train.rundir import prepare_run_dir
@@ -76,7 +83,8 @@ def cmd_distill(args: argparse.Namespace, extra: list[str]) -> int:
     plan = prepare_run_dir(run_dir, config, resume=args.resume, overwrite=args.overwrite,
                            allow_config_change=args.allow_config_change, write=info.is_main)
     barrier(info)  # a changed resumed config is recorded when training starts (plan.hkd_on_train_start)
-    pm = build_manager(config.plugins.disable, extra_plugins=[("hkd-run-directory", plan)])  # counts finished steps
+    pm = build_manager(config.plugins.disable, extra_plugins=[("hkd-run-directory", plan),  # counts finished steps
+                                                              ("hkd-warnings", ShowWarnings())])  # shown at step 0
     try:
         result = distill(config, run_dir, resume=args.resume, pm=pm)
     finally:  # a new run that never finished a step leaves nothing; --overwrite: the old run comes back

@@ -215,3 +215,35 @@ def test_generate_verifiers_in_augment_mode_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^verifiers: .* has no effect unless mode is solve or pseudo_label"):
         load_generate_config(tmp_path / "g.yaml")
     assert any(r.option == "verifiers" for r in GENERATE_NEEDS)
+
+
+def test_an_option_for_a_cache_of_another_kind_is_refused(model_dirs):
+    # catches: stages.logits.sparse_tail silently ignored with a cache of sampled targets (they have no tail)
+    from hkd.config import ModelConfig
+    from hkd.models.loading import load_model
+    from hkd.models.view import TapRequest
+    from hkd.plugin.stage import StageContext
+    from hkd.plugins.logits import LogitsStage, LogitsStageConfig
+
+    teacher, _ = load_model(ModelConfig(path=str(model_dirs["teacher"])), "teacher")
+    student, _ = load_model(ModelConfig(path=str(model_dirs["student"])), "student")
+
+    def context(targets: str) -> StageContext:
+        return StageContext("logits", teacher, student, {}, "stages.logits", teacher_live=False,
+                            teacher_serves=TapRequest(sparse_logits=True), teacher_cache_targets=targets)
+
+    with pytest.raises(ConfigError, match=r"stages\.logits\.sparse_tail: 'renormalize' applies to top-k targets; "
+                                          r"this teacher_cache holds sampled targets"):
+        LogitsStage(LogitsStageConfig(sparse_tail="renormalize"), context("sampled"))
+    LogitsStage(LogitsStageConfig(sparse_tail="renormalize"), context("topk"))  # a top-k cache: it acts
+
+
+def test_cache_teacher_refuses_a_streamed_data_set_before_loading_models(tmp_path, raw_config):
+    # catches: cache-teacher loading the teacher, then failing on an endless stream's length
+    from hkd.config import Config, from_dict
+    from hkd.teachers.cache import build_cache
+
+    raw_config["data"] = {"kind": "hf", "path": str(tmp_path / "d.jsonl"), "streaming": True}
+    with pytest.raises(ConfigError, match=r"^data\.streaming: hkd cache-teacher caches every example"):
+        build_cache(from_dict(Config, raw_config), tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache").exists()

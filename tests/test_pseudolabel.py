@@ -123,7 +123,7 @@ def test_pseudo_labelling_resumes_to_the_uninterrupted_file(tmp_path, model_dirs
 
 
 def test_bad_pseudo_label_settings_are_named(tmp_path, model_dirs):
-    with pytest.raises(ConfigError, match=r"min_agreement: must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"min_agreement: 1\.5 is outside \[0, 1\]"):  # its range (ranged)
         config(tmp_path, model_dirs, min_agreement=1.5)
     with pytest.raises(ConfigError, match=r"min_agreement: only used with mode: pseudo_label \(mode is solve\)"):
         config(tmp_path, model_dirs, mode="solve")

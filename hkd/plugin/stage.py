@@ -47,6 +47,8 @@ class StageContext:
     # the run's data config (hkd.config.DataConfig): a stage refuses here, before the first step,
     # what it cannot train on (e.g. data.packing); None outside the loop
     data: Any = None
+    # the kind of targets an offline teacher_cache holds ("topk", "sampled", "none"); None: a live teacher
+    teacher_cache_targets: str | None = None
 
 
 @dataclass

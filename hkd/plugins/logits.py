@@ -105,6 +105,10 @@ class LogitsStage(Stage):
         if not self.sparse and config.sparse_tail != "auto":  # an option that would change nothing is refused
             raise ConfigError(f"{context.config_path}.sparse_tail: {config.sparse_tail!r} applies to top-k targets "
                               "from a teacher_cache; this teacher serves full logits, so remove the option")
+        if config.sparse_tail != "auto" and context.teacher_cache_targets == "sampled":  # a cache of another kind
+            raise ConfigError(f"{context.config_path}.sparse_tail: {config.sparse_tail!r} applies to top-k targets; "
+                              "this teacher_cache holds sampled targets, which have no tail (the draws cover it): "
+                              "remove the option, or build the cache with --targets topk")
         if self.sparse_tail == "auto":
             self.sparse_tail = "bucket" if context.teacher_serves.sparse_logsumexp else "renormalize"
         self.config_path = context.config_path

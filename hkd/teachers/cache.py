@@ -247,6 +247,9 @@ def build_cache(config: Config, out_dir: Path, *, top_k: int = 64, hidden: bool 
     needs it given).
     """
     check_cache_output(out_dir, flag)  # before any model loads
+    if config.data.streaming:  # an endless stream has no last example to cache
+        raise ConfigError("data.streaming: hkd cache-teacher caches every example of a data set read whole; "
+                          "set data.streaming: false to build the cache (training from it needs that too)")
     check_number(examples_per_shard, EXAMPLES_PER_SHARD, "--examples-per-shard")  # the CLI's ranges
     if seed is not None:
         check_number(seed, SEED, "--seed")

@@ -143,7 +143,9 @@ def _build(config: Config, run_dir: Path, resume: bool, pm: HkdPluginManager, in
         return StageContext(name, sources[0].model, student, config.kernels, f"stages.{name}", pm, tokenizer,
                             teacher_serves=sources[0].serves(), teacher_live=sources[0].live,
                             teachers=[s.model for s in sources], teacher_weights=[t.weight for t in teachers],
-                            teachers_serve=[s.serves() for s in sources], data=config.data)
+                            teachers_serve=[s.serves() for s in sources], data=config.data,
+                            teacher_cache_targets=sources[0].cache.index["targets"]
+                            if isinstance(sources[0], CachedTeacher) else None)
 
     stages = build_stages(pm, schedule.stage_names, config.stages, context, config.schedule.phases).to(device)
     for index, source in enumerate(sources):
