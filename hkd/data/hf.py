@@ -195,17 +195,19 @@ def unreadable(path: Path, config: DataConfig, builder: str, exc: BaseException)
     naming the file and the reader's own reason (never its traceback)."""
     if isinstance(exc, HkdError):
         return exc
+    cause = exc.__cause__ or exc
+    reason = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
     if builder == "json":
         exact = _jsonl_problem(path, config, config.on_bad_line)
         if exact is not None:  # kind jsonl refuses the file too: the same words
             return exact
+        # kind jsonl reads it (skipping some lines, or not): Arrow cannot (a line that is not a JSON object, or a
+        # column mixing types it cannot hold together), and datasets reads a JSON file whole, so skips nothing
         skipped = _jsonl_problem(path, config) if config.on_bad_line == "skip" else None
-        if skipped is not None:  # a line kind jsonl would skip, but datasets reads JSON whole and stops at it
-            return HkdError(str(skipped).replace("; set data.on_bad_line: skip to skip such lines", "")
-                            + "; data.kind: hf cannot skip a line it cannot parse (fix it, or use data.kind: jsonl)")
-    cause = exc.__cause__ or exc
-    reason = " ".join(str(cause).split())[:300] or type(cause).__name__
-    return HkdError(f"data.path: {str(path)!r} cannot be read as {builder} data ({type(cause).__name__}: {reason})")
+        where = str(skipped).replace("; set data.on_bad_line: skip to skip such lines", "") + "; " if skipped else ""
+        return HkdError(f"{where}data.path: {str(path)!r} cannot be read by datasets ({reason}), which reads a JSON "
+                        "file whole and skips nothing; fix the file (one type per field), or use data.kind: jsonl")
+    return HkdError(f"data.path: {str(path)!r} cannot be read as {builder} data ({reason})")
 
 
 def _keep_rows(dataset: Any, path: Path, config: DataConfig, builder: str) -> Any:
