@@ -49,10 +49,10 @@ def _write() -> None:
 atexit.register(_write)
 
 import hkd.teachers.ranked as ranked  # noqa: E402
-import hkd.train.placement as placement  # noqa: E402
+import hkd.train.loop as loop  # noqa: E402  (distill hands its train() to the placement)
 
 _forward = ranked.forward_with_taps
-_train = placement.train
+_train = loop.train
 DIE_AT = int(os.environ.get("HKD_PROBE_DIE_AT", "0"))
 STOP_AFTER = int(os.environ.get("HKD_PROBE_STOP_AFTER", "0"))
 
@@ -81,7 +81,7 @@ def _watched_train(run):  # type: ignore[no-untyped-def]
 
 
 ranked.forward_with_taps = _counted_forward
-placement.train = _watched_train
+loop.train = _watched_train
 
 if __name__ == "__main__":
     from hkd.cli import main

@@ -56,7 +56,7 @@ class Console:
     total_steps: int = 0
     start_step: int = 0
     progress: bool = True
-    stream: TextIO = sys.stderr
+    stream: TextIO | None = None  # None: whatever sys.stderr is when a line is written (not at import)
     every_s: float = DEFAULT_SECONDS
     bar: Any = None  # tqdm on a terminal
     started: float = field(default_factory=time.perf_counter)
@@ -70,7 +70,11 @@ class Console:
     def write(self, line: str) -> None:
         from tqdm.auto import tqdm
 
-        tqdm.write(line, file=self.stream)
+        tqdm.write(line, file=self.out)
+
+    @property
+    def out(self) -> TextIO:
+        return self.stream if self.stream is not None else sys.stderr
 
     def close_phase(self, last_step: int) -> None:
         if self.phase is None or not self.phase_sums:
@@ -98,15 +102,15 @@ def hkd_on_train_start(config: Config, run_dir: Path, start_step: int, total_ste
     global _console
     every = float(os.environ.get("HKD_PROGRESS_SECONDS", DEFAULT_SECONDS))
     console = Console(name=run_dir.name, total_steps=total_steps, start_step=start_step,
-                      progress=config.train.progress, stream=sys.stderr, every_s=every)
+                      progress=config.train.progress, every_s=every)
     if resumed_from is not None:
         console.write(f"{console.name}: resuming from step {start_step} of {total_steps}, "
                       f"checkpoint {shown(resumed_from)}")
-    if console.progress and console.stream.isatty():
+    if console.progress and console.out.isatty():
         from tqdm.auto import tqdm
 
         console.bar = tqdm(total=total_steps, initial=start_step, desc=console.name, unit="step",
-                           file=console.stream, dynamic_ncols=True)
+                           file=console.out, dynamic_ncols=True)
     _console = console
 
 
@@ -139,7 +143,8 @@ def hkd_after_step(step: int, metrics: dict[str, Any]) -> None:
 
 @hookimpl
 def hkd_on_train_end(step: int, run_dir: Path, final_dir: Path) -> None:
-    console = _console
+    global _console
+    console, _console = _console, Console()  # the next run in this process starts from a fresh console
     if console.bar is not None:
         console.bar.close()
         console.bar = None
