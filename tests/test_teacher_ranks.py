@@ -108,7 +108,10 @@ def test_dead_teacher_rank_is_named_and_resume_is_exact(reference, tmp_path):
     proc = hkd(ranked_config(), run, tmp_path, probe=True, HKD_PROBE_DIE_AT="9")  # step 5's first micro-batch
     assert proc.returncode != 0
     assert "hkd: error: teacher rank 1 (teacher, 1 of 1) stopped answering" in proc.stderr, proc.stderr[-3000:]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]
+    # step 3's regular checkpoint; with step 4's micro-batches already sent ahead (run_ahead), the students may
+    # also finish step 4 before torchrun's signal arrives and checkpoint it on the way out: timing, not a bug
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved in (["step-00000003"], ["step-00000003", "step-00000004"]), saved
     proc = hkd(ranked_config(), run, tmp_path, resume=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(run) == losses(reference)
