@@ -204,18 +204,7 @@ def block_loss_and_grad(student: Tensor, teacher: Tensor, labels: Tensor | None,
     loss = loss * o.soft_weight
     if grad is not None:
         grad.mul_(o.soft_weight / o.temperature)
-    if o.alpha > 0:
-        assert labels is not None and keep is not None
-        target = torch.where(keep, labels, 0)[:, None]
-        log_p1 = F.log_softmax(s, dim=-1)
-        loss = loss - o.alpha * log_p1.gather(-1, target).squeeze(-1)
-        if grad is not None:
-            grad.add_(log_p1.exp_().scatter_add_(-1, target, torch.full_like(log_p1[:, :1], -1.0)), alpha=o.alpha)
-    if keep is not None:
-        loss = torch.where(keep, loss, 0.0)
-        if grad is not None:
-            grad.masked_fill_(~keep[:, None], 0.0)
-    return loss, grad
+    return hard_labels_and_mask(loss, grad, s, labels, keep, o.alpha)
 
 
 def _rows_per_block(vocab: int, minimum: int = 1) -> int:
@@ -366,3 +355,21 @@ def chunked_fused_row_losses(student_hidden: Tensor, student_weight: Tensor, tea
     p = fused_precision(student_hidden, student_weight, teacher_hidden, teacher_weight, weight_grad_fp32)
     return StoredGradFusedLoss.apply(fused_pass, student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                                      teacher_weight.detach(), tb, labels, Options(**options), p)
+
+
+def hard_labels_and_mask(loss: Tensor, grad: Tensor | None, s: Tensor, labels: Tensor | None, keep: Tensor | None,
+                         alpha: float) -> tuple[Tensor, Tensor | None]:
+    """Add ``alpha`` x the hard-label cross-entropy on student logits ``s`` (and its gradient, in place) and
+    zero the rows ``keep`` leaves out: the last part of every chunk's row loss, dense or sparse targets."""
+    if alpha > 0:
+        assert labels is not None and keep is not None
+        target = torch.where(keep, labels, 0)[:, None]
+        log_p1 = F.log_softmax(s, dim=-1)
+        loss = loss - alpha * log_p1.gather(-1, target).squeeze(-1)
+        if grad is not None:
+            grad.add_(log_p1.exp_().scatter_add_(-1, target, torch.full_like(log_p1[:, :1], -1.0)), alpha=alpha)
+    if keep is not None:
+        loss = torch.where(keep, loss, 0.0)
+        if grad is not None:
+            grad.masked_fill_(~keep[:, None], 0.0)
+    return loss, grad

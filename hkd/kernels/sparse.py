@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import chunked
-from .chunked import StoredGradLoss, accumulation_dtype, tempered
+from .chunked import StoredGradLoss, accumulation_dtype, hard_labels_and_mask, tempered
 from .reference import sparse_teacher_log_probs
 
 
@@ -82,18 +82,7 @@ def block_loss_and_grad(student: Tensor, ids: Tensor, values: Tensor, teacher_ls
             floor = torch.finfo(acc).min
             grad.sub_(rest.sub_(log_p_tail.clamp_min(floor)[:, None]).exp_().mul_(q_tail[:, None]))
         grad.mul_(o.soft_weight / o.temperature)
-    if o.alpha > 0:
-        assert labels is not None and keep is not None
-        target = torch.where(keep, labels, 0)[:, None]
-        log_p1 = F.log_softmax(s, dim=-1)
-        loss = loss - o.alpha * log_p1.gather(-1, target).squeeze(-1)
-        if grad is not None:
-            grad.add_(log_p1.exp_().scatter_add_(-1, target, torch.full_like(log_p1[:, :1], -1.0)), alpha=o.alpha)
-    if keep is not None:
-        loss = torch.where(keep, loss, 0.0)
-        if grad is not None:
-            grad.masked_fill_(~keep[:, None], 0.0)
-    return loss, grad
+    return hard_labels_and_mask(loss, grad, s, labels, keep, o.alpha)
 
 
 def sparse_block_pass(student: Tensor, targets: tuple[Tensor, Tensor, Tensor | None], labels: Tensor | None,
